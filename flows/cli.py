@@ -1,0 +1,179 @@
+"""The `enrich` command: a thin typer layer that builds an EnrichJob and runs the flow."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from flows.job import EnrichJob, load_job_file, make_job
+from schemas.errors import EnrichError
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    name="enrich",
+    help="Enrich a table (CSV, Parquet, NDJSON) with an LLM column, as a Prefect flow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err_console = Console(stderr=True)
+out_console = Console()
+
+# CLI option name -> EnrichJob field, for the options that map one to one.
+_FIELD_OF = {
+    "input_path": "input_path",
+    "output": "output_path",
+    "in_place": "in_place",
+    "input_format": "input_format",
+    "prompt": "prompt",
+    "system": "system",
+    "output_column": "output_column",
+    "model": "model",
+    "base_url": "base_url",
+    "api_key_env": "api_key_env",
+    "max_concurrency": "max_concurrency",
+    "max_retries": "max_retries",
+    "retry_base_delay": "retry_base_delay",
+    "timeout": "timeout",
+    "temperature": "temperature",
+    "max_tokens": "max_tokens",
+    "partition_rows": "partition_rows",
+    "partition_workers": "partition_workers",
+    "on_invalid": "on_invalid",
+    "schema": "input_schema",
+}
+
+
+@app.callback()
+def main() -> None:
+    """Enrich tables with an LLM."""
+
+
+@app.command()
+def run(
+    input_path: Annotated[
+        Optional[str], typer.Argument(help="Input .csv/.parquet/.ndjson/.jsonl file.", show_default=False)
+    ] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output Parquet path.")] = None,
+    in_place: Annotated[
+        Optional[bool], typer.Option("--in-place", help="Rewrite the Parquet input atomically.")
+    ] = None,
+    input_format: Annotated[
+        Optional[str], typer.Option("--format", help="csv, parquet or ndjson (default: from the extension).")
+    ] = None,
+    prompt: Annotated[
+        Optional[str], typer.Option(help="Prompt template; {column} is filled from each row.")
+    ] = None,
+    system: Annotated[Optional[str], typer.Option(help="System message.")] = None,
+    output_column: Annotated[Optional[str], typer.Option(help="Name of the answer column.")] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="Model name (default gpt-4o-mini; the bundled model without a key).")
+    ] = None,
+    base_url: Annotated[
+        Optional[str], typer.Option(help="OpenAI-compatible endpoint; default OPENAI_BASE_URL.")
+    ] = None,
+    api_key_env: Annotated[
+        Optional[str], typer.Option(help="Environment variable holding the API key (default OPENAI_API_KEY).")
+    ] = None,
+    max_concurrency: Annotated[
+        Optional[int], typer.Option(help="Requests in flight at once, run-wide.")
+    ] = None,
+    max_retries: Annotated[
+        Optional[int], typer.Option(help="Retries per row for transient failures.")
+    ] = None,
+    retry_base_delay: Annotated[
+        Optional[float], typer.Option(help="First retry wait in seconds (doubles, jittered).")
+    ] = None,
+    timeout: Annotated[Optional[float], typer.Option(help="Seconds to wait for one reply.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Maximum tokens per answer.")] = None,
+    partition_rows: Annotated[Optional[int], typer.Option(help="Rows per partition task.")] = None,
+    partition_workers: Annotated[Optional[int], typer.Option(help="Partition tasks at once.")] = None,
+    on_invalid: Annotated[
+        Optional[str], typer.Option(help="fail (default) or quarantine rows that fail the schema.")
+    ] = None,
+    schema: Annotated[
+        Optional[str], typer.Option(help="Input schema: topics (default), template, or module:Class.")
+    ] = None,
+    columns: Annotated[
+        bool, typer.Option("--columns", help="Same as --schema template: only check the template's columns.")
+    ] = False,
+    config: Annotated[
+        Optional[Path], typer.Option(help="TOML or YAML job file; options given here override it.")
+    ] = None,
+    summary_json: Annotated[Optional[Path], typer.Option(help="Write the run summary as JSON here.")] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show Prefect's log lines on a terminal too.")
+    ] = False,
+) -> None:
+    """Enrich INPUT_PATH with an LLM and write an enriched Parquet file."""
+    given = {name: value for name, value in locals().items() if name in _FIELD_OF and value is not None}
+    try:
+        values: dict[str, Any] = load_job_file(str(config)) if config else {}
+        values.update({_FIELD_OF[name]: value for name, value in given.items()})
+        if columns:
+            values["input_schema"] = "template"
+        job = make_job(values, source=str(config) if config else "the options")
+    except EnrichError as err:
+        _fail(err.message, err.exit_code)
+    summary = _run_flow(job, verbose=verbose)
+    if summary_json:
+        from flows.writing import write_json_atomic
+
+        write_json_atomic(summary, str(summary_json))
+    _print_summary(summary)
+
+
+def _run_flow(job: EnrichJob, *, verbose: bool) -> dict[str, Any]:
+    """Run the flow in this process and translate its final state into an exit code."""
+    interactive = out_console.is_terminal
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if interactive and not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # Prefect reads its settings at import time, so it is imported only now.
+    from flows.cli_progress import RichProgress
+    from flows.pipeline import INVALID_STATE, enrich_table
+    from flows.progress import reporting_to
+
+    sink = RichProgress(out_console) if interactive else None
+    try:
+        if sink is None:
+            state = enrich_table(job, return_state=True)
+        else:
+            with sink, reporting_to(sink):
+                state = enrich_table(job, return_state=True)
+    except KeyboardInterrupt:
+        _fail("interrupted; no output was written.", 130)
+    except EnrichError as err:
+        _fail(err.message, err.exit_code)
+    if state.is_completed():
+        return state.result()
+    if state.name == INVALID_STATE:
+        _fail(state.message or "the job was rejected", 2)
+    _fail(f"the run ended {state.name}: {state.message}", 1)
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    rejected = f", {s['rows_rejected']} rejected (see {s['rejected_output']})" if s["rows_rejected"] else ""
+    out_console.print(
+        f"[bold green]Enriched[/] {s['rows_valid']} of {s['rows_in']} rows into [bold]{s['output']}[/]: "
+        f"{s['rows_ok']} ok, {s['rows_failed']} failed{rejected}.\n"
+        f"{s['requests']} requests ({s['retries']} retries), tokens {s['input_tokens']:,} in / "
+        f"{s['output_tokens']:,} out, {s['wall_seconds']:.1f} s, model {s['model']} at {s['endpoint']}.",
+        highlight=False,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

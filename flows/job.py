@@ -1,0 +1,130 @@
+"""EnrichJob: one enrichment job as a pydantic model (the flow's parameter and the job file)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas.errors import ConfigError
+
+__all__ = ["DEFAULT_PROMPT", "EnrichJob", "load_job_file", "make_job"]
+
+DEFAULT_PROMPT = "Explain this topic in two sentences: {topic}"
+
+
+class EnrichJob(BaseModel):
+    """Everything that defines a run. No secrets: the API key is read from the environment."""
+
+    model_config = ConfigDict(extra="forbid", title="Enrichment job")
+
+    input_path: str = Field(
+        "data/topics.csv", description="Input table: a .csv, .parquet, .ndjson or .jsonl file."
+    )
+    input_format: Literal["auto", "csv", "parquet", "ndjson"] = Field(
+        "auto", description="File format; 'auto' goes by the file extension."
+    )
+    output_path: str | None = Field(
+        "data/out/topics_enriched.parquet",
+        description="Enriched Parquet output (written atomically). Ignored with in_place.",
+    )
+    in_place: bool = Field(False, description="Rewrite the (Parquet) input file itself, atomically.")
+    prompt: str = Field(
+        DEFAULT_PROMPT,
+        min_length=1,
+        max_length=100_000,
+        description="Prompt template; {column} placeholders are filled from each row.",
+    )
+    system: str | None = Field(None, max_length=100_000, description="Optional system message.")
+    output_column: str = Field(
+        "explanation", min_length=1, max_length=128, description="Name of the answer column."
+    )
+    model: str | None = Field(
+        None,
+        max_length=200,
+        description="Model name; default gpt-4o-mini, or the bundled local model without a key.",
+    )
+    base_url: str | None = Field(
+        None,
+        max_length=2_000,
+        description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:11434/v1 (else OPENAI_BASE_URL).",
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable holding the API key (never the key itself).",
+    )
+    max_concurrency: int = Field(8, ge=1, le=512, description="Requests in flight at once, run-wide.")
+    max_retries: int = Field(6, ge=0, le=50, description="Retries per row for transient failures.")
+    retry_base_delay: float = Field(
+        1.0, ge=0.0, le=120.0, description="First retry wait in seconds; doubles per retry (jittered)."
+    )
+    timeout: float = Field(60.0, gt=0, le=3_600, description="Seconds to wait for one reply.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature.")
+    max_tokens: int = Field(256, ge=1, le=131_072, description="Maximum tokens per answer.")
+    partition_rows: int = Field(500, ge=1, le=1_000_000, description="Rows per partition task.")
+    partition_workers: int = Field(
+        4, ge=1, le=64, description="Partition tasks running at once (a bounded thread pool)."
+    )
+    on_invalid: Literal["fail", "quarantine"] = Field(
+        "fail",
+        description="Rows failing the input schema: stop the run, or set them aside and go on.",
+    )
+    input_schema: str = Field(
+        "topics",
+        max_length=300,
+        description="'topics' (bundled), 'template' (the template's columns must be present "
+        "and non-null) or 'module:Class' (a pandera DataFrameModel of your own).",
+    )
+
+    @field_validator("output_column")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value.startswith("enrich_"):
+            raise ValueError("names starting with 'enrich_' are reserved for the added columns")
+        return value
+
+    @model_validator(mode="after")
+    def _has_destination(self) -> EnrichJob:
+        if not self.in_place and not self.output_path:
+            raise ValueError("give an output_path, or set in_place for a Parquet input")
+        return self
+
+    @property
+    def destination(self) -> str:
+        """Where the enriched table is written."""
+        return self.input_path if self.in_place else str(self.output_path)
+
+
+def make_job(values: dict[str, Any], *, source: str = "the options") -> EnrichJob:
+    """Build a job, turning pydantic's errors into one readable ConfigError."""
+    try:
+        return EnrichJob(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'job'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid job in {source}: {problems}.") from exc
+
+
+def load_job_file(path: str) -> dict[str, Any]:
+    """Read a TOML or YAML job file into a dict of EnrichJob fields."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"job file '{path}' does not exist; pass a .toml or .yaml file to --config.")
+    try:
+        text = file.read_text(encoding="utf-8")
+        if file.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif file.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"job file '{path}' must end in .toml, .yaml or .yml.")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"job file '{path}' could not be parsed: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"job file '{path}' must hold a table of job fields at the top level.")
+    return data.get("job", data) if isinstance(data.get("job"), dict) else data

@@ -1,0 +1,158 @@
+"""The LLM endpoint: read credentials once, build ChatOpenAI, translate openai errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+import openai
+from langchain_openai import ChatOpenAI
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from flows.job import EnrichJob
+from transforms.calls import EmptyReply, Failure
+
+__all__ = [
+    "DEFAULT_REMOTE_MODEL",
+    "Endpoint",
+    "build_chat_model",
+    "classify_openai_error",
+    "describe_url",
+    "resolve_endpoint",
+]
+
+DEFAULT_REMOTE_MODEL = "gpt-4o-mini"
+# Local servers accept any key, but the OpenAI client insists on one.
+_PLACEHOLDER_KEY = "sk-local-no-key"
+
+
+class _EnvSettings(BaseSettings):
+    """The environment variables we read (once, here)."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+    openai_base_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where requests go and with which key; ``local`` means the bundled model must be started."""
+
+    base_url: str | None
+    api_key: SecretStr | None
+    local: bool
+
+
+def resolve_endpoint(job: EnrichJob) -> Endpoint:
+    """Job base URL, else OPENAI_BASE_URL; key from the named variable; neither -> local model."""
+    base_url = job.base_url or _EnvSettings().openai_base_url or None
+    raw_key = os.environ.get(job.api_key_env) or None
+    key = SecretStr(raw_key) if raw_key else None
+    return Endpoint(base_url=base_url, api_key=key, local=base_url is None and key is None)
+
+
+def build_chat_model(
+    job: EnrichJob, endpoint: Endpoint, *, base_url: str | None, model_name: str
+) -> ChatOpenAI:
+    """ChatOpenAI on the Chat Completions API with SDK retries off (transforms.calls owns them)."""
+    # ChatOpenAI sends max_tokens as max_completion_tokens, which llama.cpp and older
+    # OpenAI-compatible servers ignore; they get the classic field as well.
+    extra_body = {"max_tokens": job.max_tokens} if base_url else None
+    return ChatOpenAI(
+        model=model_name,
+        base_url=base_url,
+        extra_body=extra_body,
+        api_key=endpoint.api_key or SecretStr(_PLACEHOLDER_KEY),
+        temperature=job.temperature,
+        max_tokens=job.max_tokens,
+        timeout=job.timeout,
+        max_retries=0,
+        use_responses_api=False,
+    )
+
+
+def describe_url(url: str | None) -> str:
+    """A URL fit for logs: scheme, host and path, without credentials or query."""
+    if not url:
+        return "the OpenAI API"
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def classify_openai_error(exc: BaseException) -> Failure:
+    """Map an openai/httpx/langchain exception to retry, row failure or job failure."""
+    if isinstance(exc, EmptyReply):
+        return Failure("retry", "the model returned an empty reply")
+    if isinstance(exc, openai.APITimeoutError):
+        return Failure("retry", "the request timed out (raise --timeout for slow models)")
+    if isinstance(exc, openai.APIConnectionError):
+        return Failure("retry", f"connection failed: {_short(exc.__cause__ or exc)}")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        detail = _server_message(exc)
+        if status in (401, 403, 404):
+            return Failure("fatal", f"HTTP {status}: {detail}")
+        if status == 429:
+            return Failure("retry", f"HTTP 429 rate limited: {detail}", _retry_after(exc.response))
+        if status in (408, 409) or status >= 500:
+            return Failure("retry", f"HTTP {status}: {detail}", _retry_after(exc.response))
+        return Failure("row", f"HTTP {status}: {detail}")
+    if isinstance(
+        exc, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, KeyError, TypeError)
+    ):
+        return Failure("retry", f"malformed response body ({_short(exc)})")
+    return Failure("retry", f"{type(exc).__name__}: {_short(exc)}")
+
+
+def _server_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return _short(inner["message"])
+    return _short(exc.message)
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?$")
+
+
+def _retry_after(response: httpx.Response | None) -> float | None:
+    """Seconds the server asked us to wait: retry-after-ms, retry-after, x-ratelimit-reset-*."""
+    if response is None:
+        return None
+    headers = response.headers
+    waits: list[float] = []
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            waits.append(float(ms) / 1000)
+        except ValueError:
+            pass
+    if (secs := headers.get("retry-after")) is not None:
+        try:
+            waits.append(float(secs))
+        except ValueError:
+            pass
+    for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
+        if (value := headers.get(name)) and (parsed := _parse_duration(value)) is not None:
+            waits.append(parsed)
+    return max(waits) if waits else None
+
+
+def _parse_duration(text: str) -> float | None:
+    """OpenAI's reset headers look like '1s', '6m0s', '120ms' or '0.5s'."""
+    match = _DURATION.match(text.strip())
+    if not match or not any(match.groups()):
+        return None
+    h, m, s, ms = (float(g) if g else 0.0 for g in match.groups())
+    return h * 3600 + m * 60 + s + ms / 1000
+
+
+def _short(value: object, limit: int = 300) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,61 @@
+"""Read the input table (CSV, Parquet, NDJSON) with polars; every failure becomes an InputError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from schemas.errors import InputError
+
+__all__ = ["FORMATS", "detect_format", "load_table"]
+
+FORMATS = {
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".ndjson": "ndjson",
+    ".jsonl": "ndjson",
+}
+
+
+def detect_format(path: str, requested: str = "auto") -> str:
+    """The format to read: the requested one, or the one the extension names."""
+    if requested != "auto":
+        return requested
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        known = ", ".join(sorted(FORMATS))
+        raise InputError(
+            f"cannot tell the format of '{path}' from its extension '{suffix or '(none)'}'; "
+            f"known extensions are {known}. Pass --format csv|parquet|ndjson."
+        )
+    return FORMATS[suffix]
+
+
+def load_table(path: str, requested_format: str = "auto") -> pl.DataFrame:
+    """Load the whole table; raise InputError naming the file and what to do."""
+    file = Path(path)
+    if not file.exists():
+        raise InputError(f"input file '{path}' does not exist (looked in {Path.cwd()}). Check the path.")
+    if not file.is_file():
+        raise InputError(f"input '{path}' is not a file; pass a .csv, .parquet or .ndjson file.")
+    fmt = detect_format(path, requested_format)
+    if file.stat().st_size == 0:
+        raise InputError(f"input file '{path}' is empty (0 bytes); there is nothing to enrich.")
+    try:
+        if fmt == "csv":
+            frame = pl.read_csv(file, infer_schema_length=10_000)
+        elif fmt == "parquet":
+            frame = pl.read_parquet(file)
+        else:
+            frame = pl.read_ndjson(file, infer_schema_length=10_000)
+    except (pl.exceptions.PolarsError, OSError, ValueError, RuntimeError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"could not read '{path}' as {fmt}: {detail}. Check that the file is valid {fmt} "
+            "(UTF-8 for text formats), or pass --format if the extension is misleading."
+        ) from exc
+    if frame.width == 0 or frame.height == 0:
+        raise InputError(f"input file '{path}' has no data rows; there is nothing to enrich.")
+    return frame

@@ -1,0 +1,26 @@
+"""The small summary a run returns (and the CLI writes with --summary-json)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+__all__ = ["RunSummary"]
+
+
+class RunSummary(BaseModel):
+    """Counts and totals of one run; no frames, no secrets."""
+
+    rows_in: int
+    rows_valid: int
+    rows_rejected: int
+    rows_ok: int
+    rows_failed: int
+    requests: int
+    retries: int
+    input_tokens: int
+    output_tokens: int
+    wall_seconds: float
+    output: str
+    rejected_output: str | None = None
+    model: str
+    endpoint: str

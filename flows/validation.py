@@ -1,0 +1,228 @@
+"""Resolve the input schema, validate lazily, report or quarantine failing rows."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import pandera.polars as pa
+import polars as pl
+from pandera.errors import SchemaError, SchemaErrors
+
+from schemas.enriched import build_output_schema
+from schemas.errors import ConfigError, OutputError, ValidationFailed
+from schemas.topics import TopicsInput
+from transforms.prompts import PromptTemplate
+
+__all__ = [
+    "REJECT_REASON",
+    "Split",
+    "resolve_schema",
+    "split_valid",
+    "validate_output",
+]
+
+REJECT_REASON = "reject_reason"
+_REPORT_ROWS = 20
+_CHECK_WORDS = {
+    "field_uniqueness": "must be unique (fails field_uniqueness)",
+    "not_nullable": "must not be empty (fails not_nullable)",
+    "not_blank": "must not be blank (fails not_blank)",
+}
+
+
+@dataclass(frozen=True)
+class Split:
+    """The rows that passed, the rows that failed (with reject_reason), and the report."""
+
+    valid: pl.DataFrame
+    rejected: pl.DataFrame
+    report: str
+
+
+def resolve_schema(ref: str, template: PromptTemplate) -> pa.DataFrameSchema:
+    """'topics', 'template' or 'module:Class' -> a pandera polars schema."""
+    if ref == "topics":
+        return TopicsInput.to_schema()
+    if ref == "template":
+        columns = {name: pa.Column(nullable=False) for name in template.fields}
+        return pa.DataFrameSchema(columns, strict=False, name="template columns")
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(
+            f"--schema {ref!r} is not 'topics', 'template' or 'module:Class' (for example "
+            "'myproject.schemas:Orders')."
+        )
+    try:
+        found = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"--schema {ref!r} could not be loaded ({exc}); make sure the module is importable "
+            "(installed, or on PYTHONPATH) and defines that class."
+        ) from exc
+    if isinstance(found, type) and issubclass(found, pa.DataFrameModel):
+        return found.to_schema()
+    if isinstance(found, pa.DataFrameSchema):
+        return found
+    raise ConfigError(
+        f"--schema {ref!r} is a {type(found).__name__}, not a pandera.polars DataFrameModel "
+        "or DataFrameSchema."
+    )
+
+
+def split_valid(frame: pl.DataFrame, schema: pa.DataFrameSchema, *, source: str, quarantine: bool) -> Split:
+    """Validate every row at once; fail with a report, or set failing rows aside."""
+    missing = [name for name, col in schema.columns.items() if col.required and name not in frame.columns]
+    if missing:
+        raise ValidationFailed(_missing_message(missing, frame, source, schema.name))
+    original = frame
+    frame, coerce_cases = _coerce(frame, schema)
+    try:
+        checked = schema.validate(frame, lazy=True)
+        if not coerce_cases.height:
+            return Split(checked, frame.clear(), "")
+        cases = coerce_cases
+    except SchemaErrors as exc:
+        cases = _merge_cases(coerce_cases, exc.failure_cases)
+    row_cases = cases.filter(pl.col("index").is_not_null())
+    schema_cases = cases.filter(pl.col("index").is_null())
+    if schema_cases.height:
+        raise ValidationFailed(_schema_level_message(schema_cases, frame, source, schema.name))
+    failing = row_cases.get_column("index").unique().len()
+    report = _row_report(row_cases, frame.height, failing, source, schema.name)
+    if not quarantine:
+        raise ValidationFailed(
+            f"{report}\nNo output was written. Fix these rows, or pass --on-invalid quarantine "
+            "to enrich the valid rows and set the failing ones aside.",
+            failing_rows=failing,
+        )
+    reasons = (
+        row_cases.with_columns(
+            (pl.col("column") + ": " + pl.col("check")).alias("reason"),
+            pl.col("index").cast(pl.UInt32),
+        )
+        .group_by("index", maintain_order=True)
+        .agg(pl.col("reason").unique(maintain_order=True).str.join("; ").alias(REJECT_REASON))
+    )
+    # Rejected rows keep their original values; the valid ones carry the coerced types.
+    rejected = (
+        original.with_row_index("_row")
+        .join(reasons, left_on="_row", right_on="index", how="inner", maintain_order="left")
+        .drop("_row")
+    )
+    good = (
+        frame.with_row_index("_row")
+        .join(reasons, left_on="_row", right_on="index", how="anti", maintain_order="left")
+        .drop("_row")
+    )
+    try:
+        valid = schema.validate(good, lazy=True)
+    except (SchemaErrors, SchemaError) as exc:  # e.g. a frame-wide check still failing
+        raise ValidationFailed(f"{source}: the rows left after quarantine still fail: {exc}") from exc
+    return Split(valid, rejected, report)
+
+
+def validate_output(frame: pl.DataFrame, input_schema: pa.DataFrameSchema, output_column: str) -> None:
+    """Check the enriched frame before it is written; a failure here is a bug, not bad input."""
+    schema = build_output_schema(input_schema, output_column)
+    try:
+        schema.validate(frame, lazy=True)
+    except SchemaErrors as exc:
+        raise OutputError(
+            f"the enriched table failed its own output schema, so nothing was written: "
+            f"{exc.failure_cases.head(_REPORT_ROWS)}"
+        ) from exc
+
+
+def _row_report(cases: pl.DataFrame, total: int, failing: int, source: str, name: str | None) -> str:
+    lines = [f"{source}: {failing} of {total} rows fail the input schema '{name or 'input'}'."]
+    lines.append(f"First {min(_REPORT_ROWS, cases.height)} failures (row 1 is the first data row):")
+    shown = cases.sort("index").head(_REPORT_ROWS)
+    for row in shown.iter_rows(named=True):
+        value = row["failure_case"]
+        shown_value = "null" if value is None else repr(value if len(value) <= 60 else value[:57] + "...")
+        check = _CHECK_WORDS.get(row["check"], f"fails {row['check']}")
+        lines.append(f"  row {row['index'] + 1}: column '{row['column']}' {check} (value {shown_value})")
+    return "\n".join(lines)
+
+
+def _coerce(frame: pl.DataFrame, schema: pa.DataFrameSchema) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Cast columns the schema coerces; values that do not convert become row failures."""
+    # pandera's own coercion reports such rows under the schema's name and adds a frame-wide
+    # dtype failure, which would make one bad cell fatal even with --on-invalid quarantine.
+    casts, cases = [], []
+    for name, col in schema.columns.items():
+        if name not in frame.columns or col.dtype is None or not (col.coerce or schema.coerce):
+            continue
+        target = col.dtype.type
+        if frame.schema[name] == target:
+            continue
+        try:
+            cast = frame.get_column(name).cast(target, strict=False)
+        except pl.exceptions.PolarsError:
+            continue  # not castable at all: pandera reports the dtype mismatch
+        lost = frame.get_column(name).is_not_null() & cast.is_null()
+        if lost.any():
+            bad = frame.with_row_index("index").filter(lost)
+            cases.append(
+                pl.DataFrame(
+                    {
+                        "failure_case": bad.get_column(name).cast(pl.String),
+                        "column": name,
+                        "check": f"convertible to {target}",
+                        "index": bad.get_column("index").cast(pl.Int32),
+                    }
+                )
+            )
+        casts.append(cast)
+    coerced = frame.with_columns(casts) if casts else frame
+    if not cases:
+        return coerced, _EMPTY_CASES
+    return coerced, pl.concat(cases)
+
+
+_EMPTY_CASES = pl.DataFrame(
+    schema={"failure_case": pl.String, "column": pl.String, "check": pl.String, "index": pl.Int32}
+)
+
+
+def _merge_cases(coerce_cases: pl.DataFrame, pandera_cases: pl.DataFrame) -> pl.DataFrame:
+    """One table of failures; a cell that did not convert is not also reported as null."""
+    pandera_cases = pandera_cases.select("failure_case", "column", "check", "index").filter(
+        # pandera also lists null ids as duplicates of each other; not_nullable already says it.
+        ~((pl.col("check") == "field_uniqueness") & pl.col("failure_case").is_null())
+    )
+    if coerce_cases.height:
+        pandera_cases = pandera_cases.join(
+            coerce_cases.select("column", "index"),
+            on=["column", "index"],
+            how="anti",
+            maintain_order="left",
+            nulls_equal=False,
+        )
+    return pl.concat([coerce_cases, pandera_cases])
+
+
+def _missing_message(missing: list[str], frame: pl.DataFrame, source: str, name: str | None) -> str:
+    names = ", ".join(repr(m) for m in missing)
+    return (
+        f"{source} does not fit the input schema '{name or 'input'}': column {names} "
+        f"{'is' if len(missing) == 1 else 'are'} missing; the file has: {', '.join(frame.columns)}. "
+        "Rename the column, or choose another schema: --schema template checks only the columns "
+        "the prompt uses, --schema module:Class uses your own."
+    )
+
+
+def _schema_level_message(cases: pl.DataFrame, frame: pl.DataFrame, source: str, name: str | None) -> str:
+    problems = []
+    for row in cases.iter_rows(named=True):
+        if row["check"] == "column_in_dataframe":
+            problems.append(f"column '{row['failure_case']}' is missing")
+        else:
+            problems.append(f"column '{row['column']}' fails {row['check']} ({row['failure_case']})")
+    return (
+        f"{source} does not fit the input schema '{name or 'input'}': {'; '.join(problems)}. "
+        f"The file has columns: {', '.join(frame.columns)}. Fix the file, or choose another "
+        "schema: --schema template checks only the columns the prompt uses, --schema module:Class "
+        "uses your own."
+    )

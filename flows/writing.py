@@ -1,0 +1,63 @@
+"""Atomic Parquet writes: a temp file in the same directory, then os.replace."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from schemas.errors import OutputError
+
+__all__ = ["rejected_path", "write_json_atomic", "write_parquet_atomic"]
+
+
+def rejected_path(destination: str) -> str:
+    """Where quarantined rows go: <output stem>.rejected.parquet beside the output."""
+    dest = Path(destination)
+    return str(dest.with_name(f"{dest.stem}.rejected.parquet"))
+
+
+def write_parquet_atomic(
+    frame: pl.DataFrame, destination: str, metadata: dict[str, str] | None = None
+) -> None:
+    """Write zstd Parquet so that readers see the old file or the new one, never a torn one."""
+    _replace_atomically(
+        destination,
+        lambda tmp: frame.write_parquet(
+            tmp, compression="zstd", compression_level=3, statistics=True, metadata=metadata
+        ),
+    )
+
+
+def write_json_atomic(data: dict[str, Any], destination: str) -> None:
+    """Write a JSON document atomically."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+    _replace_atomically(destination, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _replace_atomically(destination: str, write: Any) -> None:
+    dest = Path(destination)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write '{destination}': {exc}. Check the directory and its permissions."
+        ) from exc
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, dest)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, (OSError, pl.exceptions.PolarsError)):
+            raise OutputError(
+                f"cannot write '{destination}': {exc}. The previous file, if any, is intact."
+            ) from exc
+        raise

@@ -1,0 +1,19 @@
+"""Data contracts: the pandera schemas at each boundary, and the error hierarchy."""
+
+from schemas.enriched import (
+    ERROR_COLUMN,
+    INPUT_TOKENS_COLUMN,
+    OUTPUT_TOKENS_COLUMN,
+    added_columns,
+    build_output_schema,
+)
+from schemas.topics import TopicsInput
+
+__all__ = [
+    "ERROR_COLUMN",
+    "INPUT_TOKENS_COLUMN",
+    "OUTPUT_TOKENS_COLUMN",
+    "TopicsInput",
+    "added_columns",
+    "build_output_schema",
+]

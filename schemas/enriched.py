@@ -1,0 +1,51 @@
+"""The enriched output: the input's columns, then the answer, its error and its token cost."""
+
+from __future__ import annotations
+
+import pandera.polars as pa
+import polars as pl
+
+__all__ = [
+    "ERROR_COLUMN",
+    "INPUT_TOKENS_COLUMN",
+    "OUTPUT_TOKENS_COLUMN",
+    "added_columns",
+    "build_output_schema",
+]
+
+ERROR_COLUMN = "enrich_error"
+INPUT_TOKENS_COLUMN = "enrich_input_tokens"
+OUTPUT_TOKENS_COLUMN = "enrich_output_tokens"
+
+
+def added_columns(output_column: str) -> list[str]:
+    """The columns enrichment appends, in output order."""
+    return [output_column, ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN]
+
+
+def build_output_schema(input_schema: pa.DataFrameSchema, output_column: str) -> pa.DataFrameSchema:
+    """Input schema plus the added columns; every row carries exactly one of answer or error."""
+
+    def one_outcome(data: pa.PolarsData) -> pl.LazyFrame:
+        answered = pl.col(output_column).is_not_null()
+        failed = pl.col(ERROR_COLUMN).is_not_null()
+        return data.lazyframe.select(answered ^ failed)
+
+    def non_empty_answer(data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col(data.key).str.strip_chars().str.len_chars() > 0)
+
+    extra = {
+        output_column: pa.Column(
+            pl.String, pa.Check(non_empty_answer, name="answer_not_blank"), nullable=True
+        ),
+        ERROR_COLUMN: pa.Column(pl.String, nullable=True),
+        INPUT_TOKENS_COLUMN: pa.Column(pl.Int64, pa.Check.ge(0)),
+        OUTPUT_TOKENS_COLUMN: pa.Column(pl.Int64, pa.Check.ge(0)),
+    }
+    merged = input_schema.add_columns(extra)
+    merged.checks = [*input_schema.checks, pa.Check(one_outcome, name="answer_xor_error")]
+    # Values were coerced on the way in; the output must already have the right types.
+    merged.coerce = False
+    for column in merged.columns.values():
+        column.coerce = False
+    return merged

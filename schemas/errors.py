@@ -1,0 +1,90 @@
+"""Every error llm-enrich raises on purpose, in one place.
+
+It sits in ``schemas/``, the bottom layer, so that every layer can raise these without
+importing upwards. Library errors (polars, pandera, openai, langchain) are translated into
+these at one seam each, always ``raise ... from exc``.
+
+Hierarchy::
+
+    * EnrichError                 anything we raise on purpose; the message is for people
+      x UserError                 bad input or configuration: exit code 2, no traceback
+        - ConfigError             an option, job file, schema reference or credential is wrong
+          - TemplateError         the prompt template is malformed or names a missing column
+        - InputError              the input file is missing, empty, unreadable or of unknown format
+        - ValidationFailed        rows fail the input schema (carries the report)
+        - EndpointRejected        the LLM endpoint refused the whole job (401/403/404)
+      x RuntimeFailure            the environment failed us: exit code 1
+        - LocalModelError         the bundled local model server did not start
+        - OutputError             the output could not be written
+
+Per-row failures (a 500, a malformed or empty reply, a 400 for one prompt) are not raised
+past the transform: they become the row's ``enrich_error`` value.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "EndpointRejected",
+    "EnrichError",
+    "InputError",
+    "LocalModelError",
+    "OutputError",
+    "RuntimeFailure",
+    "TemplateError",
+    "UserError",
+    "ValidationFailed",
+]
+
+
+class EnrichError(Exception):
+    """Base class: the message says what went wrong and what to do."""
+
+    exit_code = 1
+
+    @property
+    def message(self) -> str:
+        """The user-facing message."""
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class UserError(EnrichError):
+    """Bad input or configuration; the run stops before any output is touched."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """An option, job file, schema reference or credential is wrong."""
+
+
+class TemplateError(ConfigError):
+    """The prompt template is malformed or names a column the table does not have."""
+
+
+class InputError(UserError):
+    """The input file is missing, empty, unreadable or of an unknown format."""
+
+
+class ValidationFailed(UserError):
+    """Rows of the input fail the schema; ``report`` lists them."""
+
+    def __init__(self, message: str, *, failing_rows: int = 0) -> None:
+        super().__init__(message)
+        self.failing_rows = failing_rows
+
+
+class EndpointRejected(UserError):
+    """The endpoint refused the job as a whole (bad key, no access, unknown model)."""
+
+
+class RuntimeFailure(EnrichError):
+    """The environment failed us; retrying later may help."""
+
+
+class LocalModelError(RuntimeFailure):
+    """The bundled local model server could not be started."""
+
+
+class OutputError(RuntimeFailure):
+    """The output file could not be written."""

@@ -1,0 +1,163 @@
+"""One model call per prompt, with the run's only retry loop.
+
+Who owns which failure (so attempts never multiply silently):
+
+* The OpenAI SDK's own retries are switched off (``max_retries=0`` where the model is built),
+  so every HTTP attempt is one we count.
+* ``ask_model`` here owns retries for everything transient: 429, 408/409, 5xx, timeouts,
+  dropped connections, malformed bodies and empty replies, up to ``RetryPolicy.max_retries``,
+  with exponential backoff, jitter, and the server's ``retry-after`` when it gives one.
+* A 400/422 (bad request, context too long) fails its row at once with the server's message.
+* A 401/403/404 (bad key, no access, unknown model) aborts the job: every row would fail.
+* Prefect task retries (flows/) only cover infrastructure failures around a partition,
+  never rows: a row that carries an error is a finished row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import BaseMessage
+
+from schemas.errors import EndpointRejected
+
+__all__ = [
+    "CallStats",
+    "EmptyReply",
+    "Failure",
+    "Outcome",
+    "RetryPolicy",
+    "ask_model",
+    "classify_generic",
+]
+
+
+class EmptyReply(Exception):
+    """The model answered with no text; retried, then recorded as the row's error."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How one failed attempt is handled: retried, failed for its row, or fatal for the job."""
+
+    kind: Literal["retry", "row", "fatal"]
+    message: str
+    retry_after: float | None = None
+
+
+Classifier = Callable[[BaseException], Failure]
+
+
+def classify_generic(exc: BaseException) -> Failure:
+    """Classify by HTTP status where the exception carries one; anything else is retried."""
+    if isinstance(exc, EmptyReply):
+        return Failure("retry", "the model returned an empty reply")
+    status = getattr(exc, "status_code", None)
+    if status in (401, 403, 404):
+        return Failure("fatal", f"HTTP {status}: {exc}")
+    if status is not None and 400 <= status < 500 and status not in (408, 409, 429):
+        return Failure("row", f"HTTP {status}: {exc}")
+    return Failure("retry", f"{type(exc).__name__}: {exc}")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry settings for transient failures; delays in seconds."""
+
+    max_retries: int = 6
+    base_delay: float = 1.0
+    max_delay: float = 60.0
+    classify: Classifier = classify_generic
+
+    def delay(self, retry_number: int, retry_after: float | None) -> float:
+        """Exponential backoff with jitter, never shorter than the server asked for."""
+        backoff = min(self.max_delay, self.base_delay * 2**retry_number)
+        jittered = backoff * random.uniform(0.5, 1.0)
+        return max(jittered, retry_after or 0.0)
+
+
+@dataclass
+class Outcome:
+    """What one prompt produced: text or an error, with the tokens it cost."""
+
+    text: str | None = None
+    error: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    attempts: int = 0
+
+
+@dataclass
+class CallStats:
+    """Counters shared by every call of a run; safe to read from other threads."""
+
+    requests: int = 0
+    retries: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    aborted: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, *, requests: int = 0, retries: int = 0, tokens: tuple[int, int] = (0, 0)) -> None:
+        """Add to the counters."""
+        with self._lock:
+            self.requests += requests
+            self.retries += retries
+            self.input_tokens += tokens[0]
+            self.output_tokens += tokens[1]
+
+
+async def ask_model(
+    model: BaseChatModel,
+    messages: Sequence[BaseMessage],
+    *,
+    policy: RetryPolicy,
+    stats: CallStats,
+    gate: asyncio.Semaphore | None = None,
+) -> Outcome:
+    """Send one prompt, retrying transient failures; never raises for a row's failure."""
+    outcome = Outcome()
+    for attempt in range(policy.max_retries + 1):
+        if stats.aborted:
+            raise EndpointRejected(stats.aborted)
+        outcome.attempts = attempt + 1
+        stats.add(requests=1, retries=1 if attempt else 0)
+        try:
+            if gate is None:
+                reply = await model.ainvoke(list(messages))
+            else:
+                async with gate:
+                    reply = await model.ainvoke(list(messages))
+            usage = getattr(reply, "usage_metadata", None) or {}
+            tokens = (int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0)))
+            stats.add(tokens=tokens)
+            outcome.input_tokens += tokens[0]
+            outcome.output_tokens += tokens[1]
+            text = reply.content if isinstance(reply.content, str) else reply.text()
+            if not text or not text.strip():
+                raise EmptyReply("empty reply")
+            outcome.text, outcome.error = text, None
+            return outcome
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            failure = policy.classify(exc)
+            if failure.kind == "fatal":
+                stats.aborted = (
+                    f"the LLM endpoint refused the request ({failure.message}); check the API key, "
+                    "the model name (--model) and the base URL (--base-url)."
+                )
+                raise EndpointRejected(stats.aborted) from exc
+            outcome.error = failure.message
+            if failure.kind == "row" or attempt == policy.max_retries:
+                break
+            await asyncio.sleep(policy.delay(attempt, failure.retry_after))
+    tries = f"after {outcome.attempts} attempt{'s' if outcome.attempts > 1 else ''}"
+    outcome.error = f"{outcome.error} ({tries})"
+    return outcome
