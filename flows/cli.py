@@ -172,6 +172,7 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"{s['requests']} requests ({s['retries']} retries), tokens {s['input_tokens']:,} in / "
         f"{s['output_tokens']:,} out, {s['wall_seconds']:.1f} s, model {s['model']} at {s['endpoint']}.",
         highlight=False,
+        soft_wrap=True,
     )
 
 

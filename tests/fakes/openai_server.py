@@ -4,7 +4,8 @@ Answers are derived from the prompt (``expected_answer``), so a test can prove e
 its own answer. Faults are injected two ways:
 
 * by the prompt: ``FAULT:400``, ``FAULT:401``, ``FAULT:500``, ``FAULT:empty``, ``FAULT:malformed``,
-  ``FAULT:drop`` (close the connection), ``FAULT:slow`` (never answers in time), and the
+  ``FAULT:drop`` (close the connection), ``FAULT:slow`` (never answers in time),
+  ``FAULT:echoauth`` (a 400 whose message echoes the Authorization header), and the
   flaky forms ``FAULT:flaky500:N`` / ``FAULT:flaky429:N`` / ``FAULT:flakyempty:N`` /
   ``FAULT:flakymalformed:N`` / ``FAULT:flakydrop:N`` that fail the first N attempts;
 * by rates: ``Behaviour.rate_500`` / ``rate_malformed`` / ``rate_empty`` fail that share of
@@ -163,6 +164,8 @@ class FakeOpenAIServer:
             headers["retry-after-ms"] = str(int(wait * 1000))
             return status, headers, payload
 
+        if "FAULT:echoauth" in prompt:  # a careless server that echoes the credentials back
+            return _error(400, f"request with header {auth} is not allowed", "echo")
         fault = self._fault(prompt, attempt)
         if fault is not None:
             return fault

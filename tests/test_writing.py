@@ -1,0 +1,54 @@
+"""Atomic writes: readers see the old file or the new one, never a torn one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from flows.writing import rejected_path, write_parquet_atomic
+from schemas.errors import OutputError
+
+
+def test_write_creates_directories_and_zstd_parquet_with_metadata(tmp_path: Path) -> None:
+    dest = tmp_path / "a" / "b" / "out.parquet"
+    write_parquet_atomic(pl.DataFrame({"x": [1, 2]}), str(dest), metadata={"llm_enrich": "{}"})
+    assert pl.read_parquet(dest)["x"].to_list() == [1, 2]
+    assert pl.read_parquet_metadata(dest)["llm_enrich"] == "{}"
+    assert list(dest.parent.iterdir()) == [dest]
+
+
+def test_a_failure_mid_write_leaves_the_previous_output_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "out.parquet"
+    write_parquet_atomic(pl.DataFrame({"x": [1]}), str(dest))
+    before = dest.read_bytes()
+
+    def torn_write(self: pl.DataFrame, file: str, **kwargs: object) -> None:
+        Path(file).write_bytes(b"PAR1 half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", torn_write)
+    with pytest.raises(OutputError, match="No space left on device"):
+        write_parquet_atomic(pl.DataFrame({"x": [2]}), str(dest))
+    assert dest.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [dest]  # no temp file left behind
+
+
+def test_an_interrupt_mid_write_also_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dest = tmp_path / "out.parquet"
+
+    def interrupted(self: pl.DataFrame, file: str, **kwargs: object) -> None:
+        Path(file).write_bytes(b"PAR1")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_parquet_atomic(pl.DataFrame({"x": [2]}), str(dest))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rejected_rows_go_beside_the_output() -> None:
+    assert rejected_path("data/out/topics_enriched.parquet") == "data/out/topics_enriched.rejected.parquet"
