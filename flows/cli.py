@@ -47,6 +47,15 @@ _FIELD_OF = {
     "partition_workers": "partition_workers",
     "on_invalid": "on_invalid",
     "schema": "input_schema",
+    "rpm": "rpm",
+    "tpm": "tpm",
+    "cache": "cache",
+    "cache_dir": "cache_dir",
+    "refresh_cache": "refresh_cache",
+    "retry_failed": "retry_failed",
+    "max_cost": "max_cost",
+    "input_price": "input_price",
+    "output_price": "output_price",
 }
 
 
@@ -67,9 +76,7 @@ def run(
     input_format: Annotated[
         Optional[str], typer.Option("--format", help="csv, parquet or ndjson (default: from the extension).")
     ] = None,
-    prompt: Annotated[
-        Optional[str], typer.Option(help="Prompt template; {column} is filled from each row.")
-    ] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Prompt template; {column} is filled from each row.")] = None,
     system: Annotated[Optional[str], typer.Option(help="System message.")] = None,
     output_column: Annotated[Optional[str], typer.Option(help="Name of the answer column.")] = None,
     model: Annotated[
@@ -81,12 +88,8 @@ def run(
     api_key_env: Annotated[
         Optional[str], typer.Option(help="Environment variable holding the API key (default OPENAI_API_KEY).")
     ] = None,
-    max_concurrency: Annotated[
-        Optional[int], typer.Option(help="Requests in flight at once, run-wide.")
-    ] = None,
-    max_retries: Annotated[
-        Optional[int], typer.Option(help="Retries per row for transient failures.")
-    ] = None,
+    max_concurrency: Annotated[Optional[int], typer.Option(help="Requests in flight at once, run-wide.")] = None,
+    max_retries: Annotated[Optional[int], typer.Option(help="Retries per row for transient failures.")] = None,
     retry_base_delay: Annotated[
         Optional[float], typer.Option(help="First retry wait in seconds (doubles, jittered).")
     ] = None,
@@ -101,6 +104,23 @@ def run(
     schema: Annotated[
         Optional[str], typer.Option(help="Input schema: topics (default), template, or module:Class.")
     ] = None,
+    rpm: Annotated[Optional[int], typer.Option(help="Provider limit, requests per minute (held run-wide).")] = None,
+    tpm: Annotated[Optional[int], typer.Option(help="Provider limit, tokens per minute (held run-wide).")] = None,
+    cache: Annotated[
+        Optional[bool], typer.Option("--cache/--no-cache", help="Use the persistent response cache (default on).")
+    ] = None,
+    cache_dir: Annotated[Optional[str], typer.Option(help="Cache directory (default: beside the output).")] = None,
+    refresh_cache: Annotated[
+        Optional[bool], typer.Option("--refresh-cache", help="Ask again even for cached or previously answered rows.")
+    ] = None,
+    retry_failed: Annotated[
+        Optional[bool],
+        typer.Option("--retry-failed/--no-retry-failed", help="On a rerun, ask again for failed rows (default on)."),
+    ] = None,
+    max_cost: Annotated[Optional[float], typer.Option(help="Stop sending before this many USD would be spent.")] = None,
+    input_price: Annotated[Optional[float], typer.Option(help="USD per 1M input tokens (override).")] = None,
+    output_price: Annotated[Optional[float], typer.Option(help="USD per 1M output tokens (override).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only estimate rows, prompts, tokens and cost.")] = False,
     columns: Annotated[
         bool, typer.Option("--columns", help="Same as --schema template: only check the template's columns.")
     ] = False,
@@ -122,12 +142,51 @@ def run(
         job = make_job(values, source=str(config) if config else "the options")
     except EnrichError as err:
         _fail(err.message, err.exit_code)
-    summary = _run_flow(job, verbose=verbose)
+    if dry_run:
+        summary = _estimate(job)
+        _print_estimate(summary)
+    else:
+        summary = _run_flow(job, verbose=verbose)
+        _print_summary(summary)
     if summary_json:
         from flows.writing import write_json_atomic
 
         write_json_atomic(summary, str(summary_json))
-    _print_summary(summary)
+
+
+def estimate(**options: Any) -> None:
+    """Estimate rows, distinct prompts, cache hits, tokens and cost without calling the model."""
+    run(**{**options, "dry_run": True})
+
+
+estimate.__wrapped__ = run  # type: ignore[attr-defined]  # typer reads run's options
+app.command("estimate")(estimate)
+
+
+def _estimate(job: EnrichJob) -> dict[str, Any]:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.estimate import estimate_job
+
+    try:
+        return estimate_job(job).model_dump()
+    except EnrichError as err:
+        _fail(err.message, err.exit_code)
+        raise  # unreachable: _fail exits
+
+
+def _print_estimate(e: dict[str, Any]) -> None:
+    cost = "unknown (no price for this model; pass --input-price/--output-price)"
+    if e["estimated_cost_usd"] is not None:
+        cost = f"at most ${e['estimated_cost_usd']:.4f}"
+    out_console.print(
+        f"[bold]Estimate[/] (nothing was sent): {e['rows_valid']} of {e['rows_in']} rows valid, "
+        f"{e['rows_rejected']} rejected; {e['rows_cached']} already answered, {e['rows_kept_failed']} kept as failed; "
+        f"{e['rows_to_ask']} rows to ask as {e['unique_prompts']} distinct prompts; "
+        f"about {e['estimated_input_tokens']:,} input tokens and at most {e['max_output_tokens']:,} output tokens; "
+        f"cost {cost} with {e['model']}.",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _run_flow(job: EnrichJob, *, verbose: bool) -> dict[str, Any]:
@@ -166,11 +225,13 @@ def _fail(message: str, code: int) -> None:
 
 def _print_summary(s: dict[str, Any]) -> None:
     rejected = f", {s['rows_rejected']} rejected (see {s['rejected_output']})" if s["rows_rejected"] else ""
+    cost = f", ${s['cost_usd']:.4f}" if s["cost_usd"] is not None else ""
     out_console.print(
         f"[bold green]Enriched[/] {s['rows_valid']} of {s['rows_in']} rows into [bold]{s['output']}[/]: "
         f"{s['rows_ok']} ok, {s['rows_failed']} failed{rejected}.\n"
-        f"{s['requests']} requests ({s['retries']} retries), tokens {s['input_tokens']:,} in / "
-        f"{s['output_tokens']:,} out, {s['wall_seconds']:.1f} s, model {s['model']} at {s['endpoint']}.",
+        f"{s['rows_cached']} from the cache, {s['rows_deduplicated']} deduplicated; {s['requests']} requests "
+        f"({s['retries']} retries, {s['rate_limited']} rate-limited), tokens {s['input_tokens']:,} in / "
+        f"{s['output_tokens']:,} out{cost}, {s['wall_seconds']:.1f} s, model {s['model']} at {s['endpoint']}.",
         highlight=False,
         soft_wrap=True,
     )

@@ -62,6 +62,4 @@ class RichProgress:
             self._failed += failed
             self._progress.advance(self._task, ok + failed)
             speed = self._progress.tasks[0].speed
-            self._progress.update(
-                self._task, failed=self._failed, rate=f"{speed:.1f} rows/s" if speed else ""
-            )
+            self._progress.update(self._task, failed=self._failed, rate=f"{speed:.1f} rows/s" if speed else "")

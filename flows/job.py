@@ -21,9 +21,7 @@ class EnrichJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid", title="Enrichment job")
 
-    input_path: str = Field(
-        "data/topics.csv", description="Input table: a .csv, .parquet, .ndjson or .jsonl file."
-    )
+    input_path: str = Field("data/topics.csv", description="Input table: a .csv, .parquet, .ndjson or .jsonl file.")
     input_format: Literal["auto", "csv", "parquet", "ndjson"] = Field(
         "auto", description="File format; 'auto' goes by the file extension."
     )
@@ -39,9 +37,7 @@ class EnrichJob(BaseModel):
         description="Prompt template; {column} placeholders are filled from each row.",
     )
     system: str | None = Field(None, max_length=100_000, description="Optional system message.")
-    output_column: str = Field(
-        "explanation", min_length=1, max_length=128, description="Name of the answer column."
-    )
+    output_column: str = Field("explanation", min_length=1, max_length=128, description="Name of the answer column.")
     model: str | None = Field(
         None,
         max_length=200,
@@ -57,7 +53,11 @@ class EnrichJob(BaseModel):
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="Name of the environment variable holding the API key (never the key itself).",
     )
-    max_concurrency: int = Field(8, ge=1, le=512, description="Requests in flight at once, run-wide.")
+    max_concurrency: int = Field(
+        32, ge=1, le=512, description="Most requests in flight at once, run-wide (adapted down on 429s)."
+    )
+    rpm: int | None = Field(None, ge=1, le=10_000_000, description="Requests per minute allowed by the provider.")
+    tpm: int | None = Field(None, ge=1, le=1_000_000_000, description="Tokens per minute allowed by the provider.")
     max_retries: int = Field(6, ge=0, le=50, description="Retries per row for transient failures.")
     retry_base_delay: float = Field(
         1.0, ge=0.0, le=120.0, description="First retry wait in seconds; doubles per retry (jittered)."
@@ -72,6 +72,21 @@ class EnrichJob(BaseModel):
     on_invalid: Literal["fail", "quarantine"] = Field(
         "fail",
         description="Rows failing the input schema: stop the run, or set them aside and go on.",
+    )
+    cache: bool = Field(True, description="Reuse and store answers in the persistent response cache.")
+    cache_dir: str | None = Field(
+        None, max_length=2_000, description="Response cache directory; default .enrich-cache beside the output."
+    )
+    refresh_cache: bool = Field(False, description="Ask again even for answers in the cache or the previous output.")
+    retry_failed: bool = Field(True, description="On a rerun, ask again for rows whose last attempt failed.")
+    max_cost: float | None = Field(
+        None, ge=0, le=1_000_000, description="Stop sending before this many US dollars would be spent."
+    )
+    input_price: float | None = Field(
+        None, ge=0, le=10_000, description="USD per 1M input tokens, overriding the shipped price table."
+    )
+    output_price: float | None = Field(
+        None, ge=0, le=10_000, description="USD per 1M output tokens, overriding the shipped price table."
     )
     input_schema: str = Field(
         "topics",
@@ -104,9 +119,7 @@ def make_job(values: dict[str, Any], *, source: str = "the options") -> EnrichJo
     try:
         return EnrichJob(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'job'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'job'}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"invalid job in {source}: {problems}.") from exc
 
 

@@ -56,13 +56,21 @@ def resolve_endpoint(job: EnrichJob) -> Endpoint:
 
 
 def build_chat_model(
-    job: EnrichJob, endpoint: Endpoint, *, base_url: str | None, model_name: str
-) -> ChatOpenAI:
-    """ChatOpenAI on the Chat Completions API with SDK retries off (transforms.calls owns them)."""
+    job: EnrichJob, endpoint: Endpoint, *, base_url: str | None, model_name: str, max_concurrency: int
+) -> tuple[ChatOpenAI, httpx.AsyncClient]:
+    """ChatOpenAI on the Chat Completions API with SDK retries off (transforms.calls owns them).
+
+    The run owns its HTTP client (close it when the run ends): langchain-openai's shared
+    default client would stay bound to the event loop of the first run in this process.
+    """
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(job.timeout),
+        limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+    )
     # ChatOpenAI sends max_tokens as max_completion_tokens, which llama.cpp and older
     # OpenAI-compatible servers ignore; they get the classic field as well.
     extra_body = {"max_tokens": job.max_tokens} if base_url else None
-    return ChatOpenAI(
+    model = ChatOpenAI(
         model=model_name,
         base_url=base_url,
         extra_body=extra_body,
@@ -72,7 +80,9 @@ def build_chat_model(
         timeout=job.timeout,
         max_retries=0,
         use_responses_api=False,
+        http_async_client=client,
     )
+    return model, client
 
 
 def describe_url(url: str | None) -> str:
@@ -99,13 +109,11 @@ def classify_openai_error(exc: BaseException) -> Failure:
         if status in (401, 403, 404):
             return Failure("fatal", f"HTTP {status}: {detail}")
         if status == 429:
-            return Failure("retry", f"HTTP 429 rate limited: {detail}", _retry_after(exc.response))
+            return Failure("retry", f"HTTP 429 rate limited: {detail}", _retry_after(exc.response), rate_limited=True)
         if status in (408, 409) or status >= 500:
             return Failure("retry", f"HTTP {status}: {detail}", _retry_after(exc.response))
         return Failure("row", f"HTTP {status}: {detail}")
-    if isinstance(
-        exc, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, KeyError, TypeError)
-    ):
+    if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, KeyError, TypeError)):
         return Failure("retry", f"malformed response body ({_short(exc)})")
     return Failure("retry", f"{type(exc).__name__}: {_short(exc)}")
 

@@ -87,8 +87,7 @@ def _wait_healthy(process: subprocess.Popen[bytes], base_url: str, timeout: floa
         if process.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-5:]
             raise LocalModelError(
-                f"the bundled model server exited with code {process.returncode} while starting: "
-                f"{' | '.join(tail)}"
+                f"the bundled model server exited with code {process.returncode} while starting: {' | '.join(tail)}"
             )
         try:
             with urllib.request.urlopen(f"{base_url}/models", timeout=2) as response:

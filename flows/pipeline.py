@@ -1,8 +1,7 @@
-"""The Prefect flow: load -> validate -> enrich in partitions -> validate -> write atomically."""
+"""The Prefect flow: load -> validate -> plan -> enrich in partitions -> validate -> write."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections import deque
@@ -10,6 +9,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import pandera.polars as pa
 import polars as pl
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -18,25 +18,29 @@ from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from flows.cache import ResponseCache, default_cache_dir
 from flows.job import EnrichJob
-from flows.llm import (
-    DEFAULT_REMOTE_MODEL,
-    build_chat_model,
-    classify_openai_error,
-    describe_url,
-    resolve_endpoint,
-)
+from flows.llm import DEFAULT_REMOTE_MODEL, Endpoint, build_chat_model, describe_url, resolve_endpoint
 from flows.loading import detect_format, load_table
 from flows.local_model import LOCAL_MODEL_NAME, LOCAL_MODEL_NOTICE, serve_local_model
+from flows.planning import ROW_INDEX, Plan, load_previous, plan_run
 from flows.progress import current_sink
-from flows.runtime import EventLoopThread, Runtime, forget_runtime, lookup_runtime, register_runtime
+from flows.runtime import (
+    EventLoopThread,
+    Runtime,
+    build_context,
+    forget_runtime,
+    lookup_runtime,
+    register_runtime,
+    resolve_price,
+)
 from flows.summary import RunSummary
-from flows.validation import resolve_schema, split_valid, validate_output
+from flows.validation import Split, resolve_schema, split_valid, validate_output
 from flows.writing import rejected_path, write_parquet_atomic
-from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN, added_columns
+from schemas.enriched import ERROR_COLUMN, added_columns
 from schemas.errors import ConfigError, UserError
-from transforms.calls import RetryPolicy
-from transforms.enrichment import EnrichSpec, enrich_frame_async
+from transforms.enrichment import AnswerMemo, EnrichSpec, charge_first, enrich_frame_async
+from transforms.keys import KEY_VERSION, AnswerIdentity, endpoint_family
 from transforms.prompts import parse_template
 
 __all__ = ["INVALID_STATE", "enrich_partition", "enrich_table", "run_enrichment"]
@@ -47,19 +51,16 @@ INVALID_STATE = "Invalid"
 # The pool is sized for the largest partition_workers a job may ask for; the flow itself
 # keeps at most job.partition_workers partitions submitted at once.
 _MAX_PARTITION_WORKERS = 64
+# llama.cpp's server answers one request at a time; more in flight would only queue into timeouts.
+_LOCAL_MODEL_CONCURRENCY = 2
 
 
 @task(name="enrich-partition", cache_policy=NO_CACHE, persist_result=False)
 def enrich_partition(part: pl.DataFrame, number: int, runtime_key: str) -> pl.DataFrame:
     """Enrich one partition on the run's shared event loop; rows fail, the task does not."""
-    runtime = lookup_runtime(runtime_key)
-    sink = current_sink()
-    return runtime.loop.run(
-        enrich_frame_async(
-            part, runtime.spec, runtime.model, stats=runtime.stats, gate=runtime.gate,
-            on_rows_done=sink.advance,
-        )
-    )  # fmt: skip
+    rt = lookup_runtime(runtime_key)
+    coro = enrich_frame_async(part, rt.spec, rt.model, ctx=rt.ctx, memo=rt.memo, on_rows_done=current_sink().advance)
+    return rt.loop.run(coro)
 
 
 @flow(
@@ -78,10 +79,8 @@ def enrich_table(job: EnrichJob = EnrichJob()) -> dict[str, Any] | State:
         return Failed(name=INVALID_STATE, message=err.message)
 
 
-def run_enrichment(job: EnrichJob) -> RunSummary:
-    """The body of the flow, callable inside any flow run."""
-    log = get_run_logger()
-    started = time.perf_counter()
+def load_valid_rows(job: EnrichJob) -> tuple[pl.DataFrame, pa.DataFrameSchema, Split]:
+    """Load the input and validate it; raises UserError before anything is sent or written."""
     template = parse_template(job.prompt)
     if job.in_place and detect_format(job.input_path, job.input_format) != "parquet":
         raise ConfigError(
@@ -93,74 +92,130 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
     frame = frame.drop([c for c in added_columns(job.output_column) if c in frame.columns])
     template.check_columns(frame.columns, source=f"'{job.input_path}'")
     schema = resolve_schema(job.input_schema, template)
-    split = split_valid(frame, schema, source=job.input_path, quarantine=job.on_invalid == "quarantine")
+    quarantine = job.on_invalid == "quarantine"
+    return frame, schema, split_valid(frame, schema, source=job.input_path, quarantine=quarantine)
+
+
+def build_spec(job: EnrichJob, endpoint: Endpoint) -> EnrichSpec:
+    """The transform's spec, with the identity that keys cached answers."""
+    model_name = LOCAL_MODEL_NAME if endpoint.local else job.model or DEFAULT_REMOTE_MODEL
+    identity = AnswerIdentity(
+        model=model_name,
+        endpoint=endpoint_family(endpoint.base_url, bundled=endpoint.local),
+        temperature=job.temperature,
+        max_tokens=job.max_tokens,
+    )
+    concurrency = min(job.max_concurrency, _LOCAL_MODEL_CONCURRENCY) if endpoint.local else job.max_concurrency
+    return EnrichSpec(
+        template=parse_template(job.prompt),
+        output_column=job.output_column,
+        system=job.system,
+        max_concurrency=concurrency,
+        identity=identity,
+    )
+
+
+def plan_job(job: EnrichJob, valid: pl.DataFrame, spec: EnrichSpec) -> tuple[Plan, ResponseCache | None]:
+    """Which rows are settled by the cache or the previous output, and which must be asked."""
+    cache = ResponseCache(job.cache_dir or default_cache_dir(job.destination)) if job.cache else None
+    reuse = not job.refresh_cache
+    plan = plan_run(
+        valid,
+        spec,
+        cached=cache.load() if cache is not None and reuse else None,
+        previous=load_previous(job.destination, job.output_column) if reuse else None,
+        retry_failed=job.retry_failed,
+    )
+    return plan, cache
+
+
+def run_enrichment(job: EnrichJob) -> RunSummary:
+    """The body of the flow, callable inside any flow run."""
+    log = get_run_logger()
+    started = time.perf_counter()
+    frame, schema, split = load_valid_rows(job)
     log.info("loaded %d rows from %s; %d valid", frame.height, job.input_path, split.valid.height)
     if split.rejected.height:
         log.warning("%s\nThese rows are set aside in %s.", split.report, rejected_path(job.destination))
-
     endpoint = resolve_endpoint(job)
+    spec = build_spec(job, endpoint)
+    plan, cache = plan_job(job, split.valid, spec)
+    log.info(
+        "%d rows already answered (cache or previous output), %d kept as failed, %d to ask (%d distinct prompts)",
+        plan.rows_cached, plan.rows_kept_failed, plan.todo.height, plan.unique_todo,
+    )  # fmt: skip
+    price = resolve_price(job, spec.identity.model, local=endpoint.local)
+    ctx = build_context(job, price, max_concurrency=spec.max_concurrency)
     sink = current_sink()
-    with ExitStack() as stack:
-        base_url, model_name = endpoint.base_url, job.model or DEFAULT_REMOTE_MODEL
-        if endpoint.local:
-            sink.notice(LOCAL_MODEL_NOTICE)
-            log.warning(LOCAL_MODEL_NOTICE)
-            base_url, model_name = stack.enter_context(serve_local_model()), LOCAL_MODEL_NAME
-        log.info("asking %s at %s", model_name, describe_url(base_url))
-        model = build_chat_model(job, endpoint, base_url=base_url, model_name=model_name)
-        loop = EventLoopThread()
-        stack.callback(loop.close)
-        spec = EnrichSpec(
-            template=template,
-            output_column=job.output_column,
-            system=job.system,
-            max_concurrency=job.max_concurrency,
-            policy=RetryPolicy(
-                max_retries=job.max_retries,
-                base_delay=job.retry_base_delay,
-                classify=classify_openai_error,
-            ),
-        )
-        runtime = Runtime(spec=spec, model=model, loop=loop, gate=asyncio.Semaphore(job.max_concurrency))
-        stack.callback(forget_runtime, register_runtime(runtime))
-        sink.start(split.valid.height)
-        enriched = _enrich_partitions(split.valid, job, runtime.key)
+    base_url = endpoint.base_url
+    sink.start(split.valid.height)
+    sink.advance(plan.rows_cached, plan.rows_kept_failed)
+    asked = plan.done.clear()
+    if plan.todo.height:
+        with ExitStack() as stack:
+            if endpoint.local:
+                sink.notice(LOCAL_MODEL_NOTICE)
+                log.warning(LOCAL_MODEL_NOTICE)
+                base_url = stack.enter_context(serve_local_model())
+            log.info("asking %s at %s", spec.identity.model, describe_url(base_url))
+            model, http = build_chat_model(
+                job, endpoint, base_url=base_url, model_name=spec.identity.model, max_concurrency=spec.max_concurrency
+            )
+            loop = EventLoopThread()
+            stack.callback(loop.close)
+            stack.callback(lambda: loop.run(http.aclose()))
+            memo = AnswerMemo()
+            if cache is not None:
+                stack.callback(cache.close)
+                memo.on_answer = lambda key, outcome: cache.append(key, outcome, model=spec.identity.model)
+            runtime = Runtime(spec=spec, model=model, loop=loop, ctx=ctx, memo=memo, cache=cache)
+            stack.callback(forget_runtime, register_runtime(runtime))
+            asked = _enrich_partitions(plan.todo, job, runtime.key)
 
+    ordered = [*split.valid.columns, *added_columns(job.output_column)]
+    enriched = charge_first(pl.concat([plan.done.select(ROW_INDEX, *ordered), asked.select(ROW_INDEX, *ordered)]))
+    enriched = enriched.sort(ROW_INDEX).drop(ROW_INDEX)
     if endpoint.api_key is not None:
         secret = endpoint.api_key.get_secret_value()
         enriched = enriched.with_columns(pl.col(ERROR_COLUMN).str.replace_all(secret, "***", literal=True))
     validate_output(enriched, schema, job.output_column)
     if split.rejected.height:
         write_parquet_atomic(split.rejected, rejected_path(job.destination))
-    write_parquet_atomic(enriched, job.destination, metadata=_metadata(job, model_name, base_url))
+    write_parquet_atomic(enriched, job.destination, metadata=_metadata(job, spec))
     if not split.rejected.height:
         Path(rejected_path(job.destination)).unlink(missing_ok=True)
 
-    failed = enriched.get_column(ERROR_COLUMN).is_not_null().sum()
+    failed = int(enriched.get_column(ERROR_COLUMN).is_not_null().sum())
+    stats = ctx.stats
     summary = RunSummary(
         rows_in=frame.height,
         rows_valid=split.valid.height,
         rows_rejected=split.rejected.height,
         rows_ok=enriched.height - failed,
         rows_failed=failed,
-        requests=runtime.stats.requests,
-        retries=runtime.stats.retries,
-        input_tokens=int(enriched.get_column(INPUT_TOKENS_COLUMN).sum()),
-        output_tokens=int(enriched.get_column(OUTPUT_TOKENS_COLUMN).sum()),
+        rows_cached=plan.rows_cached,
+        rows_deduplicated=stats.rows_deduplicated,
+        unique_prompts_sent=plan.unique_todo,
+        requests=stats.requests,
+        retries=stats.retries,
+        rate_limited=stats.rate_limited,
+        input_tokens=stats.input_tokens,
+        output_tokens=stats.output_tokens,
+        cost_usd=round(price.cost(stats.input_tokens, stats.output_tokens), 6) if price else None,
         wall_seconds=round(time.perf_counter() - started, 3),
         output=job.destination,
         rejected_output=rejected_path(job.destination) if split.rejected.height else None,
-        model=model_name,
-        endpoint=describe_url(base_url),
+        model=spec.identity.model,
+        endpoint=describe_url(base_url) if not endpoint.local else "bundled local model",
     )
     log.info("wrote %s: %d rows ok, %d failed", job.destination, summary.rows_ok, summary.rows_failed)
     return summary
 
 
-def _enrich_partitions(valid: pl.DataFrame, job: EnrichJob, runtime_key: str) -> pl.DataFrame:
+def _enrich_partitions(todo: pl.DataFrame, job: EnrichJob, runtime_key: str) -> pl.DataFrame:
     """Run partition tasks, at most partition_workers at once, and reassemble in input order."""
     log = get_run_logger()
-    parts = list(valid.iter_slices(n_rows=job.partition_rows)) or [valid]
+    parts = list(todo.iter_slices(n_rows=job.partition_rows))
     results: list[pl.DataFrame | None] = [None] * len(parts)
     waiting = deque(enumerate(parts))
     running: dict[PrefectFuture[pl.DataFrame], int] = {}
@@ -179,22 +234,23 @@ def _enrich_partitions(valid: pl.DataFrame, job: EnrichJob, runtime_key: str) ->
             waiting.clear()
             continue
         done_rows += parts[number].height
-        log.info("partition %d/%d done: %d/%d rows", number + 1, len(parts), done_rows, valid.height)
+        log.info("partition %d/%d done: %d/%d rows", number + 1, len(parts), done_rows, todo.height)
     if first_error is not None:
         raise first_error
     return pl.concat([r for r in results if r is not None], how="vertical")
 
 
-def _metadata(job: EnrichJob, model_name: str, base_url: str | None) -> dict[str, str]:
+def _metadata(job: EnrichJob, spec: EnrichSpec) -> dict[str, str]:
     """Provenance stored in the Parquet footer; never credentials."""
     info = {
-        "model": model_name,
-        "endpoint": describe_url(base_url),
+        "model": spec.identity.model,
+        "endpoint": spec.identity.endpoint,
         "prompt": job.prompt,
         "system": job.system,
         "output_column": job.output_column,
         "temperature": job.temperature,
         "max_tokens": job.max_tokens,
+        "key_version": KEY_VERSION,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return {"llm_enrich": json.dumps(info, ensure_ascii=False)}

@@ -1,4 +1,4 @@
-"""The per-run machinery shared by partition tasks: one event loop, one model, one gate."""
+"""The per-run machinery shared by partition tasks: one event loop, model, scheduler, memo."""
 
 from __future__ import annotations
 
@@ -11,10 +11,15 @@ from typing import Any, TypeVar
 
 from langchain_core.language_models import BaseChatModel
 
-from transforms.calls import CallStats
-from transforms.enrichment import EnrichSpec
+from flows.cache import ResponseCache
+from flows.job import EnrichJob
+from flows.llm import classify_openai_error
+from transforms.calls import CallContext, RetryPolicy
+from transforms.costs import DEFAULT_PRICES, Budget, Price, price_for
+from transforms.enrichment import AnswerMemo, EnrichSpec
+from transforms.scheduling import Scheduler
 
-__all__ = ["EventLoopThread", "Runtime", "lookup_runtime", "register_runtime"]
+__all__ = ["EventLoopThread", "Runtime", "build_context", "forget_runtime", "lookup_runtime", "register_runtime"]
 
 T = TypeVar("T")
 
@@ -47,6 +52,38 @@ class EventLoopThread:
         self.loop.close()
 
 
+def resolve_price(job: EnrichJob, model_name: str, *, local: bool) -> Price | None:
+    """The job's price override, else the shipped table; the bundled model is free."""
+    if local:
+        return Price(0.0, 0.0)
+    listed = price_for(model_name, DEFAULT_PRICES)
+    if job.input_price is None and job.output_price is None:
+        return listed
+    return Price(
+        job.input_price if job.input_price is not None else (listed.input_per_million if listed else 0.0),
+        job.output_price if job.output_price is not None else (listed.output_per_million if listed else 0.0),
+    )
+
+
+def build_context(job: EnrichJob, price: Price | None, *, max_concurrency: int) -> CallContext:
+    """Retry policy, scheduler and budget for one run, from the job."""
+    return CallContext(
+        policy=RetryPolicy(
+            max_retries=job.max_retries, base_delay=job.retry_base_delay, classify=classify_openai_error
+        ),
+        scheduler=Scheduler(
+            max_concurrency=max_concurrency,
+            rpm=job.rpm,
+            tpm=job.tpm,
+            max_tokens=job.max_tokens,
+            base_pause=max(job.retry_base_delay, 0.05),
+        ),
+        budget=Budget(job.max_cost) if job.max_cost is not None else None,
+        price=price,
+        max_tokens=job.max_tokens,
+    )
+
+
 @dataclass
 class Runtime:
     """Everything a partition task needs that cannot be a Prefect parameter."""
@@ -54,8 +91,9 @@ class Runtime:
     spec: EnrichSpec
     model: BaseChatModel
     loop: EventLoopThread
-    gate: asyncio.Semaphore
-    stats: CallStats = field(default_factory=CallStats)
+    ctx: CallContext
+    memo: AnswerMemo
+    cache: ResponseCache | None = None
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

@@ -15,10 +15,15 @@ class RunSummary(BaseModel):
     rows_rejected: int
     rows_ok: int
     rows_failed: int
+    rows_cached: int
+    rows_deduplicated: int
+    unique_prompts_sent: int
     requests: int
     retries: int
+    rate_limited: int
     input_tokens: int
     output_tokens: int
+    cost_usd: float | None
     wall_seconds: float
     output: str
     rejected_output: str | None = None

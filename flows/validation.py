@@ -50,8 +50,7 @@ def resolve_schema(ref: str, template: PromptTemplate) -> pa.DataFrameSchema:
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
         raise ConfigError(
-            f"--schema {ref!r} is not 'topics', 'template' or 'module:Class' (for example "
-            "'myproject.schemas:Orders')."
+            f"--schema {ref!r} is not 'topics', 'template' or 'module:Class' (for example 'myproject.schemas:Orders')."
         )
     try:
         found = getattr(importlib.import_module(module_name), attr)
@@ -65,8 +64,7 @@ def resolve_schema(ref: str, template: PromptTemplate) -> pa.DataFrameSchema:
     if isinstance(found, pa.DataFrameSchema):
         return found
     raise ConfigError(
-        f"--schema {ref!r} is a {type(found).__name__}, not a pandera.polars DataFrameModel "
-        "or DataFrameSchema."
+        f"--schema {ref!r} is a {type(found).__name__}, not a pandera.polars DataFrameModel or DataFrameSchema."
     )
 
 

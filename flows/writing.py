@@ -21,9 +21,7 @@ def rejected_path(destination: str) -> str:
     return str(dest.with_name(f"{dest.stem}.rejected.parquet"))
 
 
-def write_parquet_atomic(
-    frame: pl.DataFrame, destination: str, metadata: dict[str, str] | None = None
-) -> None:
+def write_parquet_atomic(frame: pl.DataFrame, destination: str, metadata: dict[str, str] | None = None) -> None:
     """Write zstd Parquet so that readers see the old file or the new one, never a torn one."""
     _replace_atomically(
         destination,
@@ -46,9 +44,7 @@ def _replace_atomically(destination: str, write: Any) -> None:
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
         os.close(fd)
     except OSError as exc:
-        raise OutputError(
-            f"cannot write '{destination}': {exc}. Check the directory and its permissions."
-        ) from exc
+        raise OutputError(f"cannot write '{destination}': {exc}. Check the directory and its permissions.") from exc
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
@@ -57,7 +53,5 @@ def _replace_atomically(destination: str, write: Any) -> None:
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, (OSError, pl.exceptions.PolarsError)):
-            raise OutputError(
-                f"cannot write '{destination}': {exc}. The previous file, if any, is intact."
-            ) from exc
+            raise OutputError(f"cannot write '{destination}': {exc}. The previous file, if any, is intact.") from exc
         raise

@@ -3,6 +3,7 @@
 from schemas.enriched import (
     ERROR_COLUMN,
     INPUT_TOKENS_COLUMN,
+    KEY_COLUMN,
     OUTPUT_TOKENS_COLUMN,
     added_columns,
     build_output_schema,
@@ -12,6 +13,7 @@ from schemas.topics import TopicsInput
 __all__ = [
     "ERROR_COLUMN",
     "INPUT_TOKENS_COLUMN",
+    "KEY_COLUMN",
     "OUTPUT_TOKENS_COLUMN",
     "TopicsInput",
     "added_columns",

@@ -1,4 +1,4 @@
-"""The enriched output: the input's columns, then the answer, its error and its token cost."""
+"""The enriched output: the input's columns, then the answer, its error, token cost and key."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import polars as pl
 __all__ = [
     "ERROR_COLUMN",
     "INPUT_TOKENS_COLUMN",
+    "KEY_COLUMN",
     "OUTPUT_TOKENS_COLUMN",
     "added_columns",
     "build_output_schema",
@@ -16,11 +17,12 @@ __all__ = [
 ERROR_COLUMN = "enrich_error"
 INPUT_TOKENS_COLUMN = "enrich_input_tokens"
 OUTPUT_TOKENS_COLUMN = "enrich_output_tokens"
+KEY_COLUMN = "enrich_key"
 
 
 def added_columns(output_column: str) -> list[str]:
     """The columns enrichment appends, in output order."""
-    return [output_column, ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN]
+    return [output_column, ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN, KEY_COLUMN]
 
 
 def build_output_schema(input_schema: pa.DataFrameSchema, output_column: str) -> pa.DataFrameSchema:
@@ -35,12 +37,11 @@ def build_output_schema(input_schema: pa.DataFrameSchema, output_column: str) ->
         return data.lazyframe.select(pl.col(data.key).str.strip_chars().str.len_chars() > 0)
 
     extra = {
-        output_column: pa.Column(
-            pl.String, pa.Check(non_empty_answer, name="answer_not_blank"), nullable=True
-        ),
+        output_column: pa.Column(pl.String, pa.Check(non_empty_answer, name="answer_not_blank"), nullable=True),
         ERROR_COLUMN: pa.Column(pl.String, nullable=True),
         INPUT_TOKENS_COLUMN: pa.Column(pl.Int64, pa.Check.ge(0)),
         OUTPUT_TOKENS_COLUMN: pa.Column(pl.Int64, pa.Check.ge(0)),
+        KEY_COLUMN: pa.Column(pl.String, pa.Check.str_length(64, 64), nullable=True),
     }
     merged = input_schema.add_columns(extra)
     merged.checks = [*input_schema.checks, pa.Check(one_outcome, name="answer_xor_error")]

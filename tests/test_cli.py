@@ -71,9 +71,7 @@ def test_a_job_file_with_overrides(fake_llm: FakeOpenAIServer, tmp_path: Path) -
 
 def test_bad_rows_exit_2_with_the_report_and_no_traceback(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
     out = tmp_path / "out.parquet"
-    code, output = invoke(
-        "run", str(DATA / "topics_bad.csv"), "-o", str(out), "--base-url", fake_llm.base_url
-    )
+    code, output = invoke("run", str(DATA / "topics_bad.csv"), "-o", str(out), "--base-url", fake_llm.base_url)
     assert code == 2
     assert "error:" in output and "7 of 9 rows fail" in output and "row 7: column 'topic'" in output
     assert "Traceback" not in output
@@ -99,9 +97,7 @@ def test_quarantine_exits_0_and_names_the_rejected_file(fake_llm: FakeOpenAIServ
 def test_rows_that_fail_at_the_model_still_exit_0(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
     source = tmp_path / "in.csv"
     pl.DataFrame({"id": [1, 2, 3], "topic": ["a", "FAULT:400", "c"]}).write_csv(source)
-    code, output = invoke(
-        "run", str(source), "-o", str(tmp_path / "o.parquet"), "--base-url", fake_llm.base_url
-    )
+    code, output = invoke("run", str(source), "-o", str(tmp_path / "o.parquet"), "--base-url", fake_llm.base_url)
     assert code == 0, output
     assert "2 ok, 1 failed" in output
 

@@ -11,7 +11,7 @@ from polars.testing import assert_frame_equal
 
 from flows.job import EnrichJob
 from flows.pipeline import INVALID_STATE, enrich_table
-from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN
+from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, added_columns
 from tests.conftest import DATA
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 
@@ -33,21 +33,13 @@ def job(server: FakeOpenAIServer, tmp_path: Path, **overrides: object) -> Enrich
     return EnrichJob(**values)
 
 
-def test_the_sample_is_enriched_in_partitions_in_input_order(
-    fake_llm: FakeOpenAIServer, tmp_path: Path
-) -> None:
+def test_the_sample_is_enriched_in_partitions_in_input_order(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
     state = enrich_table(job(fake_llm, tmp_path, system="Be brief."), return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
     source = pl.read_csv(DATA / "topics.csv")
     out = pl.read_parquet(tmp_path / "out" / "enriched.parquet")
-    assert out.columns == [
-        *source.columns,
-        "explanation",
-        ERROR_COLUMN,
-        INPUT_TOKENS_COLUMN,
-        OUTPUT_TOKENS_COLUMN,
-    ]
+    assert out.columns == [*source.columns, *added_columns("explanation")]
     assert_frame_equal(out.select(source.columns), source)
     prompts = [f"Explain this topic in two sentences: {t}" for t in source["topic"]]
     assert out["explanation"].to_list() == [expected_answer(p, "Be brief.") for p in prompts]
@@ -61,9 +53,7 @@ def test_the_sample_is_enriched_in_partitions_in_input_order(
     assert meta["prompt"] == "Explain this topic in two sentences: {topic}"
 
 
-def test_bad_input_fails_the_run_with_the_report_and_writes_nothing(
-    fake_llm: FakeOpenAIServer, tmp_path: Path
-) -> None:
+def test_bad_input_fails_the_run_with_the_report_and_writes_nothing(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
     out = tmp_path / "out" / "enriched.parquet"
     out.parent.mkdir()
     out.write_bytes(b"previous output")
@@ -76,9 +66,7 @@ def test_bad_input_fails_the_run_with_the_report_and_writes_nothing(
     assert fake_llm.stats.requests == 0
 
 
-def test_quarantine_enriches_valid_rows_and_sets_the_rest_aside(
-    fake_llm: FakeOpenAIServer, tmp_path: Path
-) -> None:
+def test_quarantine_enriches_valid_rows_and_sets_the_rest_aside(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
     state = enrich_table(
         job(fake_llm, tmp_path, input_path=str(DATA / "topics_bad.csv"), on_invalid="quarantine"),
         return_state=True,
@@ -100,15 +88,7 @@ def test_in_place_rewrites_a_parquet_input_and_a_rerun_replaces_the_answers(
         state = enrich_table(job(fake_llm, tmp_path, input_path=str(table), in_place=True), return_state=True)
         assert state.is_completed(), state.message
     out = pl.read_parquet(table)
-    assert out.columns == [
-        "id",
-        "topic",
-        "category",
-        "explanation",
-        ERROR_COLUMN,
-        INPUT_TOKENS_COLUMN,
-        OUTPUT_TOKENS_COLUMN,
-    ]
+    assert out.columns == ["id", "topic", "category", *added_columns("explanation")]
     assert out.height == 5 and out[ERROR_COLUMN].null_count() == 5
 
 

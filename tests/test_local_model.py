@@ -24,9 +24,7 @@ def test_the_bundled_model_file_is_found() -> None:
 
 def test_three_rows_are_enriched_by_the_local_model_and_the_server_is_stopped(tmp_path: Path) -> None:
     source = tmp_path / "three.csv"
-    pl.DataFrame({"id": [1, 2, 3], "topic": ["인공지능", "Photosynthesis", "The Silk Road"]}).write_csv(
-        source
-    )
+    pl.DataFrame({"id": [1, 2, 3], "topic": ["인공지능", "Photosynthesis", "The Silk Road"]}).write_csv(source)
     out = tmp_path / "out.parquet"
     job = EnrichJob(input_path=str(source), output_path=str(out), max_tokens=48)
     summary = enrich_table(job)

@@ -10,10 +10,10 @@ from langchain_openai import ChatOpenAI
 from polars.testing import assert_frame_equal
 
 from flows.llm import classify_openai_error
-from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN
+from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, added_columns
 from schemas.errors import EndpointRejected, TemplateError
 from tests.fakes.openai_server import Behaviour, FakeOpenAIServer, expected_answer
-from transforms.calls import CallStats, RetryPolicy
+from transforms.calls import CallContext, CallStats, RetryPolicy
 from transforms.enrichment import EnrichSpec, enrich_frame
 from transforms.prompts import parse_template
 
@@ -30,18 +30,15 @@ def chat(server: FakeOpenAIServer, *, timeout: float = 10.0) -> ChatOpenAI:
     )
 
 
-def spec(
-    template: str = "Explain {topic}", *, retries: int = 4, system: str | None = None, concurrency: int = 8
-) -> EnrichSpec:
+def spec(template: str = "Explain {topic}", *, system: str | None = None, concurrency: int = 8) -> EnrichSpec:
     return EnrichSpec(
-        template=parse_template(template),
-        output_column="answer",
-        system=system,
-        max_concurrency=concurrency,
-        policy=RetryPolicy(
-            max_retries=retries, base_delay=0.005, max_delay=0.05, classify=classify_openai_error
-        ),
+        template=parse_template(template), output_column="answer", system=system, max_concurrency=concurrency
     )
+
+
+def ctx(retries: int = 4, stats: CallStats | None = None) -> CallContext:
+    policy = RetryPolicy(max_retries=retries, base_delay=0.005, max_delay=0.05, classify=classify_openai_error)
+    return CallContext(policy=policy, stats=stats or CallStats())
 
 
 def test_every_row_gets_its_own_answer_in_input_order(fake_llm: FakeOpenAIServer) -> None:
@@ -50,15 +47,7 @@ def test_every_row_gets_its_own_answer_in_input_order(fake_llm: FakeOpenAIServer
     frame = pl.DataFrame({"id": list(range(300)), "topic": topics, "extra": [i * 2 for i in range(300)]})
     out = enrich_frame(frame, spec(system="Be brief.", concurrency=32), chat(fake_llm))
     assert_frame_equal(out.select(frame.columns), frame)
-    assert out.columns == [
-        "id",
-        "topic",
-        "extra",
-        "answer",
-        ERROR_COLUMN,
-        INPUT_TOKENS_COLUMN,
-        OUTPUT_TOKENS_COLUMN,
-    ]
+    assert out.columns == ["id", "topic", "extra", *added_columns("answer")]
     assert out["answer"].to_list() == [expected_answer(f"Explain {t}", "Be brief.") for t in topics]
     assert out[ERROR_COLUMN].null_count() == 300
     assert fake_llm.stats.max_in_flight > 1  # really concurrent
@@ -66,7 +55,7 @@ def test_every_row_gets_its_own_answer_in_input_order(fake_llm: FakeOpenAIServer
 
 def test_one_failing_row_never_fails_the_batch(fake_llm: FakeOpenAIServer) -> None:
     topics = ["ok 1", "bad FAULT:400", "ok 2", "always FAULT:500", "ok 3"]
-    out = enrich_frame(pl.DataFrame({"topic": topics}), spec(retries=3), chat(fake_llm))
+    out = enrich_frame(pl.DataFrame({"topic": topics}), spec(), chat(fake_llm), ctx=ctx(3))
     ok = {i: expected_answer(f"Explain {topics[i]}") for i in (0, 2, 4)}
     assert out["answer"].to_list() == [ok[0], None, ok[2], None, ok[4]]
     errors = out[ERROR_COLUMN].to_list()
@@ -87,11 +76,9 @@ def test_one_failing_row_never_fails_the_batch(fake_llm: FakeOpenAIServer) -> No
         ("FAULT:flakydrop:2", 3),
     ],
 )
-def test_transient_failures_are_retried_until_answered(
-    fake_llm: FakeOpenAIServer, fault: str, attempts: int
-) -> None:
+def test_transient_failures_are_retried_until_answered(fake_llm: FakeOpenAIServer, fault: str, attempts: int) -> None:
     stats = CallStats()
-    out = enrich_frame(pl.DataFrame({"topic": [fault]}), spec(retries=5), chat(fake_llm), stats=stats)
+    out = enrich_frame(pl.DataFrame({"topic": [fault]}), spec(), chat(fake_llm), ctx=ctx(5, stats))
     assert out["answer"].to_list() == [expected_answer(f"Explain {fault}")]
     assert out[ERROR_COLUMN].to_list() == [None]
     assert fake_llm.stats.prompts[f"Explain {fault}"] == attempts
@@ -107,10 +94,8 @@ def test_transient_failures_are_retried_until_answered(
         ("FAULT:422", "HTTP 422: injected 422 (after 1 attempt)"),
     ],
 )
-def test_persistent_faults_end_as_that_rows_error(
-    fake_llm: FakeOpenAIServer, fault: str, message: str
-) -> None:
-    out = enrich_frame(pl.DataFrame({"topic": ["fine", fault]}), spec(retries=2), chat(fake_llm))
+def test_persistent_faults_end_as_that_rows_error(fake_llm: FakeOpenAIServer, fault: str, message: str) -> None:
+    out = enrich_frame(pl.DataFrame({"topic": ["fine", fault]}), spec(), chat(fake_llm), ctx=ctx(2))
     assert out["answer"][0] == expected_answer("Explain fine")
     assert out["answer"][1] is None
     assert message in out[ERROR_COLUMN][1]
@@ -119,12 +104,10 @@ def test_persistent_faults_end_as_that_rows_error(
 def test_timeouts_are_retried_then_reported(fake_llm: FakeOpenAIServer) -> None:
     fake_llm.behaviour.slow_seconds = 5
     out = enrich_frame(
-        pl.DataFrame({"topic": ["quick", "FAULT:slow"]}), spec(retries=1), chat(fake_llm, timeout=0.3)
+        pl.DataFrame({"topic": ["quick", "FAULT:slow"]}), spec(), chat(fake_llm, timeout=0.3), ctx=ctx(1)
     )
     assert out["answer"][0] == expected_answer("Explain quick")
-    assert (
-        out[ERROR_COLUMN][1] == "the request timed out (raise --timeout for slow models) (after 2 attempts)"
-    )
+    assert out[ERROR_COLUMN][1] == "the request timed out (raise --timeout for slow models) (after 2 attempts)"
 
 
 def test_null_cells_fail_their_row_without_a_request(fake_llm: FakeOpenAIServer) -> None:
@@ -139,16 +122,14 @@ def test_identical_prompts_are_sent_once_and_fanned_out(fake_llm: FakeOpenAIServ
     assert fake_llm.stats.requests == 2
     assert out["answer"].to_list() == [expected_answer(f"Explain {t}") for t in topics]
     # Tokens are charged to the first row that asked, so the column sums to what was paid.
-    assert out[INPUT_TOKENS_COLUMN].to_list()[2:4] == [0, 0]
+    assert out[INPUT_TOKENS_COLUMN].to_list()[2:] == [0, 0, 0]
     assert out[INPUT_TOKENS_COLUMN][0] > 0 and out[INPUT_TOKENS_COLUMN][1] > 0
 
 
 def test_a_rejected_key_aborts_the_job(fake_llm: FakeOpenAIServer) -> None:
     fake_llm.behaviour.require_key = "sk-right"
     with pytest.raises(EndpointRejected, match="HTTP 401"):
-        enrich_frame(
-            pl.DataFrame({"topic": [f"t{i}" for i in range(50)]}), spec(concurrency=2), chat(fake_llm)
-        )
+        enrich_frame(pl.DataFrame({"topic": [f"t{i}" for i in range(50)]}), spec(concurrency=2), chat(fake_llm))
     assert fake_llm.stats.requests < 50  # stops early instead of failing every row
 
 
@@ -164,9 +145,7 @@ def test_many_rows_under_random_faults_lose_nothing_and_misalign_nothing() -> No
     topics = [f"topic number {i}" for i in range(2000)]
     with FakeOpenAIServer(behaviour) as server:
         stats = CallStats()
-        out = enrich_frame(
-            pl.DataFrame({"topic": topics}), spec(retries=6, concurrency=32), chat(server), stats=stats
-        )
+        out = enrich_frame(pl.DataFrame({"topic": topics}), spec(concurrency=32), chat(server), ctx=ctx(6, stats))
         assert out.height == 2000
         assert out["answer"].to_list() == [expected_answer(f"Explain {t}") for t in topics]
         assert out[ERROR_COLUMN].null_count() == 2000
@@ -178,11 +157,9 @@ def test_without_retries_faults_become_errors_but_stay_aligned() -> None:
     behaviour = Behaviour(rate_500=0.05, rate_malformed=0.05)
     topics = [f"t{i}" for i in range(400)]
     with FakeOpenAIServer(behaviour) as server:
-        out = enrich_frame(pl.DataFrame({"topic": topics}), spec(retries=0, concurrency=16), chat(server))
+        out = enrich_frame(pl.DataFrame({"topic": topics}), spec(concurrency=16), chat(server), ctx=ctx(0))
     answered = out.filter(pl.col("answer").is_not_null())
     failed = out.filter(pl.col(ERROR_COLUMN).is_not_null())
     assert answered.height + failed.height == 400
     assert 0 < failed.height < 100
-    assert all(
-        a == expected_answer(f"Explain {t}") for t, a in answered.select("topic", "answer").iter_rows()
-    )
+    assert all(a == expected_answer(f"Explain {t}") for t, a in answered.select("topic", "answer").iter_rows())

@@ -11,7 +11,7 @@ import pytest
 
 from flows.loading import load_table
 from flows.validation import REJECT_REASON, resolve_schema, split_valid, validate_output
-from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN
+from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, KEY_COLUMN, OUTPUT_TOKENS_COLUMN
 from schemas.errors import ConfigError, OutputError, ValidationFailed
 from tests.conftest import DATA
 from transforms.prompts import parse_template
@@ -66,9 +66,7 @@ def test_quarantine_keeps_valid_rows_and_explains_the_rest() -> None:
     assert split.valid.schema["id"] == pl.Int64
     assert split.rejected.height == 7
     assert split.rejected.columns == [*frame.columns, REJECT_REASON]
-    reasons = dict(
-        zip(split.rejected["topic"].fill_null("<null>"), split.rejected[REJECT_REASON], strict=True)
-    )
+    reasons = dict(zip(split.rejected["topic"].fill_null("<null>"), split.rejected[REJECT_REASON], strict=True))
     assert reasons["An id that is not a number"] == "id: convertible to Int64"
     assert reasons["<null>"] == "topic: not_nullable"
     # Rejected rows keep their original values, not the coerced ones.
@@ -130,6 +128,7 @@ def test_output_validation_catches_a_row_with_neither_answer_nor_error() -> None
             ERROR_COLUMN: [None, None],
             INPUT_TOKENS_COLUMN: [1, 0],
             OUTPUT_TOKENS_COLUMN: [1, 0],
+            KEY_COLUMN: ["a" * 64, None],
         }
     )
     with pytest.raises(OutputError, match="answer_xor_error"):

@@ -19,9 +19,7 @@ def test_write_creates_directories_and_zstd_parquet_with_metadata(tmp_path: Path
     assert list(dest.parent.iterdir()) == [dest]
 
 
-def test_a_failure_mid_write_leaves_the_previous_output_intact(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_failure_mid_write_leaves_the_previous_output_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dest = tmp_path / "out.parquet"
     write_parquet_atomic(pl.DataFrame({"x": [1]}), str(dest))
     before = dest.read_bytes()

@@ -1,21 +1,45 @@
 """Pure transforms: polars frames and an injected chat model; no Prefect, no I/O, no env."""
 
-from transforms.calls import CallStats, EmptyReply, Failure, Outcome, RetryPolicy, ask_model
-from transforms.enrichment import EnrichSpec, enrich_frame, enrich_frame_async
+from transforms.calls import CallContext, CallStats, EmptyReply, Failure, Outcome, RetryPolicy, ask_model
+from transforms.costs import DEFAULT_PRICES, Budget, Price, price_for
+from transforms.enrichment import (
+    AnswerMemo,
+    EnrichSpec,
+    charge_first,
+    enrich_frame,
+    enrich_frame_async,
+    prompt_keys,
+)
+from transforms.keys import KEY_VERSION, AnswerIdentity, answer_key, endpoint_family
 from transforms.prompts import PromptTemplate, build_messages, parse_template, render_prompts
+from transforms.scheduling import Scheduler, estimate_tokens
 
 __all__ = [
+    "DEFAULT_PRICES",
+    "KEY_VERSION",
+    "AnswerIdentity",
+    "AnswerMemo",
+    "Budget",
+    "CallContext",
     "CallStats",
     "EmptyReply",
     "EnrichSpec",
     "Failure",
     "Outcome",
+    "Price",
     "PromptTemplate",
     "RetryPolicy",
+    "Scheduler",
+    "answer_key",
     "ask_model",
     "build_messages",
+    "charge_first",
+    "endpoint_family",
     "enrich_frame",
     "enrich_frame_async",
+    "estimate_tokens",
     "parse_template",
+    "price_for",
+    "prompt_keys",
     "render_prompts",
 ]

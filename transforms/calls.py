@@ -7,6 +7,8 @@ Who owns which failure (so attempts never multiply silently):
 * ``ask_model`` here owns retries for everything transient: 429, 408/409, 5xx, timeouts,
   dropped connections, malformed bodies and empty replies, up to ``RetryPolicy.max_retries``,
   with exponential backoff, jitter, and the server's ``retry-after`` when it gives one.
+* A 429 also pauses the whole run's Scheduler (transforms.scheduling), so in-flight
+  neighbours do not each discover the limit on their own.
 * A 400/422 (bad request, context too long) fails its row at once with the server's message.
 * A 401/403/404 (bad key, no access, unknown model) aborts the job: every row would fail.
 * Prefect task retries (flows/) only cover infrastructure failures around a partition,
@@ -26,8 +28,11 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage
 
 from schemas.errors import EndpointRejected
+from transforms.costs import Budget, Price
+from transforms.scheduling import Scheduler, estimate_tokens
 
 __all__ = [
+    "CallContext",
     "CallStats",
     "EmptyReply",
     "Failure",
@@ -49,6 +54,7 @@ class Failure:
     kind: Literal["retry", "row", "fatal"]
     message: str
     retry_after: float | None = None
+    rate_limited: bool = False
 
 
 Classifier = Callable[[BaseException], Failure]
@@ -61,7 +67,9 @@ def classify_generic(exc: BaseException) -> Failure:
     status = getattr(exc, "status_code", None)
     if status in (401, 403, 404):
         return Failure("fatal", f"HTTP {status}: {exc}")
-    if status is not None and 400 <= status < 500 and status not in (408, 409, 429):
+    if status == 429:
+        return Failure("retry", f"HTTP 429: {exc}", rate_limited=True)
+    if status is not None and 400 <= status < 500 and status not in (408, 409):
         return Failure("row", f"HTTP {status}: {exc}")
     return Failure("retry", f"{type(exc).__name__}: {exc}")
 
@@ -101,6 +109,8 @@ class CallStats:
     retries: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    rate_limited: int = 0
+    rows_deduplicated: int = 0
     aborted: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -113,35 +123,57 @@ class CallStats:
             self.output_tokens += tokens[1]
 
 
-async def ask_model(
-    model: BaseChatModel,
-    messages: Sequence[BaseMessage],
-    *,
-    policy: RetryPolicy,
-    stats: CallStats,
-    gate: asyncio.Semaphore | None = None,
-) -> Outcome:
+@dataclass
+class CallContext:
+    """What every call of a run shares: retry policy, counters, scheduler, budget."""
+
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    stats: CallStats = field(default_factory=CallStats)
+    scheduler: Scheduler | None = None
+    budget: Budget | None = None
+    price: Price | None = None
+    max_tokens: int = 0
+
+
+async def ask_model(model: BaseChatModel, messages: Sequence[BaseMessage], ctx: CallContext) -> Outcome:
     """Send one prompt, retrying transient failures; never raises for a row's failure."""
+    policy, stats = ctx.policy, ctx.stats
+    text_for_estimate = "\n".join(str(m.content) for m in messages)
     outcome = Outcome()
     for attempt in range(policy.max_retries + 1):
         if stats.aborted:
             raise EndpointRejected(stats.aborted)
+        reserved = _reserve(ctx, text_for_estimate)
+        if reserved is None:
+            assert ctx.budget is not None
+            outcome.error = (
+                f"not sent: the --max-cost budget of ${ctx.budget.limit_usd:g} would be exceeded; "
+                "rerun with a higher --max-cost to continue"
+            )
+            return outcome
         outcome.attempts = attempt + 1
         stats.add(requests=1, retries=1 if attempt else 0)
+        tokens = (0, 0)
         try:
-            if gate is None:
-                reply = await model.ainvoke(list(messages))
-            else:
-                async with gate:
+            try:
+                if ctx.scheduler is None:
                     reply = await model.ainvoke(list(messages))
-            usage = getattr(reply, "usage_metadata", None) or {}
-            tokens = (int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0)))
+                    tokens = _usage(reply)
+                else:
+                    async with ctx.scheduler.admit(text_for_estimate) as admission:
+                        reply = await model.ainvoke(list(messages))
+                        tokens = _usage(reply)
+                        admission.settle(tokens[0] or None)
+            finally:
+                _settle(ctx, reserved, tokens)
             stats.add(tokens=tokens)
             outcome.input_tokens += tokens[0]
             outcome.output_tokens += tokens[1]
             text = reply.content if isinstance(reply.content, str) else reply.text()
             if not text or not text.strip():
                 raise EmptyReply("empty reply")
+            if ctx.scheduler is not None:
+                await ctx.scheduler.succeeded()
             outcome.text, outcome.error = text, None
             return outcome
         except asyncio.CancelledError:
@@ -154,6 +186,11 @@ async def ask_model(
                     "the model name (--model) and the base URL (--base-url)."
                 )
                 raise EndpointRejected(stats.aborted) from exc
+            if failure.rate_limited:
+                with stats._lock:
+                    stats.rate_limited += 1
+                if ctx.scheduler is not None:
+                    await ctx.scheduler.rate_limited_by_server(failure.retry_after)
             outcome.error = failure.message
             if failure.kind == "row" or attempt == policy.max_retries:
                 break
@@ -161,3 +198,21 @@ async def ask_model(
     tries = f"after {outcome.attempts} attempt{'s' if outcome.attempts > 1 else ''}"
     outcome.error = f"{outcome.error} ({tries})"
     return outcome
+
+
+def _usage(reply: BaseMessage) -> tuple[int, int]:
+    usage = getattr(reply, "usage_metadata", None) or {}
+    return int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
+
+
+def _reserve(ctx: CallContext, text: str) -> float | None:
+    """Reserve the worst-case cost of one attempt; None when the budget refuses."""
+    if ctx.budget is None or ctx.price is None:
+        return 0.0
+    worst = ctx.price.cost(estimate_tokens(text), ctx.max_tokens)
+    return worst if ctx.budget.try_reserve(worst) else None
+
+
+def _settle(ctx: CallContext, reserved: float, tokens: tuple[int, int]) -> None:
+    if ctx.budget is not None and ctx.price is not None:
+        ctx.budget.settle(reserved, ctx.price.cost(*tokens))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,12 +11,19 @@ import polars as pl
 from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import RunnableLambda
 
-from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN
+from schemas.enriched import (
+    ERROR_COLUMN,
+    INPUT_TOKENS_COLUMN,
+    KEY_COLUMN,
+    OUTPUT_TOKENS_COLUMN,
+    added_columns,
+)
 from schemas.errors import EndpointRejected
-from transforms.calls import CallStats, Outcome, RetryPolicy, ask_model
+from transforms.calls import CallContext, Outcome, ask_model
+from transforms.keys import AnswerIdentity, answer_key
 from transforms.prompts import PromptTemplate, build_messages, render_prompts
 
-__all__ = ["EnrichSpec", "enrich_frame", "enrich_frame_async"]
+__all__ = ["AnswerMemo", "EnrichSpec", "charge_first", "enrich_frame", "enrich_frame_async", "prompt_keys"]
 
 RowsDone = Callable[[int, int], None]
 """Progress callback: (rows answered, rows failed) since the last call."""
@@ -23,13 +31,38 @@ RowsDone = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class EnrichSpec:
-    """What to ask and where to put the answer."""
+    """What to ask, of whom, and where to put the answer."""
 
     template: PromptTemplate
     output_column: str
     system: str | None = None
     max_concurrency: int = 8
-    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    identity: AnswerIdentity = field(default_factory=lambda: AnswerIdentity(model="unknown", endpoint="unknown"))
+
+
+@dataclass
+class AnswerMemo:
+    """This run's answers by key and its requests in flight, shared by every partition."""
+
+    done: dict[str, Outcome] = field(default_factory=dict)
+    in_flight: dict[str, asyncio.Future[Outcome]] = field(default_factory=dict)
+    on_answer: Callable[[str, Outcome], None] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+def prompt_keys(frame: pl.DataFrame, spec: EnrichSpec) -> tuple[list[str | None], list[str | None]]:
+    """Each row's rendered prompt and answer key (None where a placeholder cell is null)."""
+    prompts = render_prompts(spec.template, frame.select(spec.template.fields).to_dicts())
+    keys = [None if p is None else answer_key(spec.identity, spec.system, p) for p in prompts]
+    return prompts, keys
+
+
+def charge_first(frame: pl.DataFrame) -> pl.DataFrame:
+    """Tokens stay on the first row of each answer key; rows that reused the answer show 0."""
+    first = pl.col(KEY_COLUMN).is_first_distinct() & pl.col(KEY_COLUMN).is_not_null()
+    return frame.with_columns(
+        pl.when(first).then(pl.col(c)).otherwise(0).alias(c) for c in (INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN)
+    )
 
 
 async def enrich_frame_async(
@@ -37,86 +70,103 @@ async def enrich_frame_async(
     spec: EnrichSpec,
     model: BaseChatModel,
     *,
-    stats: CallStats | None = None,
-    gate: asyncio.Semaphore | None = None,
+    ctx: CallContext | None = None,
+    memo: AnswerMemo | None = None,
     on_rows_done: RowsDone | None = None,
 ) -> pl.DataFrame:
     """Answer every row's prompt; each row gets its own answer or an explicit error."""
     spec.template.check_columns(frame.columns)
-    stats = stats if stats is not None else CallStats()
-    prompts = render_prompts(spec.template, frame.select(spec.template.fields).to_dicts())
+    ctx = ctx if ctx is not None else CallContext()
+    memo = memo if memo is not None else AnswerMemo()
+    prompts, keys = prompt_keys(frame, spec)
 
-    # Identical prompts are asked once and the answer fanned out to every row that asked.
-    slot_of: dict[str, int] = {}
-    rows_of: list[int] = []
-    for prompt in prompts:
-        if prompt is not None:
-            if prompt not in slot_of:
-                slot_of[prompt] = len(rows_of)
-                rows_of.append(0)
-            rows_of[slot_of[prompt]] += 1
-    unique = list(slot_of)
+    # Identical prompts are asked once per run and the answer fanned out to every row.
+    rows_of: dict[str, int] = {}
+    prompt_of: dict[str, str] = {}
+    for key, prompt in zip(keys, prompts, strict=True):
+        if key is not None:
+            rows_of[key] = rows_of.get(key, 0) + 1
+            prompt_of.setdefault(key, prompt)  # type: ignore[arg-type]
+    unique = list(rows_of)
 
-    async def ask(index: int) -> Outcome:
-        messages = build_messages(unique[index], spec.system)
-        outcome = await ask_model(model, messages, policy=spec.policy, stats=stats, gate=gate)
+    async def resolve(key: str) -> Outcome:
+        outcome, asked = await _answer_once(key, prompt_of[key], spec, model, ctx, memo)
+        reused = rows_of[key] - (1 if asked else 0)
+        if reused:
+            with ctx.stats._lock:
+                ctx.stats.rows_deduplicated += reused
         if on_rows_done is not None:
-            n = rows_of[index]
-            on_rows_done(n if outcome.error is None else 0, n if outcome.error else 0)
+            n = rows_of[key]
+            on_rows_done(0 if outcome.error else n, n if outcome.error else 0)
         return outcome
 
-    results = await RunnableLambda(ask).abatch(
-        list(range(len(unique))),
-        config={"max_concurrency": spec.max_concurrency},
-        return_exceptions=True,
+    results = await RunnableLambda(resolve).abatch(
+        unique, config={"max_concurrency": spec.max_concurrency}, return_exceptions=True
     )
-    outcomes: list[Outcome] = []
-    for result in results:
+    outcomes: dict[str, Outcome] = {}
+    for key, result in zip(unique, results, strict=True):
         if isinstance(result, EndpointRejected):
             raise result
         if isinstance(result, BaseException):
-            outcomes.append(Outcome(error=f"internal error: {type(result).__name__}: {result}"))
+            outcomes[key] = Outcome(error=f"internal error: {type(result).__name__}: {result}")
         else:
-            outcomes.append(result)
+            outcomes[key] = result
 
-    nulls = [c for c in spec.template.fields if frame[c].null_count()]
-    answers: list[str | None] = []
-    errors: list[str | None] = []
-    in_tokens: list[int] = []
-    out_tokens: list[int] = []
-    charged: set[int] = set()
-    for row, prompt in enumerate(prompts):
-        if prompt is None:
-            empty = [c for c in nulls if frame[c][row] is None]
-            answers.append(None)
-            errors.append(f"column {empty[0]!r} is null in this row; no request was sent")
-            in_tokens.append(0)
-            out_tokens.append(0)
-            if on_rows_done is not None:
-                on_rows_done(0, 1)
-            continue
-        slot = slot_of[prompt]
-        outcome = outcomes[slot]
-        answers.append(outcome.text)
-        errors.append(outcome.error)
-        # Tokens are charged to the first row that asked, so the column sums to what was paid.
-        first = slot not in charged
-        charged.add(slot)
-        in_tokens.append(outcome.input_tokens if first else 0)
-        out_tokens.append(outcome.output_tokens if first else 0)
-
-    return frame.drop(
-        [
-            c
-            for c in (spec.output_column, ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN)
-            if c in frame.columns
-        ]
-    ).with_columns(
-        pl.Series(spec.output_column, answers, dtype=pl.String),
+    null_rows = sum(1 for k in keys if k is None)
+    if null_rows and on_rows_done is not None:
+        on_rows_done(0, null_rows)
+    empty = Outcome()
+    picked = [outcomes[k] if k is not None else empty for k in keys]
+    errors = [
+        o.error if k is not None else _null_cell_error(frame, spec, row)
+        for row, (k, o) in enumerate(zip(keys, picked, strict=True))
+    ]
+    enriched = frame.drop([c for c in added_columns(spec.output_column) if c in frame.columns]).with_columns(
+        pl.Series(spec.output_column, [o.text for o in picked], dtype=pl.String),
         pl.Series(ERROR_COLUMN, errors, dtype=pl.String),
-        pl.Series(INPUT_TOKENS_COLUMN, in_tokens, dtype=pl.Int64),
-        pl.Series(OUTPUT_TOKENS_COLUMN, out_tokens, dtype=pl.Int64),
+        pl.Series(INPUT_TOKENS_COLUMN, [o.input_tokens for o in picked], dtype=pl.Int64),
+        pl.Series(OUTPUT_TOKENS_COLUMN, [o.output_tokens for o in picked], dtype=pl.Int64),
+        pl.Series(KEY_COLUMN, keys, dtype=pl.String),
     )
+    return charge_first(enriched)
+
+
+async def _answer_once(
+    key: str, prompt: str, spec: EnrichSpec, model: BaseChatModel, ctx: CallContext, memo: AnswerMemo
+) -> tuple[Outcome, bool]:
+    """The run's one answer for a key: memoised, awaited if in flight, else asked now."""
+    with memo._lock:
+        if key in memo.done:
+            return memo.done[key], False
+        pending = memo.in_flight.get(key)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            memo.in_flight[key] = pending
+            mine = True
+        else:
+            mine = False
+    if not mine:
+        return await asyncio.shield(pending), False
+    try:
+        outcome = await ask_model(model, build_messages(prompt, spec.system), ctx)
+    except BaseException as exc:
+        pending.set_exception(exc)
+        pending.exception()  # mark retrieved: waiters re-raise it themselves
+        raise
+    finally:
+        with memo._lock:
+            memo.in_flight.pop(key, None)
+    with memo._lock:
+        memo.done[key] = outcome
+    pending.set_result(outcome)
+    if outcome.error is None and memo.on_answer is not None:
+        memo.on_answer(key, outcome)
+    return outcome, True
+
+
+def _null_cell_error(frame: pl.DataFrame, spec: EnrichSpec, row: int) -> str:
+    column = next(c for c in spec.template.fields if frame[c][row] is None)
+    return f"column {column!r} is null in this row; no request was sent"
 
 
 def enrich_frame(
@@ -124,7 +174,7 @@ def enrich_frame(
     spec: EnrichSpec,
     model: BaseChatModel,
     *,
-    stats: CallStats | None = None,
+    ctx: CallContext | None = None,
 ) -> pl.DataFrame:
     """Synchronous enrich_frame_async, for callers without an event loop."""
-    return asyncio.run(enrich_frame_async(frame, spec, model, stats=stats))
+    return asyncio.run(enrich_frame_async(frame, spec, model, ctx=ctx))

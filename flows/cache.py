@@ -1,0 +1,119 @@
+"""The persistent response cache: append-only segment files, one per writing process.
+
+Layout: ``<cache dir>/v1/seg-<host>-<pid>-<random>.jsonl``; each line is one answer
+``{"key", "text", "input_tokens", "output_tokens", "model", "at"}`` keyed by
+``transforms.keys.answer_key``. Why this shape:
+
+* several processes and machines can write at once with no server and no locks: each writes
+  only its own file, and a file name is never reused;
+* answers are appended and flushed as they arrive, so a run killed with SIGKILL keeps every
+  answer it got (resume), and only a torn last line can be lost, which ``load`` skips;
+* it works on shared storage (NFS, a mounted bucket) because nothing is ever rewritten.
+
+An entry is never invalid by age: the key covers model, endpoint family, system message,
+rendered prompt, temperature, max tokens and output schema, so changing any of them simply
+misses. ``--refresh-cache`` ignores existing entries (new answers are appended and win);
+deleting the directory empties the cache.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import polars as pl
+
+from schemas.errors import OutputError
+from transforms.calls import Outcome
+
+__all__ = ["CACHE_SCHEMA", "ResponseCache", "default_cache_dir"]
+
+CACHE_SCHEMA = {
+    "key": pl.String,
+    "text": pl.String,
+    "input_tokens": pl.Int64,
+    "output_tokens": pl.Int64,
+}
+
+
+def default_cache_dir(destination: str) -> str:
+    """Beside the output: <output dir>/.enrich-cache."""
+    return str(Path(destination).parent / ".enrich-cache")
+
+
+class ResponseCache:
+    """Read all segments at once; append answers to this process's own segment."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory) / "v1"
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+        self.written = 0
+
+    def load(self) -> pl.DataFrame:
+        """Every cached answer, newest entry per key winning."""
+        if not self.directory.is_dir():
+            return pl.DataFrame(schema=CACHE_SCHEMA)
+        segments = sorted(self.directory.glob("seg-*.jsonl"), key=lambda p: (p.stat().st_mtime, p.name))
+        frames = [frame for path in segments if (frame := _read_segment(path)) is not None]
+        if not frames:
+            return pl.DataFrame(schema=CACHE_SCHEMA)
+        return pl.concat(frames).unique("key", keep="last", maintain_order=True)
+
+    def append(self, key: str, outcome: Outcome, *, model: str) -> None:
+        """Persist one answer now (flushed to the OS, so it survives the process)."""
+        line = json.dumps(
+            {
+                "key": key,
+                "text": outcome.text,
+                "input_tokens": outcome.input_tokens,
+                "output_tokens": outcome.output_tokens,
+                "model": model,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+            ensure_ascii=False,
+        )
+        data = (line + "\n").encode("utf-8")
+        with self._lock:
+            fd = self._open()
+            # One write of a whole line with O_APPEND: a crash leaves at most a torn last line.
+            os.write(fd, data)
+            self.written += 1
+
+    def close(self) -> None:
+        """Flush to disk and close this process's segment."""
+        with self._lock:
+            if self._fd is not None:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                name = f"seg-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}.jsonl"
+                self._fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot write the response cache in '{self.directory}': {exc}. "
+                    "Pass --cache-dir somewhere writable, or --no-cache."
+                ) from exc
+        return self._fd
+
+
+def _read_segment(path: Path) -> pl.DataFrame | None:
+    data = path.read_bytes()
+    end = data.rfind(b"\n")
+    if end < 0:
+        return None
+    try:
+        return pl.read_ndjson(io.BytesIO(data[: end + 1]), schema=CACHE_SCHEMA)
+    except pl.exceptions.PolarsError:
+        return None  # an unreadable segment only costs its answers being asked again
