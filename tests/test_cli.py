@@ -16,6 +16,10 @@ from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 pytestmark = pytest.mark.usefixtures("prefect_backend")
 
 SUMMARY_KEYS = {
+    "rows_cached",
+    "rows_deduplicated",
+    "cost_usd",
+    "rate_limited",
     "rows_in", "rows_valid", "rows_rejected", "rows_ok", "rows_failed", "requests",
     "input_tokens", "output_tokens", "wall_seconds", "output",
 }  # fmt: skip
@@ -44,12 +48,15 @@ def test_run_writes_the_output_and_the_summary_json(fake_llm: FakeOpenAIServer, 
         "--system", "You are a concise teacher.", "--model", "gpt-4o-mini", "--max-concurrency", "4",
         "--max-retries", "2", "--timeout", "5", "--temperature", "0", "--max-tokens", "64",
         "--partition-rows", "8", "--on-invalid", "fail", "--summary-json", str(summary_path),
+        "--rpm", "6000", "--tpm", "1000000", "--no-cache", "--max-cost", "5",
     )  # fmt: skip
     assert code == 0, output
     assert f"into {out}: 30 ok, 0 failed" in output
     summary = json.loads(summary_path.read_text())
     assert SUMMARY_KEYS <= set(summary)
-    assert summary["rows_ok"] == 30 and summary["requests"] == 30
+    assert summary["rows_ok"] == 30 and summary["requests"] == 30 and summary["rate_limited"] == 0
+    assert 0 < summary["cost_usd"] < 5
+    assert not (tmp_path / ".enrich-cache").exists()
     frame = pl.read_parquet(out)
     first = frame.row(0, named=True)
     assert first["description"] == expected_answer("Describe 인공지능 (ai)", "You are a concise teacher.")
