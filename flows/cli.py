@@ -163,6 +163,49 @@ estimate.__wrapped__ = run  # type: ignore[attr-defined]  # typer reads run's op
 app.command("estimate")(estimate)
 
 
+@app.command()
+def serve(
+    config: Annotated[Optional[Path], typer.Option(help="TOML or YAML job file (default: the sample job).")] = None,
+    cron: Annotated[str, typer.Option(help="Cron schedule; '' for none.")] = "0 2 * * *",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
+) -> None:
+    """Serve the enrich flow as a scheduled deployment until stopped (Ctrl-C); runs can be started from the UI."""
+    job = _job_from_config(config)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.deployment import serve_deployment
+
+    serve_deployment(job, name=name, cron=cron)
+
+
+@app.command()
+def deploy(
+    pool: Annotated[str, typer.Option(help="Process work pool that will run it.")] = "local-process",
+    config: Annotated[Optional[Path], typer.Option(help="TOML or YAML job file (default: the sample job).")] = None,
+    cron: Annotated[str, typer.Option(help="Cron schedule; '' for none.")] = "0 2 * * *",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
+) -> None:
+    """Register the enrich flow on a work pool; start it with `prefect worker start --pool POOL`."""
+    job = _job_from_config(config)
+    from flows.deployment import deploy_to_pool
+
+    deployment_id = deploy_to_pool(job, pool=pool, name=name, cron=cron)
+    out_console.print(
+        f"Deployment enrich-table/{name} ({deployment_id}) is on work pool '{pool}'. Start a worker with "
+        f"`prefect worker start --pool {pool}`; trigger a run with `prefect deployment run enrich-table/{name}`.",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _job_from_config(config: Path | None) -> EnrichJob:
+    try:
+        values = load_job_file(str(config)) if config else {}
+        return make_job(values, source=str(config) if config else "the defaults")
+    except EnrichError as err:
+        _fail(err.message, err.exit_code)
+        raise  # unreachable: _fail exits
+
+
 def _estimate(job: EnrichJob) -> dict[str, Any]:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.estimate import estimate_job

@@ -6,7 +6,7 @@ from pydantic import BaseModel
 
 from flows.job import EnrichJob
 from flows.llm import resolve_endpoint
-from flows.pipeline import build_spec, load_valid_rows, plan_job
+from flows.preparation import build_spec, load_valid_rows, plan_job
 from flows.runtime import resolve_price
 from transforms.scheduling import estimate_tokens
 

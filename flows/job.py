@@ -53,6 +53,17 @@ class EnrichJob(BaseModel):
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="Name of the environment variable holding the API key (never the key itself).",
     )
+    api_key_secret: str | None = Field(
+        None,
+        max_length=200,
+        description="Name of a Prefect Secret block holding the API key (used instead of api_key_env).",
+    )
+    prefect_rate_limit: str | None = Field(
+        None,
+        max_length=200,
+        description="Name of a Prefect global concurrency limit with slot decay, taken once per request, "
+        "so runs and workers sharing one key stay under the provider's limit together.",
+    )
     max_concurrency: int = Field(
         32, ge=1, le=512, description="Most requests in flight at once, run-wide (adapted down on 429s)."
     )

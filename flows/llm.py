@@ -15,6 +15,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flows.job import EnrichJob
+from schemas.errors import ConfigError, UserError
 from transforms.calls import EmptyReply, Failure
 
 __all__ = [
@@ -48,9 +49,9 @@ class Endpoint:
 
 
 def resolve_endpoint(job: EnrichJob) -> Endpoint:
-    """Job base URL, else OPENAI_BASE_URL; key from the named variable; neither -> local model."""
+    """Job base URL, else OPENAI_BASE_URL; key from a Secret block or the named variable; else local."""
     base_url = job.base_url or _EnvSettings().openai_base_url or None
-    raw_key = os.environ.get(job.api_key_env) or None
+    raw_key = _secret_block_value(job.api_key_secret) if job.api_key_secret else os.environ.get(job.api_key_env)
     key = SecretStr(raw_key) if raw_key else None
     return Endpoint(base_url=base_url, api_key=key, local=base_url is None and key is None)
 
@@ -85,6 +86,19 @@ def build_chat_model(
     return model, client
 
 
+def _secret_block_value(name: str) -> str:
+    """The value of a Prefect Secret block, read at the edge like an environment variable."""
+    from prefect.blocks.system import Secret
+
+    try:
+        return str(Secret.load(name).get())
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(
+            f"the Prefect Secret block '{name}' (api_key_secret) could not be loaded; create it in the UI "
+            "(Blocks -> Secret) or with `Secret(value=...).save(name)`, or use api_key_env instead."
+        ) from exc
+
+
 def describe_url(url: str | None) -> str:
     """A URL fit for logs: scheme, host and path, without credentials or query."""
     if not url:
@@ -99,6 +113,8 @@ def classify_openai_error(exc: BaseException) -> Failure:
     """Map an openai/httpx/langchain exception to retry, row failure or job failure."""
     if isinstance(exc, EmptyReply):
         return Failure("retry", "the model returned an empty reply")
+    if isinstance(exc, UserError):  # e.g. a missing Prefect rate limit: every row would fail
+        return Failure("fatal", exc.message)
     if isinstance(exc, openai.APITimeoutError):
         return Failure("retry", "the request timed out (raise --timeout for slow models)")
     if isinstance(exc, openai.APIConnectionError):

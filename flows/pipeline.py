@@ -1,7 +1,7 @@
 """The Prefect flow: load -> validate -> plan -> enrich in partitions -> validate -> write."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Prefect builds the parameter model from this
+# module's real annotations when a deployment loads the flow.
 import json
 import time
 from collections import deque
@@ -9,7 +9,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import pandera.polars as pa
 import polars as pl
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -18,13 +17,13 @@ from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from flows.cache import ResponseCache, default_cache_dir
 from flows.job import EnrichJob
-from flows.llm import DEFAULT_REMOTE_MODEL, Endpoint, build_chat_model, describe_url, resolve_endpoint
-from flows.loading import detect_format, load_table
-from flows.local_model import LOCAL_MODEL_NAME, LOCAL_MODEL_NOTICE, serve_local_model
-from flows.planning import ROW_INDEX, Plan, load_previous, plan_run
+from flows.llm import build_chat_model, describe_url, resolve_endpoint
+from flows.local_model import LOCAL_MODEL_NOTICE, serve_local_model
+from flows.planning import ROW_INDEX
+from flows.preparation import build_spec, load_valid_rows, plan_job
 from flows.progress import current_sink
+from flows.reports import Progress, publish_failure, publish_report
 from flows.runtime import (
     EventLoopThread,
     Runtime,
@@ -35,13 +34,12 @@ from flows.runtime import (
     resolve_price,
 )
 from flows.summary import RunSummary
-from flows.validation import Split, resolve_schema, split_valid, validate_output
+from flows.validation import validate_output
 from flows.writing import rejected_path, write_parquet_atomic
 from schemas.enriched import ERROR_COLUMN, added_columns
-from schemas.errors import ConfigError, UserError
+from schemas.errors import UserError
 from transforms.enrichment import AnswerMemo, EnrichSpec, charge_first, enrich_frame_async
-from transforms.keys import KEY_VERSION, AnswerIdentity, endpoint_family
-from transforms.prompts import parse_template
+from transforms.keys import KEY_VERSION
 
 __all__ = ["INVALID_STATE", "enrich_partition", "enrich_table", "run_enrichment"]
 
@@ -51,11 +49,31 @@ INVALID_STATE = "Invalid"
 # The pool is sized for the largest partition_workers a job may ask for; the flow itself
 # keeps at most job.partition_workers partitions submitted at once.
 _MAX_PARTITION_WORKERS = 64
-# llama.cpp's server answers one request at a time; more in flight would only queue into timeouts.
-_LOCAL_MODEL_CONCURRENCY = 2
 
 
-@task(name="enrich-partition", cache_policy=NO_CACHE, persist_result=False)
+def _transient_infrastructure(task: Any, task_run: Any, state: State) -> bool:
+    """Retry a partition only for infrastructure hiccups, never for bad input or configuration."""
+    try:
+        state.result()
+    except UserError:
+        return False
+    except (OSError, ConnectionError, TimeoutError):
+        return True  # e.g. the cache directory on a network share blinked
+    except BaseException:  # noqa: BLE001 - anything else is a bug: retrying would not help
+        return False
+    return False
+
+
+# Rows never fail a task (they carry enrich_error), and answers already obtained are memoised
+# in the run, so a retried partition does not pay again for them.
+@task(
+    name="enrich-partition",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_transient_infrastructure,
+)
 def enrich_partition(part: pl.DataFrame, number: int, runtime_key: str) -> pl.DataFrame:
     """Enrich one partition on the run's shared event loop; rows fail, the task does not."""
     rt = lookup_runtime(runtime_key)
@@ -75,58 +93,9 @@ def enrich_table(job: EnrichJob = EnrichJob()) -> dict[str, Any] | State:
         return run_enrichment(job).model_dump()
     except UserError as err:
         get_run_logger().error(err.message)
+        publish_failure(err.message)
         # A returned Failed state fails the run with our message and no traceback.
         return Failed(name=INVALID_STATE, message=err.message)
-
-
-def load_valid_rows(job: EnrichJob) -> tuple[pl.DataFrame, pa.DataFrameSchema, Split]:
-    """Load the input and validate it; raises UserError before anything is sent or written."""
-    template = parse_template(job.prompt)
-    if job.in_place and detect_format(job.input_path, job.input_format) != "parquet":
-        raise ConfigError(
-            f"--in-place rewrites the input, which must then be Parquet; '{job.input_path}' is not. "
-            "Pass --output PATH.parquet instead."
-        )
-    frame = load_table(job.input_path, job.input_format)
-    # A rerun over an enriched file replaces the old answer columns rather than nesting them.
-    frame = frame.drop([c for c in added_columns(job.output_column) if c in frame.columns])
-    template.check_columns(frame.columns, source=f"'{job.input_path}'")
-    schema = resolve_schema(job.input_schema, template)
-    quarantine = job.on_invalid == "quarantine"
-    return frame, schema, split_valid(frame, schema, source=job.input_path, quarantine=quarantine)
-
-
-def build_spec(job: EnrichJob, endpoint: Endpoint) -> EnrichSpec:
-    """The transform's spec, with the identity that keys cached answers."""
-    model_name = LOCAL_MODEL_NAME if endpoint.local else job.model or DEFAULT_REMOTE_MODEL
-    identity = AnswerIdentity(
-        model=model_name,
-        endpoint=endpoint_family(endpoint.base_url, bundled=endpoint.local),
-        temperature=job.temperature,
-        max_tokens=job.max_tokens,
-    )
-    concurrency = min(job.max_concurrency, _LOCAL_MODEL_CONCURRENCY) if endpoint.local else job.max_concurrency
-    return EnrichSpec(
-        template=parse_template(job.prompt),
-        output_column=job.output_column,
-        system=job.system,
-        max_concurrency=concurrency,
-        identity=identity,
-    )
-
-
-def plan_job(job: EnrichJob, valid: pl.DataFrame, spec: EnrichSpec) -> tuple[Plan, ResponseCache | None]:
-    """Which rows are settled by the cache or the previous output, and which must be asked."""
-    cache = ResponseCache(job.cache_dir or default_cache_dir(job.destination)) if job.cache else None
-    reuse = not job.refresh_cache
-    plan = plan_run(
-        valid,
-        spec,
-        cached=cache.load() if cache is not None and reuse else None,
-        previous=load_previous(job.destination, job.output_column) if reuse else None,
-        retry_failed=job.retry_failed,
-    )
-    return plan, cache
 
 
 def run_enrichment(job: EnrichJob) -> RunSummary:
@@ -170,7 +139,8 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
                 memo.on_answer = lambda key, outcome: cache.append(key, outcome, model=spec.identity.model)
             runtime = Runtime(spec=spec, model=model, loop=loop, ctx=ctx, memo=memo, cache=cache)
             stack.callback(forget_runtime, register_runtime(runtime))
-            asked = _enrich_partitions(plan.todo, job, runtime.key)
+            progress = Progress(split.valid.height, plan.done.height)
+            asked = _enrich_partitions(plan.todo, job, runtime.key, progress)
 
     ordered = [*split.valid.columns, *added_columns(job.output_column)]
     enriched = charge_first(pl.concat([plan.done.select(ROW_INDEX, *ordered), asked.select(ROW_INDEX, *ordered)]))
@@ -209,10 +179,11 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
         endpoint=describe_url(base_url) if not endpoint.local else "bundled local model",
     )
     log.info("wrote %s: %d rows ok, %d failed", job.destination, summary.rows_ok, summary.rows_failed)
+    publish_report(summary, enriched, split.rejected, job.output_column)
     return summary
 
 
-def _enrich_partitions(todo: pl.DataFrame, job: EnrichJob, runtime_key: str) -> pl.DataFrame:
+def _enrich_partitions(todo: pl.DataFrame, job: EnrichJob, runtime_key: str, progress: Progress) -> pl.DataFrame:
     """Run partition tasks, at most partition_workers at once, and reassemble in input order."""
     log = get_run_logger()
     parts = list(todo.iter_slices(n_rows=job.partition_rows))
@@ -234,6 +205,7 @@ def _enrich_partitions(todo: pl.DataFrame, job: EnrichJob, runtime_key: str) -> 
             waiting.clear()
             continue
         done_rows += parts[number].height
+        progress.advance(parts[number].height)
         log.info("partition %d/%d done: %d/%d rows", number + 1, len(parts), done_rows, todo.height)
     if first_error is not None:
         raise first_error

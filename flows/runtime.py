@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -14,6 +14,7 @@ from langchain_core.language_models import BaseChatModel
 from flows.cache import ResponseCache
 from flows.job import EnrichJob
 from flows.llm import classify_openai_error
+from schemas.errors import ConfigError
 from transforms.calls import CallContext, RetryPolicy
 from transforms.costs import DEFAULT_PRICES, Budget, Price, price_for
 from transforms.enrichment import AnswerMemo, EnrichSpec
@@ -77,11 +78,28 @@ def build_context(job: EnrichJob, price: Price | None, *, max_concurrency: int) 
             tpm=job.tpm,
             max_tokens=job.max_tokens,
             base_pause=max(job.retry_base_delay, 0.05),
+            before_send=_prefect_rate_limit(job.prefect_rate_limit) if job.prefect_rate_limit else None,
         ),
         budget=Budget(job.max_cost) if job.max_cost is not None else None,
         price=price,
         max_tokens=job.max_tokens,
     )
+
+
+def _prefect_rate_limit(name: str) -> Callable[[], Awaitable[None]]:
+    """Take one slot of a Prefect global rate limit per request (strict: a missing limit fails)."""
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError, rate_limit
+
+    async def take() -> None:
+        try:
+            await rate_limit(name, occupy=1, strict=True)
+        except ConcurrencySlotAcquisitionError as exc:
+            raise ConfigError(
+                f"the Prefect rate limit '{name}' (prefect_rate_limit) does not exist or cannot be taken; "
+                f"create it with `prefect gcl create {name} --limit N --slot-decay-per-second N/60`."
+            ) from exc
+
+    return take
 
 
 @dataclass

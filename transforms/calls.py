@@ -27,7 +27,7 @@ from typing import Literal
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage
 
-from schemas.errors import EndpointRejected
+from schemas.errors import EndpointRejected, UserError
 from transforms.costs import Budget, Price
 from transforms.scheduling import Scheduler, estimate_tokens
 
@@ -182,7 +182,9 @@ async def ask_model(model: BaseChatModel, messages: Sequence[BaseMessage], ctx: 
             failure = policy.classify(exc)
             if failure.kind == "fatal":
                 stats.aborted = (
-                    f"the LLM endpoint refused the request ({failure.message}); check the API key, "
+                    failure.message
+                    if isinstance(exc, UserError)
+                    else f"the LLM endpoint refused the request ({failure.message}); check the API key, "
                     "the model name (--model) and the base URL (--base-url)."
                 )
                 raise EndpointRejected(stats.aborted) from exc

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -65,9 +65,12 @@ class Scheduler:
         max_tokens: int = 0,
         initial_concurrency: int | None = None,
         base_pause: float = 1.0,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.max_concurrency = max_concurrency
         self.max_tokens = max_tokens
+        # An outside limit shared with other processes (e.g. a Prefect global rate limit).
+        self._before_send = before_send
         self._rpm = _bucket(rpm) if rpm else None
         self._tpm = _bucket(tpm) if tpm else None
         # With explicit limits the buckets pace the run; without, start small and probe.
@@ -119,6 +122,8 @@ class Scheduler:
                 await self._rpm.acquire(1)
             if self._tpm is not None:
                 await self._acquire_tokens(reserved)
+            if self._before_send is not None:
+                await self._before_send()
             # A pause may have started while we waited for the buckets.
             while (wait := self._paused_until - time.monotonic()) > 0:
                 await asyncio.sleep(wait)

@@ -1,0 +1,103 @@
+"""Run reports as Prefect artifacts: summary, sample, failures, and live progress."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import polars as pl
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from flows.summary import RunSummary
+from flows.validation import REJECT_REASON
+from schemas.enriched import ERROR_COLUMN
+
+__all__ = ["Progress", "publish_failure", "publish_report"]
+
+_SAMPLE_ROWS = 20
+_FAILURE_ROWS = 100
+_CELL_CHARS = 200
+
+
+class Progress:
+    """A progress artifact that moves as partitions finish."""
+
+    def __init__(self, total_rows: int, already_done: int) -> None:
+        self.total = max(total_rows, 1)
+        self.done = already_done
+        self.artifact: UUID = create_progress_artifact(
+            self._percent(), key="enrich-progress", description="Rows answered or failed so far"
+        )
+
+    def advance(self, rows: int) -> None:
+        """Count finished rows and update the artifact."""
+        self.done += rows
+        update_progress_artifact(self.artifact, self._percent())
+
+    def _percent(self) -> float:
+        return round(100.0 * min(self.done, self.total) / self.total, 1)
+
+
+def publish_report(summary: RunSummary, enriched: pl.DataFrame, rejected: pl.DataFrame, output_column: str) -> None:
+    """Markdown summary, a sample of enriched rows, and the failed and rejected rows."""
+    s = summary
+    cost = f"${s.cost_usd:.4f}" if s.cost_usd is not None else "unknown (no price for this model)"
+    create_markdown_artifact(
+        "\n".join(
+            [
+                f"# Enrichment of `{s.output}`",
+                "",
+                "| | |",
+                "|---|---|",
+                f"| rows in / valid / rejected | {s.rows_in} / {s.rows_valid} / {s.rows_rejected} |",
+                f"| rows ok / failed | {s.rows_ok} / {s.rows_failed} |",
+                f"| rows from cache / deduplicated | {s.rows_cached} / {s.rows_deduplicated} |",
+                f"| requests / retries / rate-limited | {s.requests} / {s.retries} / {s.rate_limited} |",
+                f"| tokens in / out | {s.input_tokens:,} / {s.output_tokens:,} |",
+                f"| cost | {cost} |",
+                f"| wall time | {s.wall_seconds:.1f} s |",
+                f"| model | {s.model} at {s.endpoint} |",
+                f"| output | `{s.output}` |",
+                f"| rejected rows | {f'`{s.rejected_output}`' if s.rejected_output else 'none'} |",
+            ]
+        ),
+        key="enrich-summary",
+        description="What this run did",
+    )
+    if enriched.height:
+        create_table_artifact(
+            _records(enriched.head(_SAMPLE_ROWS)), key="enrich-sample", description="First enriched rows"
+        )
+    problems = _problem_rows(enriched, rejected, output_column)
+    if problems.height:
+        create_table_artifact(
+            _records(problems.head(_FAILURE_ROWS)),
+            key="enrich-failures",
+            description=f"Failed and rejected rows (first {_FAILURE_ROWS} of {problems.height})",
+        )
+
+
+def _problem_rows(enriched: pl.DataFrame, rejected: pl.DataFrame, output_column: str) -> pl.DataFrame:
+    frames = [
+        enriched.filter(pl.col(ERROR_COLUMN).is_not_null()).select(
+            pl.exclude(output_column, r"^enrich_.*$"), stage=pl.lit("model"), why=pl.col(ERROR_COLUMN)
+        )
+    ]
+    if rejected.height:
+        frames.append(rejected.select(pl.exclude(REJECT_REASON), stage=pl.lit("validation"), why=pl.col(REJECT_REASON)))
+    return pl.concat(frames, how="diagonal_relaxed")
+
+
+def publish_failure(message: str) -> None:
+    """The reason a run was refused, where the UI shows it."""
+    create_markdown_artifact(f"# Run refused\n\n```\n{message}\n```", key="enrich-summary", description="Why")
+
+
+def _records(frame: pl.DataFrame) -> list[dict[str, Any]]:
+    short = frame.with_columns(pl.col(pl.String).str.slice(0, _CELL_CHARS))
+    return [{k: ("" if v is None else v) for k, v in row.items()} for row in short.to_dicts()]
