@@ -120,6 +120,7 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
     sink.start(split.valid.height)
     sink.advance(plan.rows_cached, plan.rows_kept_failed)
     asked = plan.done.clear()
+    progress = Progress(split.valid.height, plan.done.height)
     if plan.todo.height:
         with ExitStack() as stack:
             if endpoint.local:
@@ -139,7 +140,6 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
                 memo.on_answer = lambda key, outcome: cache.append(key, outcome, model=spec.identity.model)
             runtime = Runtime(spec=spec, model=model, loop=loop, ctx=ctx, memo=memo, cache=cache)
             stack.callback(forget_runtime, register_runtime(runtime))
-            progress = Progress(split.valid.height, plan.done.height)
             asked = _enrich_partitions(plan.todo, job, runtime.key, progress)
 
     ordered = [*split.valid.columns, *added_columns(job.output_column)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,12 +12,20 @@ import polars as pl
 import pytest
 
 from tests.fakes.openai_server import Behaviour, FakeOpenAIServer
+from tests.prefect_server import api, read_deployment, running_prefect_server, stop_process_group, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
 
 # Variables that would send a test to a real provider or change how Prefect behaves.
 _SCRUBBED = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_API_BASE", "OPENAI_ORG_ID", "PREFECT_API_URL")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Expose each phase's report on the test item (the browser test screenshots on failure)."""
+    outcome = yield
+    setattr(item, f"rep_{call.when}", outcome.get_result())
 
 
 @pytest.fixture(autouse=True)
@@ -55,3 +65,44 @@ def topics_csv(tmp_path: Path) -> Path:
         }
     ).write_csv(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_prefect_server(tmp_path_factory.mktemp("prefect-home")) as api_url:
+        yield api_url
+
+
+@pytest.fixture(scope="session")
+def served_llm() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def served(
+    prefect_server: str, served_llm: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """`enrich serve` running in its own process, serving the deployment with a sample job."""
+    workdir = tmp_path_factory.mktemp("served")
+    config = workdir / "job.toml"
+    config.write_text(
+        f'input_path = "{DATA / "topics.csv"}"\noutput_path = "{workdir / "default.parquet"}"\npartition_rows = 10\n'
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "OPENAI_"))},
+        "PREFECT_API_URL": prefect_server,
+        "PREFECT_HOME": str(workdir / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "OPENAI_BASE_URL": served_llm.base_url,
+    }
+    log = open(workdir / "serve.log", "wb")
+    command = [sys.executable, "-m", "flows.cli", "serve", "--config", str(config), "--cron", ""]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with api(prefect_server) as client:
+            wait_for(lambda: read_deployment(client), timeout=120, what="the served deployment")
+        yield workdir
+    finally:
+        stop_process_group(process)
+        log.close()

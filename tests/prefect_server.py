@@ -13,8 +13,15 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["free_port", "running_prefect_server", "wait_for"]
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+__all__ = ["DEPLOYMENT", "api", "free_port", "running_prefect_server", "stop_process_group", "trigger", "wait_for"]
+
+DEPLOYMENT = "enrich-table/nightly"
 
 
 def free_port() -> int:
@@ -80,3 +87,33 @@ def stop_process_group(process: subprocess.Popen) -> None:  # type: ignore[type-
         except ProcessLookupError:
             pass
         process.wait(timeout=10)
+
+
+def api(url: str):  # type: ignore[no-untyped-def]
+    """A sync Prefect client for the real server (context manager)."""
+
+    class _Client:
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            self._settings = temporary_settings(updates={PREFECT_API_URL: url})
+            self._settings.__enter__()
+            self._client = get_client(sync_client=True)
+            return self._client.__enter__()
+
+        def __exit__(self, *exc: object) -> None:
+            self._client.__exit__(*exc)
+            self._settings.__exit__(*exc)
+
+    return _Client()
+
+
+def read_deployment(client: Any) -> Any:
+    try:
+        return client.read_deployment_by_name(DEPLOYMENT)
+    except Exception:  # noqa: BLE001 - not registered yet
+        return None
+
+
+def trigger(url: str, job: dict[str, Any]) -> Any:
+    """Start a custom run the way the UI does, and wait for it to finish."""
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        return run_deployment(DEPLOYMENT, parameters={"job": job}, timeout=300, poll_interval=1)
