@@ -96,12 +96,17 @@ class Scheduler:
 
     def estimate(self, prompt: str) -> int:
         """Tokens to reserve for a prompt: corrected prompt estimate plus max_tokens."""
-        return math.ceil(estimate_tokens(prompt) * self._token_ratio) + self.max_tokens
+        return self._corrected(estimate_tokens(prompt)) + self.max_tokens
+
+    def _corrected(self, raw: int) -> int:
+        # The epsilon keeps a learned 4.0000000001 from rounding up to 5 tokens.
+        return max(1, math.ceil(raw * self._token_ratio - 1e-6))
 
     @asynccontextmanager
     async def admit(self, prompt: str) -> AsyncIterator[Admission]:
         """Wait for the pause, a concurrency slot and the RPM/TPM budget; then send."""
-        estimated = math.ceil(estimate_tokens(prompt) * self._token_ratio)
+        raw = estimate_tokens(prompt)
+        estimated = self._corrected(raw)
         reserved = estimated + self.max_tokens
         async with self._cond:
             while True:
@@ -130,7 +135,8 @@ class Scheduler:
             admission = Admission(estimated, reserved)
             yield admission
             if admission.actual_prompt_tokens:
-                self._learn_ratio(estimated, admission.actual_prompt_tokens)
+                # Learn against the raw estimate, or the ratio would correct its own correction.
+                self._learn_ratio(raw, admission.actual_prompt_tokens)
         finally:
             async with self._cond:
                 self._in_flight -= 1

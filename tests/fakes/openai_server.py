@@ -82,7 +82,7 @@ class FakeOpenAIServer:
         self._attempts: Counter = Counter()
         self._window: deque[tuple[float, int]] = deque()
         self._stopping = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._httpd = _Server(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
@@ -205,6 +205,11 @@ class FakeOpenAIServer:
         if _roll(prompt, attempt, "malformed") < b.rate_malformed:
             return 200, {}, b'{"choices": [{"message": {"content": '
         return None
+
+
+class _Server(ThreadingHTTPServer):
+    # The standard library's backlog of 5 resets bursts of new connections under load.
+    request_queue_size = 1024
 
 
 def _flaky(kind: str, prompt: str) -> tuple[int, dict[str, str], bytes | None]:
