@@ -47,6 +47,9 @@ _FIELD_OF = {
     "partition_workers": "partition_workers",
     "on_invalid": "on_invalid",
     "schema": "input_schema",
+    "output_schema": "output_schema",
+    "output_prefix": "output_prefix",
+    "structured_method": "structured_method",
     "rpm": "rpm",
     "tpm": "tpm",
     "cache": "cache",
@@ -103,6 +106,16 @@ def run(
     ] = None,
     schema: Annotated[
         Optional[str], typer.Option(help="Input schema: topics (default), template, or module:Class.")
+    ] = None,
+    output_schema: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Typed answer: 'summary:str, difficulty:int[1..5], kind:enum(a,b)', FILE.json or module:Model."
+        ),
+    ] = None,
+    output_prefix: Annotated[Optional[str], typer.Option(help="Prefix for the typed answer columns.")] = None,
+    structured_method: Annotated[
+        Optional[str], typer.Option(help="auto, json_schema, function_calling or json_mode.")
     ] = None,
     rpm: Annotated[Optional[int], typer.Option(help="Provider limit, requests per minute (held run-wide).")] = None,
     tpm: Annotated[Optional[int], typer.Option(help="Provider limit, tokens per minute (held run-wide).")] = None,

@@ -6,7 +6,7 @@ from pydantic import BaseModel
 
 from flows.job import EnrichJob
 from flows.llm import resolve_endpoint
-from flows.preparation import build_spec, load_valid_rows, plan_job
+from flows.preparation import build_spec, check_structured_fields, load_valid_rows, plan_job
 from flows.runtime import resolve_price
 from transforms.scheduling import estimate_tokens
 
@@ -35,6 +35,7 @@ def estimate_job(job: EnrichJob) -> Estimate:
     frame, _, split = load_valid_rows(job)
     endpoint = resolve_endpoint(job)
     spec = build_spec(job, endpoint)
+    check_structured_fields(spec, split.valid.columns)
     plan, _ = plan_job(job, split.valid, spec)
     prefix = f"{job.system}\n" if job.system else ""
     input_tokens = sum(estimate_tokens(prefix + p) for p in plan.todo_prompts)

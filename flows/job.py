@@ -37,6 +37,17 @@ class EnrichJob(BaseModel):
         description="Prompt template; {column} placeholders are filled from each row.",
     )
     system: str | None = Field(None, max_length=100_000, description="Optional system message.")
+    output_schema: str | None = Field(
+        None,
+        max_length=20_000,
+        description="Structured answer: an inline spec ('summary:str, difficulty:int[1..5], "
+        "category:enum(a,b)'), a JSON Schema file (.json) or module:PydanticModel; one typed column per field.",
+    )
+    output_prefix: str = Field("", max_length=64, description="Prefix for the structured answer's column names.")
+    structured_method: Literal["auto", "json_schema", "function_calling", "json_mode"] = Field(
+        "auto",
+        description="How to ask for structure; 'auto' uses json_schema on OpenAI, function calling elsewhere.",
+    )
     output_column: str = Field("explanation", min_length=1, max_length=128, description="Name of the answer column.")
     model: str | None = Field(
         None,

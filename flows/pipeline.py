@@ -21,7 +21,7 @@ from flows.job import EnrichJob
 from flows.llm import build_chat_model, describe_url, resolve_endpoint
 from flows.local_model import LOCAL_MODEL_NOTICE, serve_local_model
 from flows.planning import ROW_INDEX
-from flows.preparation import build_spec, load_valid_rows, plan_job
+from flows.preparation import build_spec, check_structured_fields, load_valid_rows, plan_job
 from flows.progress import current_sink
 from flows.reports import Progress, publish_failure, publish_report
 from flows.runtime import (
@@ -40,6 +40,7 @@ from schemas.enriched import ERROR_COLUMN, added_columns
 from schemas.errors import UserError
 from transforms.enrichment import AnswerMemo, EnrichSpec, charge_first, enrich_frame_async
 from transforms.keys import KEY_VERSION
+from transforms.structured import expand_columns
 
 __all__ = ["INVALID_STATE", "enrich_partition", "enrich_table", "run_enrichment"]
 
@@ -108,6 +109,7 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
         log.warning("%s\nThese rows are set aside in %s.", split.report, rejected_path(job.destination))
     endpoint = resolve_endpoint(job)
     spec = build_spec(job, endpoint)
+    check_structured_fields(spec, split.valid.columns)
     plan, cache = plan_job(job, split.valid, spec)
     log.info(
         "%d rows already answered (cache or previous output), %d kept as failed, %d to ask (%d distinct prompts)",
@@ -145,10 +147,15 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
     ordered = [*split.valid.columns, *added_columns(job.output_column)]
     enriched = charge_first(pl.concat([plan.done.select(ROW_INDEX, *ordered), asked.select(ROW_INDEX, *ordered)]))
     enriched = enriched.sort(ROW_INDEX).drop(ROW_INDEX)
+    if spec.structured is not None:
+        enriched = expand_columns(enriched, job.output_column, spec.structured)
+        fields = [f"{spec.structured.prefix}{name}" for name in spec.structured.model.model_fields]
+        added = added_columns(job.output_column)
+        enriched = enriched.select(*split.valid.columns, added[0], *fields, *added[1:])
     if endpoint.api_key is not None:
         secret = endpoint.api_key.get_secret_value()
         enriched = enriched.with_columns(pl.col(ERROR_COLUMN).str.replace_all(secret, "***", literal=True))
-    validate_output(enriched, schema, job.output_column)
+    validate_output(enriched, schema, job.output_column, spec.structured)
     if split.rejected.height:
         write_parquet_atomic(split.rejected, rejected_path(job.destination))
     write_parquet_atomic(enriched, job.destination, metadata=_metadata(job, spec))

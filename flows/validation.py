@@ -13,6 +13,7 @@ from schemas.enriched import build_output_schema
 from schemas.errors import ConfigError, OutputError, ValidationFailed
 from schemas.topics import TopicsInput
 from transforms.prompts import PromptTemplate
+from transforms.structured import StructuredOutput, field_dtypes
 
 __all__ = [
     "REJECT_REASON",
@@ -120,9 +121,16 @@ def split_valid(frame: pl.DataFrame, schema: pa.DataFrameSchema, *, source: str,
     return Split(valid, rejected, report)
 
 
-def validate_output(frame: pl.DataFrame, input_schema: pa.DataFrameSchema, output_column: str) -> None:
+def validate_output(
+    frame: pl.DataFrame,
+    input_schema: pa.DataFrameSchema,
+    output_column: str,
+    structured: StructuredOutput | None = None,
+) -> None:
     """Check the enriched frame before it is written; a failure here is a bug, not bad input."""
     schema = build_output_schema(input_schema, output_column)
+    if structured is not None:
+        schema = schema.add_columns(structured_columns(structured))
     try:
         schema.validate(frame, lazy=True)
     except SchemaErrors as exc:
@@ -130,6 +138,21 @@ def validate_output(frame: pl.DataFrame, input_schema: pa.DataFrameSchema, outpu
             f"the enriched table failed its own output schema, so nothing was written: "
             f"{exc.failure_cases.head(_REPORT_ROWS)}"
         ) from exc
+
+
+def structured_columns(structured: StructuredOutput) -> dict[str, pa.Column]:
+    """One typed, nullable column per field of the answer, with its range checks."""
+    dtypes = field_dtypes(structured.model)
+    columns = {}
+    for name, info in structured.model.model_fields.items():
+        checks = []
+        for rule in info.metadata:
+            if getattr(rule, "ge", None) is not None:
+                checks.append(pa.Check.ge(rule.ge))
+            if getattr(rule, "le", None) is not None:
+                checks.append(pa.Check.le(rule.le))
+        columns[f"{structured.prefix}{name}"] = pa.Column(dtypes[name], checks, nullable=True)
+    return columns
 
 
 def _row_report(cases: pl.DataFrame, total: int, failing: int, source: str, name: str | None) -> str:

@@ -45,3 +45,20 @@ def test_the_server_stops_when_the_block_fails() -> None:
         raise RuntimeError("boom")
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{base_url}/models", timeout=2)
+
+
+def test_the_local_model_fills_a_two_field_schema(tmp_path: Path) -> None:
+    source = tmp_path / "two.csv"
+    pl.DataFrame({"id": [1, 2], "topic": ["Photosynthesis", "The Silk Road"]}).write_csv(source)
+    out = tmp_path / "out.parquet"
+    job = EnrichJob(
+        input_path=str(source), output_path=str(out), max_tokens=96, output_schema="summary:str, difficulty:int[1..5]"
+    )
+    summary = enrich_table(job)
+    frame = pl.read_parquet(out)
+    assert frame.schema["summary"] == pl.String and frame.schema["difficulty"] == pl.Int64
+    answered = frame.filter(pl.col(ERROR_COLUMN).is_null())
+    # Grammar-constrained function calling: every answered row is well-typed and in range.
+    assert answered.height >= 1, frame[ERROR_COLUMN].to_list()
+    assert answered["difficulty"].is_between(1, 5).all()
+    assert summary["input_tokens"] > 0

@@ -18,14 +18,17 @@ Who owns which failure (so attempts never multiply silently):
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import BaseMessage, HumanMessage
+from langchain_core.runnables import Runnable
+from pydantic import BaseModel
 
 from schemas.errors import EndpointRejected, UserError
 from transforms.costs import Budget, Price
@@ -36,6 +39,7 @@ __all__ = [
     "CallStats",
     "EmptyReply",
     "Failure",
+    "InvalidStructuredReply",
     "Outcome",
     "RetryPolicy",
     "ask_model",
@@ -45,6 +49,10 @@ __all__ = [
 
 class EmptyReply(Exception):
     """The model answered with no text; retried, then recorded as the row's error."""
+
+
+class InvalidStructuredReply(Exception):
+    """A structured reply did not parse or did not match the schema; asked again once, with the error."""
 
 
 @dataclass(frozen=True)
@@ -135,9 +143,17 @@ class CallContext:
     max_tokens: int = 0
 
 
-async def ask_model(model: BaseChatModel, messages: Sequence[BaseMessage], ctx: CallContext) -> Outcome:
-    """Send one prompt, retrying transient failures; never raises for a row's failure."""
+async def ask_model(
+    model: Runnable[Any, Any], messages: Sequence[BaseMessage], ctx: CallContext, *, structured: bool = False
+) -> Outcome:
+    """Send one prompt, retrying transient failures; never raises for a row's failure.
+
+    With ``structured`` the model is a ``with_structured_output(..., include_raw=True)`` runnable;
+    a reply that does not match the schema is asked again once, with the validation error.
+    """
     policy, stats = ctx.policy, ctx.stats
+    messages = list(messages)
+    corrected = False
     text_for_estimate = "\n".join(str(m.content) for m in messages)
     outcome = Outcome()
     for attempt in range(policy.max_retries + 1):
@@ -157,27 +173,32 @@ async def ask_model(model: BaseChatModel, messages: Sequence[BaseMessage], ctx: 
         try:
             try:
                 if ctx.scheduler is None:
-                    reply = await model.ainvoke(list(messages))
-                    tokens = _usage(reply)
+                    reply = await model.ainvoke(messages)
+                    tokens = _usage(reply["raw"] if structured else reply)
                 else:
                     async with ctx.scheduler.admit(text_for_estimate) as admission:
-                        reply = await model.ainvoke(list(messages))
-                        tokens = _usage(reply)
+                        reply = await model.ainvoke(messages)
+                        tokens = _usage(reply["raw"] if structured else reply)
                         admission.settle(tokens[0] or None)
             finally:
                 _settle(ctx, reserved, tokens)
             stats.add(tokens=tokens)
             outcome.input_tokens += tokens[0]
             outcome.output_tokens += tokens[1]
-            text = reply.content if isinstance(reply.content, str) else reply.text()
-            if not text or not text.strip():
-                raise EmptyReply("empty reply")
+            text = _structured_text(reply) if structured else _plain_text(reply)
             if ctx.scheduler is not None:
                 await ctx.scheduler.succeeded()
             outcome.text, outcome.error = text, None
             return outcome
         except asyncio.CancelledError:
             raise
+        except InvalidStructuredReply as exc:
+            outcome.error = f"the reply does not match the output schema: {exc}"
+            if corrected or attempt == policy.max_retries:
+                break
+            corrected = True
+            messages = [*messages, HumanMessage(_CORRECTION.format(error=exc))]
+            continue
         except Exception as exc:
             failure = policy.classify(exc)
             if failure.kind == "fatal":
@@ -200,6 +221,32 @@ async def ask_model(model: BaseChatModel, messages: Sequence[BaseMessage], ctx: 
     tries = f"after {outcome.attempts} attempt{'s' if outcome.attempts > 1 else ''}"
     outcome.error = f"{outcome.error} ({tries})"
     return outcome
+
+
+_CORRECTION = (
+    "Your previous answer was rejected because it does not match the required schema: {error}. "
+    "Answer again, following the schema exactly."
+)
+
+
+def _plain_text(reply: BaseMessage) -> str:
+    text = reply.content if isinstance(reply.content, str) else reply.text()
+    if not text or not text.strip():
+        raise EmptyReply("empty reply")
+    return text
+
+
+def _structured_text(reply: dict[str, Any]) -> str:
+    """The validated object as canonical JSON (how it is cached and stored)."""
+    parsed, error = reply.get("parsed"), reply.get("parsing_error")
+    if error is None and parsed is None:
+        broken = getattr(reply.get("raw"), "invalid_tool_calls", None)
+        error = f"the arguments are not valid JSON ({broken[0].get('error')})" if broken else "no answer in the reply"
+    if error is not None:
+        detail = " ".join(str(error).split())
+        raise InvalidStructuredReply(re.sub(r"For further information visit \S+", "", detail).strip()[:500])
+    data = parsed.model_dump(mode="json") if isinstance(parsed, BaseModel) else parsed
+    return json.dumps(data, ensure_ascii=False)
 
 
 def _usage(reply: BaseMessage) -> tuple[int, int]:

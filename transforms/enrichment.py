@@ -6,10 +6,11 @@ import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 from langchain_core.language_models import BaseChatModel
-from langchain_core.runnables import RunnableLambda
+from langchain_core.runnables import Runnable, RunnableLambda
 
 from schemas.enriched import (
     ERROR_COLUMN,
@@ -22,6 +23,7 @@ from schemas.errors import EndpointRejected
 from transforms.calls import CallContext, Outcome, ask_model
 from transforms.keys import AnswerIdentity, answer_key
 from transforms.prompts import PromptTemplate, build_messages, render_prompts
+from transforms.structured import StructuredOutput
 
 __all__ = ["AnswerMemo", "EnrichSpec", "charge_first", "enrich_frame", "enrich_frame_async", "prompt_keys"]
 
@@ -38,6 +40,7 @@ class EnrichSpec:
     system: str | None = None
     max_concurrency: int = 8
     identity: AnswerIdentity = field(default_factory=lambda: AnswerIdentity(model="unknown", endpoint="unknown"))
+    structured: StructuredOutput | None = None
 
 
 @dataclass
@@ -79,6 +82,11 @@ async def enrich_frame_async(
     ctx = ctx if ctx is not None else CallContext()
     memo = memo if memo is not None else AnswerMemo()
     prompts, keys = prompt_keys(frame, spec)
+    target = (
+        model
+        if spec.structured is None
+        else model.with_structured_output(spec.structured.model, method=spec.structured.method, include_raw=True)
+    )
 
     # Identical prompts are asked once per run and the answer fanned out to every row.
     rows_of: dict[str, int] = {}
@@ -90,7 +98,7 @@ async def enrich_frame_async(
     unique = list(rows_of)
 
     async def resolve(key: str) -> Outcome:
-        outcome, asked = await _answer_once(key, prompt_of[key], spec, model, ctx, memo)
+        outcome, asked = await _answer_once(key, prompt_of[key], spec, target, ctx, memo)
         reused = rows_of[key] - (1 if asked else 0)
         if reused:
             with ctx.stats._lock:
@@ -132,7 +140,7 @@ async def enrich_frame_async(
 
 
 async def _answer_once(
-    key: str, prompt: str, spec: EnrichSpec, model: BaseChatModel, ctx: CallContext, memo: AnswerMemo
+    key: str, prompt: str, spec: EnrichSpec, model: Runnable[Any, Any], ctx: CallContext, memo: AnswerMemo
 ) -> tuple[Outcome, bool]:
     """The run's one answer for a key: memoised, awaited if in flight, else asked now."""
     with memo._lock:
@@ -148,7 +156,8 @@ async def _answer_once(
     if not mine:
         return await asyncio.shield(pending), False
     try:
-        outcome = await ask_model(model, build_messages(prompt, spec.system), ctx)
+        messages = build_messages(prompt, spec.system)
+        outcome = await ask_model(model, messages, ctx, structured=spec.structured is not None)
     except BaseException as exc:
         pending.set_exception(exc)
         pending.exception()  # mark retrieved: waiters re-raise it themselves

@@ -11,6 +11,11 @@ its own answer. Faults are injected two ways:
 * by rates: ``Behaviour.rate_500`` / ``rate_malformed`` / ``rate_empty`` fail that share of
   attempts, chosen by a hash of (prompt, attempt) so a run is reproducible.
 
+Requests with ``tools`` (function calling) or a ``response_format`` of type ``json_schema`` /
+``json_object`` get a structured answer built from the schema (``expected_object``); ``FAULT:badjson``,
+``FAULT:wrongtype``, ``FAULT:outofrange`` and ``FAULT:badenum`` (or ``FAULT:flakywrongtype:N``, ...)
+break it.
+
 ``Behaviour.rpm`` / ``tpm`` make it a rate-limited provider that answers 429 with
 ``retry-after-ms`` once a one-minute sliding window is full.
 """
@@ -28,7 +33,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["Behaviour", "FakeOpenAIServer", "expected_answer"]
+__all__ = ["Behaviour", "FakeOpenAIServer", "expected_answer", "expected_object"]
 
 _FAULT = re.compile(r"FAULT:(flaky500|flaky429|flakyempty|flakymalformed|flakydrop):(\d+)|FAULT:(\w+)")
 
@@ -142,7 +147,8 @@ class FakeOpenAIServer:
         """Return (status, headers, body); a None body means drop the connection."""
         b = self.behaviour
         messages = body.get("messages", [])
-        prompt = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+        # The first user message is the row's prompt (later ones are our schema corrections).
+        prompt = next((m["content"] for m in messages if m.get("role") == "user"), "")
         system = next((m["content"] for m in messages if m.get("role") == "system"), None)
         if not isinstance(prompt, str):
             prompt = json.dumps(prompt)
@@ -169,6 +175,8 @@ class FakeOpenAIServer:
         fault = self._fault(prompt, attempt)
         if fault is not None:
             return fault
+        if body.get("tools") or (body.get("response_format") or {}).get("type") in ("json_schema", "json_object"):
+            return self._structured(body, prompt, attempt)
         answer = expected_answer(prompt, system)
         if _roll(prompt, attempt, "empty") < b.rate_empty:
             answer = ""
@@ -180,6 +188,29 @@ class FakeOpenAIServer:
         with self._lock:
             self.stats.completions += 1
         return 200, {}, json.dumps(_completion(body.get("model", "fake"), answer, usage)).encode()
+
+    def _structured(self, body: dict[str, Any], prompt: str, attempt: int) -> tuple[int, dict[str, str], bytes]:
+        schema = _schema_of(body)
+        obj = expected_object(schema, prompt)
+        arguments = json.dumps(obj)
+        for how in ("wrongtype", "outofrange", "badenum", "badjson"):
+            m = re.search(rf"FAULT:(flaky)?{how}(?::(\d+))?", prompt)
+            if m and (not m.group(1) or attempt <= int(m.group(2) or 1)):
+                arguments = '{"summary": "unterminated' if how == "badjson" else json.dumps(_break(obj, schema, how))
+        usage = {"prompt_tokens": count_tokens(prompt), "completion_tokens": count_tokens(arguments)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        completion = _completion(body.get("model", "fake"), arguments, usage)
+        if body.get("tools"):
+            name = body["tools"][0]["function"]["name"]
+            message = completion["choices"][0]["message"]
+            message["content"] = None
+            message["tool_calls"] = [
+                {"id": "call_fake", "type": "function", "function": {"name": name, "arguments": arguments}}
+            ]
+            completion["choices"][0]["finish_reason"] = "tool_calls"
+        with self._lock:
+            self.stats.completions += 1
+        return 200, {}, json.dumps(completion).encode()
 
     def _fault(self, prompt: str, attempt: int) -> tuple[int, dict[str, str], bytes | None] | None:
         b = self.behaviour
@@ -210,6 +241,61 @@ class FakeOpenAIServer:
 class _Server(ThreadingHTTPServer):
     # The standard library's backlog of 5 resets bursts of new connections under load.
     request_queue_size = 1024
+
+
+def expected_object(schema: dict[str, Any], prompt: str) -> dict[str, Any]:
+    """The structured answer the server gives: every field derived from the prompt."""
+    return {name: _value(spec, f"{prompt}\x00{name}") for name, spec in schema.get("properties", {}).items()}
+
+
+def _value(spec: dict[str, Any], seed: str) -> Any:
+    n = int(hashlib.sha256(seed.encode()).hexdigest()[:8], 16)
+    if "enum" in spec:
+        return spec["enum"][n % len(spec["enum"])]
+    kind = spec.get("type")
+    if isinstance(kind, list):
+        kind = next(k for k in kind if k != "null")
+    if kind == "integer":
+        low, high = spec.get("minimum", 0), spec.get("maximum", 1000)
+        return low + n % (high - low + 1)
+    if kind == "number":
+        low, high = spec.get("minimum", 0.0), spec.get("maximum", 1.0)
+        return round(low + (n % 1000) / 999 * (high - low), 3)
+    if kind == "boolean":
+        return n % 2 == 0
+    if kind == "array":
+        return [_value(spec.get("items", {"type": "string"}), f"{seed}\x00{i}") for i in range(1 + n % 3)]
+    if kind == "object":
+        return expected_object(spec, seed)
+    if "anyOf" in spec:
+        return _value(next(s for s in spec["anyOf"] if s.get("type") != "null"), seed)
+    return f"text-{n % 100000}"
+
+
+def _schema_of(body: dict[str, Any]) -> dict[str, Any]:
+    if body.get("tools"):
+        return body["tools"][0]["function"].get("parameters", {})
+    response_format = body.get("response_format") or {}
+    if response_format.get("type") == "json_schema":
+        return response_format["json_schema"].get("schema", {})
+    return response_format.get("schema", {})
+
+
+def _break(obj: dict[str, Any], schema: dict[str, Any], how: str) -> dict[str, Any]:
+    """Make a structurally valid JSON object that violates the schema in one way."""
+    broken = dict(obj)
+    for name, spec in schema.get("properties", {}).items():
+        if how == "wrongtype" and spec.get("type") == "integer":
+            broken[name] = "not a number"
+            return broken
+        if how == "outofrange" and "maximum" in spec:
+            broken[name] = spec["maximum"] + 10
+            return broken
+        if how == "badenum" and "enum" in spec:
+            broken[name] = "no-such-value"
+            return broken
+    broken["unexpected_field"] = how
+    return broken
 
 
 def _flaky(kind: str, prompt: str) -> tuple[int, dict[str, str], bytes | None]:
