@@ -183,7 +183,7 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
         output=job.destination,
         rejected_output=rejected_path(job.destination) if split.rejected.height else None,
         model=spec.identity.model,
-        endpoint=describe_url(base_url) if not endpoint.local else "bundled local model",
+        endpoint=describe_url(base_url) + (" (bundled local model)" if endpoint.local else ""),
     )
     log.info("wrote %s: %d rows ok, %d failed", job.destination, summary.rows_ok, summary.rows_failed)
     publish_report(summary, enriched, split.rejected, job.output_column)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from tests.conftest import DATA
+from tests.conftest import DATA, REPO
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 from tests.prefect_server import DEPLOYMENT, api, trigger
 
@@ -75,3 +78,23 @@ def test_a_prefect_rate_limit_is_taken_per_request(
 
     missing = trigger(prefect_server, {**base, "output_path": str(served / "x.parquet"), "prefect_rate_limit": "nope"})
     assert missing.state.is_failed() and "prefect gcl create nope" in missing.state.message
+
+
+def test_enrich_deploy_registers_a_work_pool_deployment(prefect_server: str, tmp_path: Path) -> None:
+    with api(prefect_server) as client:
+        client.create_work_pool(WorkPoolCreate(name="test-process", type="process"))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+        "PREFECT_API_URL": prefect_server,
+        "PREFECT_HOME": str(tmp_path / "home"),
+    }
+    command = [sys.executable, "-m", "flows.cli", "deploy", "--pool", "test-process", "--name", "pooled", "--cron", ""]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "prefect worker start --pool test-process" in " ".join(result.stdout.split())
+    with api(prefect_server) as client:
+        deployment = client.read_deployment_by_name("enrich-table/pooled")
+    assert deployment.work_pool_name == "test-process"
+    assert deployment.entrypoint == "flows/pipeline.py:enrich_table"
+    assert deployment.parameters["job"]["input_path"] == "data/topics.csv"
+    assert deployment.global_concurrency_limit.limit == 1
