@@ -1,7 +1,8 @@
 """The persistent response cache: append-only segment files, one per writing process.
 
 Layout: ``<cache dir>/v1/seg-<host>-<pid>-<random>.jsonl``; each line is one answer
-``{"key", "text", "input_tokens", "output_tokens", "model", "at"}`` keyed by
+``{"seq", "key", "text", "input_tokens", "output_tokens", "model", "at"}`` (``seq`` is the write
+time in nanoseconds, which orders entries across segments) keyed by
 ``transforms.keys.answer_key``. Why this shape:
 
 * several processes and machines can write at once with no server and no locks: each writes
@@ -35,6 +36,7 @@ from transforms.calls import Outcome
 __all__ = ["CACHE_SCHEMA", "ResponseCache", "default_cache_dir"]
 
 CACHE_SCHEMA = {
+    "seq": pl.Int64,
     "key": pl.String,
     "text": pl.String,
     "input_tokens": pl.Int64,
@@ -64,12 +66,16 @@ class ResponseCache:
         frames = [frame for path in segments if (frame := _read_segment(path)) is not None]
         if not frames:
             return pl.DataFrame(schema=CACHE_SCHEMA)
-        return pl.concat(frames).unique("key", keep="last", maintain_order=True)
+        # Order by when each entry was written (not by file), so a refreshed answer always wins
+        # even while an older writer keeps appending to its own segment.
+        merged = pl.concat(frames).sort("seq", nulls_last=False, maintain_order=True)
+        return merged.unique("key", keep="last", maintain_order=True)
 
     def append(self, key: str, outcome: Outcome, *, model: str) -> None:
         """Persist one answer now (flushed to the OS, so it survives the process)."""
         line = json.dumps(
             {
+                "seq": time.time_ns(),
                 "key": key,
                 "text": outcome.text,
                 "input_tokens": outcome.input_tokens,
@@ -82,8 +88,10 @@ class ResponseCache:
         data = (line + "\n").encode("utf-8")
         with self._lock:
             fd = self._open()
-            # One write of a whole line with O_APPEND: a crash leaves at most a torn last line.
-            os.write(fd, data)
+            # Whole lines with O_APPEND: a crash leaves at most a torn last line.
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
             self.written += 1
 
     def close(self) -> None:

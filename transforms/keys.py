@@ -28,13 +28,16 @@ def endpoint_family(base_url: str | None, *, bundled: bool = False) -> str:
     """Which provider answers: 'openai', 'bundled', or the server's normalised URL."""
     if bundled:
         return "bundled"
-    if not base_url:
+    if not base_url or not base_url.strip():
         return "openai"
     parts = urlsplit(base_url.strip())
     host = (parts.hostname or "").lower()
     if host == "api.openai.com":
         return "openai"
-    port = f":{parts.port}" if parts.port else ""
+    if not parts.scheme or not host:
+        return base_url.strip().rstrip("/").lower()
+    default_port = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    port = f":{parts.port}" if parts.port and parts.port != default_port else ""
     return f"{parts.scheme.lower()}://{host}{port}{parts.path.rstrip('/')}"
 
 

@@ -75,7 +75,7 @@ class Scheduler:
         self._tpm = _bucket(tpm) if tpm else None
         # With explicit limits the buckets pace the run; without, start small and probe.
         start = max_concurrency if (rpm or tpm) else min(max_concurrency, 4)
-        self.limit = float(initial_concurrency or start)
+        self.limit = float(min(initial_concurrency or start, max_concurrency))
         self._slow_start = not (rpm or tpm)
         self._in_flight = 0
         self._changed: asyncio.Condition | None = None
@@ -169,12 +169,14 @@ class Scheduler:
         """A 429: everybody pauses; the limit halves at most once per pause."""
         now = time.monotonic()
         self.rate_limited += 1
-        self._consecutive_429 += 1
-        backoff = self._base_pause * 2 ** min(self._consecutive_429 - 1, 6)
-        pause = retry_after if retry_after is not None else backoff
         async with self._cond:
+            fresh = now >= self._last_decrease  # not one of the same burst's in-flight 429s
+            if fresh:
+                self._consecutive_429 += 1
+            backoff = self._base_pause * 2 ** min(max(self._consecutive_429, 1) - 1, 6)
+            pause = retry_after if retry_after is not None else backoff
             self._paused_until = max(self._paused_until, now + pause)
-            if now >= self._last_decrease:
+            if fresh:
                 self._slow_start = False
                 self.limit = max(1.0, self.limit / 2)
                 self._last_decrease = self._paused_until

@@ -1,0 +1,693 @@
+"""The run-wide Scheduler: concurrency, RPM/TPM buckets, the shared pause, AIMD, token estimates.
+
+Timing tests run in real time on asyncio and measure with the loop clock; the 60-second-window
+tests run on an event loop whose clock jumps to the next timer, so minutes pass in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import selectors
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from langchain_openai import ChatOpenAI
+
+from flows.llm import classify_openai_error
+from schemas.enriched import ERROR_COLUMN
+from tests.fakes.openai_server import Behaviour, FakeOpenAIServer, expected_answer
+from transforms.calls import CallContext, RetryPolicy
+from transforms.enrichment import EnrichSpec, enrich_frame
+from transforms.prompts import parse_template
+from transforms.scheduling import Scheduler, estimate_tokens
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+class _JumpingSelector(selectors.DefaultSelector):
+    """A selector that, when nothing is ready, moves a virtual clock forward instead of blocking."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        ready = super().select(0)
+        if timeout is None and not ready:
+            return super().select(None)
+        # Like a real clock, every loop iteration takes a moment (1 us): aiolimiter's float
+        # arithmetic can otherwise re-check a waiter forever at one frozen instant.
+        self.now += 1e-6 if ready or not timeout else max(timeout, 1e-6)
+        return ready
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock jumps straight to the next timer (aiolimiter reads loop.time())."""
+
+    def __init__(self) -> None:
+        self._jumping = _JumpingSelector()
+        super().__init__(self._jumping)
+
+    def time(self) -> float:
+        return self._jumping.now
+
+
+def run_virtual(main: Callable[[], Awaitable[Any]]) -> Any:
+    with asyncio.Runner(loop_factory=VirtualClockLoop) as runner:
+        return runner.run(main())
+
+
+async def admit_all(scheduler: Scheduler, prompts: list[str]) -> list[float]:
+    """Admit every prompt at once; return the loop time at which each one was let through, sorted."""
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+
+    async def one(prompt: str) -> None:
+        async with scheduler.admit(prompt):
+            starts.append(loop.time())
+
+    await asyncio.gather(*(one(p) for p in prompts))
+    return sorted(starts)
+
+
+def most_in_window(starts: list[float], window: float, weights: list[float] | None = None) -> float:
+    """The largest total weight of starts inside any half-open window [t, t + window) beginning at a start."""
+    weights = weights or [1.0] * len(starts)
+    best, total, j = 0.0, 0.0, 0
+    for i, t in enumerate(starts):
+        while j < len(starts) and starts[j] < t + window:
+            total += weights[j]
+            j += 1
+        best = max(best, total)
+        total -= weights[i]
+    return best
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll (yielding to the loop) until condition() holds; fail after the deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0.001)
+
+
+def burst_and_rate(per_minute: int) -> tuple[float, float]:
+    """The documented bucket: one second of budget, drip slowed so burst + 60 s of drip == limit."""
+    burst = max(1.0, per_minute / 60)
+    return burst, max(per_minute - burst, 1.0) / 60
+
+
+def prompt_of(tokens: int) -> str:
+    """A prompt whose estimate_tokens is exactly ``tokens`` (>= 5)."""
+    text = "x" * (4 * (tokens - 4))
+    assert estimate_tokens(text) == tokens
+    return text
+
+
+# -- (a) concurrency ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_concurrency", [1, 3, 8])
+@pytest.mark.parametrize("rpm", [None, 100_000])
+def test_in_flight_never_exceeds_max_concurrency(max_concurrency: int, rpm: int | None) -> None:
+    async def main() -> tuple[int, Scheduler]:
+        scheduler = Scheduler(max_concurrency=max_concurrency, rpm=rpm)
+        in_flight = observed = 0
+
+        async def one(i: int) -> None:
+            nonlocal in_flight, observed
+            async with scheduler.admit(f"prompt {i}"):
+                in_flight += 1
+                observed = max(observed, in_flight)
+                await asyncio.sleep(random.uniform(0, 0.002))  # the request's own work
+                in_flight -= 1
+            await scheduler.succeeded()
+
+        await asyncio.gather(*(one(i) for i in range(60)))
+        return observed, scheduler
+
+    observed, scheduler = asyncio.run(main())
+    assert observed <= max_concurrency
+    assert observed == max_concurrency  # really concurrent: the limit is reached, not just respected
+    assert scheduler.peak_in_flight == observed
+
+
+def test_without_limits_the_first_wave_is_four_and_successes_open_more_slots() -> None:
+    async def main() -> None:
+        scheduler = Scheduler(max_concurrency=10)
+        assert scheduler.limit == 4
+        gate = asyncio.Event()
+        inside = 0
+
+        async def one() -> None:
+            nonlocal inside
+            async with scheduler.admit("p"):
+                inside += 1
+                await gate.wait()
+
+        tasks = [asyncio.create_task(one()) for _ in range(10)]
+        await wait_until(lambda: inside == 4)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert inside == 4  # the other six wait for a slot
+        await scheduler.succeeded()
+        await scheduler.succeeded()
+        await wait_until(lambda: inside == 6)  # each success opens one more slot (slow start)
+        gate.set()
+        await asyncio.gather(*tasks)
+        assert scheduler.peak_in_flight == 6
+
+    asyncio.run(main())
+
+
+def test_initial_concurrency_above_the_maximum_is_capped() -> None:
+    async def main() -> int:
+        scheduler = Scheduler(max_concurrency=2, initial_concurrency=5)
+        gate = asyncio.Event()
+
+        async def one() -> None:
+            async with scheduler.admit("p"):
+                await gate.wait()
+
+        tasks = [asyncio.create_task(one()) for _ in range(5)]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(*tasks)
+        return scheduler.peak_in_flight
+
+    assert asyncio.run(main()) <= 2
+
+
+# -- (b) requests per minute -------------------------------------------------------------------
+
+
+def test_rpm_paces_requests_after_a_one_second_burst() -> None:
+    rpm, n = 600, 35
+    burst, rate = burst_and_rate(rpm)  # 10 at once, then 9.83 a second
+
+    async def main() -> tuple[list[float], float]:
+        scheduler = Scheduler(max_concurrency=n, rpm=rpm)
+        t0 = asyncio.get_running_loop().time()
+        starts = await admit_all(scheduler, [f"p{i}" for i in range(n)])
+        return [s - t0 for s in starts], asyncio.get_running_loop().time() - t0
+
+    starts, elapsed = asyncio.run(main())
+    expected = (n - burst) / rate  # about 2.5 s
+    assert expected * 0.98 <= elapsed <= expected + 0.4
+    assert all(s < 0.05 for s in starts[: int(burst)])  # the burst goes at once
+    assert starts[int(burst)] >= 1 / rate * 0.98  # then the drip
+    assert most_in_window(starts, 1.0) <= burst + rate
+
+
+@pytest.mark.parametrize("rpm", [1, 5, 90, 600])
+def test_no_60_second_window_holds_more_than_the_rpm(rpm: int) -> None:
+    burst, rate = burst_and_rate(rpm)
+    n = 3 * rpm + 1  # three minutes' worth
+
+    async def main() -> list[float]:
+        return await admit_all(Scheduler(max_concurrency=n, rpm=rpm), ["p"] * n)
+
+    starts = run_virtual(main)
+    assert most_in_window(starts, 60.0 - 1e-6) <= rpm
+    # And the budget is used, not wasted: the run takes as long as the bucket says, no longer.
+    assert starts[-1] == pytest.approx((n - burst) / rate, rel=0.01)
+
+
+# -- (c) tokens per minute ---------------------------------------------------------------------
+
+
+def test_tpm_budget_binds_when_it_is_the_tighter_limit() -> None:
+    tpm, n, max_tokens = 60_000, 25, 90
+    prompt = prompt_of(10)  # reserves 10 + max_tokens = 100 tokens
+    burst, rate = burst_and_rate(tpm)  # 1000 tokens at once, then 983 a second
+
+    async def main() -> tuple[float, list[float]]:
+        scheduler = Scheduler(max_concurrency=n, tpm=tpm, max_tokens=max_tokens)
+        assert scheduler.estimate(prompt) == 100
+        t0 = asyncio.get_running_loop().time()
+        starts = await admit_all(scheduler, [prompt] * n)
+        return asyncio.get_running_loop().time() - t0, [s - t0 for s in starts]
+
+    elapsed, starts = asyncio.run(main())
+    expected = (n * 100 - burst) / rate  # about 1.5 s: tokens bind, not requests or concurrency
+    assert expected * 0.98 <= elapsed <= expected + 0.4
+    assert sum(s < 0.05 for s in starts) == burst // 100
+
+
+def test_a_request_larger_than_the_token_bucket_still_goes_in_pieces() -> None:
+    tpm = 60_000
+    burst, rate = burst_and_rate(tpm)  # the bucket holds 1000 tokens
+
+    async def main() -> tuple[float, float]:
+        scheduler = Scheduler(max_concurrency=4, tpm=tpm)
+        big = prompt_of(1500)  # more than the bucket holds
+        assert scheduler.estimate(big) == 1500
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        async with asyncio.timeout(5):
+            async with scheduler.admit(big):
+                first = loop.time() - t0
+            async with scheduler.admit(prompt_of(100)):  # the big one left the bucket full
+                second = loop.time() - t0
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert first == pytest.approx((1500 - burst) / rate, abs=0.1)  # about 0.51 s
+    assert second - first == pytest.approx(100 / rate, abs=0.05)
+
+
+async def admit_sized(scheduler: Scheduler, sizes: list[int]) -> list[tuple[float, int]]:
+    """Admit one prompt of each estimated size at once; return (start time, tokens reserved), sorted."""
+    loop = asyncio.get_running_loop()
+    starts: list[tuple[float, int]] = []
+
+    async def one(size: int) -> None:
+        async with scheduler.admit(prompt_of(size)) as admission:
+            starts.append((loop.time(), admission.reserved))
+
+    await asyncio.gather(*(one(size) for size in sizes))
+    return sorted(starts)
+
+
+@pytest.mark.parametrize("sizes", [[34], [5, 34, 80, 100]])
+def test_no_60_second_window_holds_more_tokens_than_the_tpm(sizes: list[int]) -> None:
+    tpm = 6_000  # a bucket of 100 tokens; every request here fits in it
+    burst, rate = burst_and_rate(tpm)
+    requests = sizes * (3 * tpm // sum(sizes) + 1)  # three minutes' worth
+    random.Random(7).shuffle(requests)
+
+    async def main() -> list[tuple[float, int]]:
+        return await admit_sized(Scheduler(max_concurrency=len(requests), tpm=tpm), requests)
+
+    starts = run_virtual(main)
+    assert sorted(k for _, k in starts) == sorted(requests)
+    times, tokens = [t for t, _ in starts], [float(k) for _, k in starts]
+    assert most_in_window(times, 60.0 - 1e-6, tokens) <= tpm
+    # The budget is used, not wasted.
+    assert times[-1] == pytest.approx((sum(requests) - burst) / rate, rel=0.02)
+
+
+@pytest.mark.parametrize("sizes", [[250], [600, 7], [34, 250, 5, 1000, 80]])
+def test_requests_larger_than_the_token_bucket_pass_at_the_bucket_rate(sizes: list[int]) -> None:
+    tpm = 6_000  # a bucket of 100 tokens
+    burst, rate = burst_and_rate(tpm)
+    requests = sizes * 5
+
+    async def main() -> list[tuple[float, int]]:
+        return await admit_sized(Scheduler(max_concurrency=len(requests), tpm=tpm), requests)
+
+    starts = run_virtual(main)
+    assert sorted(k for _, k in starts) == sorted(requests)  # every one got through
+    assert starts[-1][0] == pytest.approx((sum(requests) - burst) / rate, rel=0.02)
+
+
+# -- (d) the shared pause ----------------------------------------------------------------------
+
+PAUSE = 0.5
+EPSILON = 0.002
+
+
+def test_a_429_pauses_everyone_who_arrives_during_the_pause() -> None:
+    async def main() -> tuple[float, list[float]]:
+        scheduler = Scheduler(max_concurrency=8)
+        t429 = time.monotonic()
+        await scheduler.rate_limited_by_server(PAUSE)
+        starts: list[float] = []
+
+        async def one(arrive_after: float) -> None:
+            await asyncio.sleep(arrive_after)  # arrival time, not a wait for work
+            async with scheduler.admit("p"):
+                starts.append(time.monotonic())
+
+        await asyncio.wait_for(asyncio.gather(*(one(d) for d in (0, 0, 0.1, 0.3, 0.45))), timeout=5)
+        return t429, starts
+
+    t429, starts = asyncio.run(main())
+    assert len(starts) == 5
+    assert min(starts) >= t429 + PAUSE - EPSILON
+    assert max(starts) <= t429 + PAUSE + 0.25  # and they do go once it ends
+
+
+def test_a_429_also_holds_back_requests_already_waiting_for_a_slot() -> None:
+    async def main() -> tuple[float, list[float]]:
+        scheduler = Scheduler(max_concurrency=2)
+        gate = asyncio.Event()
+        starts: list[float] = []
+
+        async def holder() -> None:
+            async with scheduler.admit("holder"):
+                await gate.wait()
+
+        async def waiter() -> None:
+            async with scheduler.admit("waiter"):
+                starts.append(time.monotonic())
+
+        holders = [asyncio.create_task(holder()) for _ in range(2)]
+        await wait_until(lambda: scheduler.peak_in_flight == 2)
+        waiters = [asyncio.create_task(waiter()) for _ in range(3)]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert starts == []  # queued behind the two holders
+        t429 = time.monotonic()
+        await scheduler.rate_limited_by_server(PAUSE)
+        gate.set()  # slots free up during the pause
+        await asyncio.wait_for(asyncio.gather(*holders, *waiters), timeout=5)
+        return t429, starts
+
+    t429, starts = asyncio.run(main())
+    assert len(starts) == 3
+    assert min(starts) >= t429 + PAUSE - EPSILON
+
+
+def test_a_429_also_holds_back_requests_waiting_in_the_rate_bucket() -> None:
+    async def main() -> tuple[float, list[float]]:
+        scheduler = Scheduler(max_concurrency=20, rpm=600)  # 10 at once, then one every ~0.1 s
+        starts: list[float] = []
+
+        async def one() -> None:
+            async with scheduler.admit("p"):
+                starts.append(time.monotonic())
+
+        tasks = [asyncio.create_task(one()) for _ in range(13)]
+        await wait_until(lambda: len(starts) == 10)
+        t429 = time.monotonic()
+        await scheduler.rate_limited_by_server(PAUSE)
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
+        return t429, sorted(starts)
+
+    t429, starts = asyncio.run(main())
+    assert len(starts) == 13
+    assert all(s >= t429 + PAUSE - EPSILON for s in starts[10:])
+
+
+def test_after_a_pause_requests_restart_at_the_bucket_pace_not_in_one_burst() -> None:
+    rpm, n, pause = 600, 15, 1.0  # a bucket of 10, then one every ~0.1 s
+    burst, rate = burst_and_rate(rpm)
+
+    async def main() -> tuple[float, list[float]]:
+        scheduler = Scheduler(max_concurrency=n, rpm=rpm)
+        t429 = time.monotonic()
+        await scheduler.rate_limited_by_server(pause)
+        starts: list[float] = []
+
+        async def one() -> None:
+            async with scheduler.admit("p"):
+                starts.append(time.monotonic())
+
+        await asyncio.wait_for(asyncio.gather(*(one() for _ in range(n))), timeout=10)
+        return t429, sorted(starts)
+
+    t429, starts = asyncio.run(main())
+    assert starts[0] >= t429 + pause - EPSILON
+    # Requests queued during the pause must not have spent the bucket while waiting: only a
+    # burst goes at the end of the pause, the rest follow at the drip rate.
+    at_once = sum(s < starts[0] + 0.05 for s in starts)
+    assert at_once <= burst
+    assert starts[-1] - starts[0] >= (n - burst) / rate * 0.95
+
+
+def test_without_retry_after_the_pause_is_the_base_backoff_doubling_per_consecutive_429() -> None:
+    base = 0.1
+
+    async def main() -> tuple[float, float, float]:
+        scheduler = Scheduler(max_concurrency=4, base_pause=base)
+        t0 = time.monotonic()
+        await scheduler.rate_limited_by_server(None)
+        async with scheduler.admit("p"):
+            first = time.monotonic() - t0
+        t1 = time.monotonic()
+        await scheduler.rate_limited_by_server(None)  # no success in between: the next pause doubles
+        async with scheduler.admit("p"):
+            second = time.monotonic() - t1
+        await scheduler.succeeded()
+        t2 = time.monotonic()
+        await scheduler.rate_limited_by_server(None)  # a success reset the backoff
+        async with scheduler.admit("p"):
+            third = time.monotonic() - t2
+        return first, second, third
+
+    first, second, third = asyncio.run(main())
+    assert base - EPSILON <= first < base + 0.08
+    assert 2 * base - EPSILON <= second < 2 * base + 0.08
+    assert base - EPSILON <= third < base + 0.08
+
+
+def test_one_burst_of_429s_without_retry_after_pauses_for_one_backoff() -> None:
+    base = 0.05
+
+    async def main() -> float:
+        scheduler = Scheduler(max_concurrency=8, base_pause=base)
+        for _ in range(7):  # seven requests sent together all come back 429, no retry-after
+            await scheduler.rate_limited_by_server(None)
+        t0 = time.monotonic()
+        async with asyncio.timeout(1.0):
+            async with scheduler.admit("p"):
+                return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 4 * base
+
+
+# -- (e) AIMD ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "limit"),
+    [
+        ({"max_concurrency": 32}, 4),
+        ({"max_concurrency": 2}, 2),
+        ({"max_concurrency": 32, "rpm": 100}, 32),
+        ({"max_concurrency": 32, "tpm": 10_000}, 32),
+        ({"max_concurrency": 32, "initial_concurrency": 7}, 7),
+    ],
+)
+def test_starting_limit(kwargs: dict[str, int], limit: int) -> None:
+    assert Scheduler(**kwargs).limit == limit
+
+
+def test_slow_start_doubles_per_window_then_a_429_halves_and_growth_turns_additive() -> None:
+    async def main() -> None:
+        s = Scheduler(max_concurrency=64)
+        for expected in (8, 16, 32):
+            for _ in range(int(s.limit)):  # one window: as many replies as the limit
+                await s.succeeded()
+            assert s.limit == expected
+        await s.rate_limited_by_server(0.05)
+        assert s.limit == 16
+        for _ in range(5):  # more 429s from the same burst do not halve again
+            await s.rate_limited_by_server(0.05)
+        assert s.limit == 16
+        assert s.rate_limited == 6
+        async with s.admit("p"):  # waits out the pause
+            pass
+        for _ in range(16):  # congestion avoidance: about +1 per window, not doubling
+            await s.succeeded()
+        assert 16.5 < s.limit < 17.5
+        await s.rate_limited_by_server(0.02)  # a new pause: halves again
+        assert 8 < s.limit < 9
+
+    asyncio.run(main())
+
+
+def test_limit_never_drops_below_one_nor_rises_above_max_concurrency() -> None:
+    async def main() -> None:
+        s = Scheduler(max_concurrency=5)
+        for _ in range(10):
+            await s.rate_limited_by_server(0.0)
+        assert s.limit == 1
+        async with s.admit("p"):  # one slot still lets work through
+            pass
+        for _ in range(200):
+            await s.succeeded()
+        assert s.limit == 5
+
+    asyncio.run(main())
+
+
+@settings(max_examples=60, deadline=None)
+@given(max_concurrency=st.integers(1, 40), events=st.lists(st.sampled_from(["ok", "429"]), max_size=80))
+def test_aimd_limit_stays_in_bounds(max_concurrency: int, events: list[str]) -> None:
+    async def main() -> None:
+        s = Scheduler(max_concurrency=max_concurrency)
+        for event in events:
+            before = s.limit
+            if event == "ok":
+                await s.succeeded()
+                assert s.limit >= before
+            else:
+                await s.rate_limited_by_server(0.0)  # a zero pause ends at once, so each 429 halves
+                assert s.limit == max(1.0, before / 2)
+            assert 1 <= s.limit <= max_concurrency
+
+    asyncio.run(main())
+
+
+# -- (f) token estimates -----------------------------------------------------------------------
+
+
+def test_estimates_grow_when_the_server_counts_more_tokens() -> None:
+    prompt = "a prompt of some length " * 8
+    raw = estimate_tokens(prompt)
+
+    async def main() -> list[int]:
+        s = Scheduler(max_concurrency=4, max_tokens=50)
+        seen = [s.estimate(prompt)]
+        for _ in range(6):
+            async with s.admit(prompt) as admission:
+                admission.settle(2 * raw)
+            seen.append(s.estimate(prompt))
+        async with s.admit(prompt) as admission:
+            assert admission.reserved == seen[-1]
+            admission.settle(None)  # no usage reported: nothing learned
+        assert s.estimate(prompt) == seen[-1]
+        with pytest.raises(RuntimeError):
+            async with s.admit(prompt) as admission:
+                admission.settle(100 * raw)
+                raise RuntimeError("the request failed")  # a failed request teaches nothing
+        assert s.estimate(prompt) == seen[-1]
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen[0] == raw + 50
+    assert all(b > a for a, b in itertools.pairwise(seen))
+    assert seen[-1] <= 2 * raw + 50
+
+
+def test_estimates_converge_to_what_the_server_counts() -> None:
+    prompt = "a prompt of some length " * 8
+    actual = 2 * estimate_tokens(prompt)  # the server always counts twice our raw estimate
+
+    async def main() -> int:
+        s = Scheduler(max_concurrency=4)
+        for _ in range(200):
+            async with s.admit(prompt) as admission:
+                admission.settle(actual)
+        return s.estimate(prompt)
+
+    # Learned against the raw estimate; against the corrected one it would settle at sqrt(2) x raw.
+    assert asyncio.run(main()) == pytest.approx(actual, rel=0.05)
+
+
+def test_before_send_gates_every_request_after_the_buckets() -> None:
+    async def main() -> list[str]:
+        events: list[str] = []
+        outside = asyncio.Semaphore(0)  # e.g. a limit shared with other processes
+
+        async def before_send() -> None:
+            events.append("asked")
+            await outside.acquire()
+
+        scheduler = Scheduler(max_concurrency=4, rpm=100_000, before_send=before_send)
+
+        async def one(i: int) -> None:
+            async with scheduler.admit("p"):
+                events.append(f"sent {i}")
+
+        tasks = [asyncio.create_task(one(i)) for i in range(3)]
+        await wait_until(lambda: events.count("asked") == 3)
+        assert not any(e.startswith("sent") for e in events)  # nobody goes before the outside says so
+        outside.release()
+        await wait_until(lambda: sum(e.startswith("sent") for e in events) == 1)
+        outside.release()
+        outside.release()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
+        return events
+
+    events = asyncio.run(main())
+    assert events.count("asked") == 3 and sum(e.startswith("sent") for e in events) == 3
+
+
+# -- end to end against the fake server --------------------------------------------------------
+
+
+def chat(server: FakeOpenAIServer) -> ChatOpenAI:
+    """The real client, pointed at the fake server, with SDK retries off as in production."""
+    return ChatOpenAI(
+        model="fake-model",
+        base_url=server.base_url,
+        api_key="sk-test",
+        max_retries=0,
+        timeout=10,
+        use_responses_api=False,
+    )
+
+
+def spec(concurrency: int = 8) -> EnrichSpec:
+    return EnrichSpec(template=parse_template("Explain {topic}"), output_column="answer", max_concurrency=concurrency)
+
+
+def test_a_run_held_to_the_provider_rpm_sees_no_429() -> None:
+    rows, rpm = 8, 120
+    burst, rate = burst_and_rate(rpm)
+    topics = [f"paced topic {i}" for i in range(rows)]
+    scheduler = Scheduler(max_concurrency=8, rpm=rpm)
+    policy = RetryPolicy(max_retries=6, base_delay=0.01, classify=classify_openai_error)
+    with FakeOpenAIServer(Behaviour(latency=0.01, rpm=rpm)) as server:
+        t0 = time.monotonic()
+        out = enrich_frame(
+            pl.DataFrame({"topic": topics}), spec(), chat(server), ctx=CallContext(policy=policy, scheduler=scheduler)
+        )
+        elapsed = time.monotonic() - t0
+        assert out["answer"].to_list() == [expected_answer(f"Explain {t}") for t in topics]
+        assert out[ERROR_COLUMN].null_count() == rows
+        assert server.stats.statuses[429] == 0
+        assert server.stats.requests == rows  # not one retry
+    assert elapsed >= (rows - burst) / rate * 0.97  # really paced: about 3 s, not one burst
+    assert scheduler.rate_limited == 0
+
+
+class TightProviderServer(FakeOpenAIServer):
+    """The fake server limited to ``behaviour.rpm`` requests per one-second window (a tighter limit
+    than we were told, with a window short enough for a test), optionally without retry-after."""
+
+    window = 1.0
+    send_retry_after = True
+
+    def _rate_limited(self, tokens: int) -> float | None:
+        limit = self.behaviour.rpm
+        assert limit is not None
+        now = time.monotonic()
+        with self._lock:
+            while self._window and now - self._window[0][0] >= self.window:
+                self._window.popleft()
+            if len(self._window) + 1 > limit:
+                return max(0.001, self.window - (now - self._window[0][0]))
+            self._window.append((now, tokens))
+            return None
+
+    def handle(self, body: dict[str, Any], auth: str | None) -> tuple[int, dict[str, str], bytes | None]:
+        status, headers, payload = super().handle(body, auth)
+        if not self.send_retry_after:
+            headers.pop("retry-after-ms", None)
+        return status, headers, payload
+
+
+@pytest.mark.parametrize(("send_retry_after", "most_429s"), [(True, 12), (False, 24)])
+def test_a_provider_tighter_than_we_were_told_is_survived_with_few_429s(send_retry_after: bool, most_429s: int) -> None:
+    rows, retries = 12, 6
+    topics = [f"crowded topic {i}" for i in range(rows)]
+    # Without retry-after the pause is our own backoff; keep it short so the test stays fast.
+    scheduler = Scheduler(max_concurrency=8, base_pause=0.2)
+    policy = RetryPolicy(max_retries=retries, base_delay=0.05, classify=classify_openai_error)
+    server = TightProviderServer(Behaviour(latency=0.0, rpm=5))
+    server.send_retry_after = send_retry_after
+    with server:
+        out = enrich_frame(
+            pl.DataFrame({"topic": topics}), spec(), chat(server), ctx=CallContext(policy=policy, scheduler=scheduler)
+        )
+        assert out["answer"].to_list() == [expected_answer(f"Explain {t}") for t in topics]
+        assert out[ERROR_COLUMN].null_count() == rows
+        rejected = server.stats.statuses[429]
+    assert rejected > 0  # the provider really pushed back
+    assert scheduler.rate_limited == rejected
+    # Each row alone would retry until it got through: with rows x retries of budget and no shared
+    # pause this run sees 40+ 429s and loses rows; the shared pause keeps it to a few per row at most.
+    assert rejected <= most_429s < rows * retries
+    assert scheduler.limit < 8  # and the run learned to send less at once
