@@ -6,8 +6,8 @@ from pydantic import BaseModel
 
 from flows.job import EnrichJob
 from flows.llm import resolve_endpoint
-from flows.preparation import build_spec, check_structured_fields, load_valid_rows, plan_job
-from flows.runtime import resolve_price
+from flows.outputs import plan_outputs
+from flows.preparation import load_valid_rows
 from transforms.scheduling import estimate_tokens
 
 __all__ = ["Estimate", "estimate_job"]
@@ -31,27 +31,31 @@ class Estimate(BaseModel):
 
 
 def estimate_job(job: EnrichJob) -> Estimate:
-    """Load, validate and plan exactly as a run would, then count instead of sending."""
+    """Load, validate and plan exactly as a run would (every output), then count instead of sending."""
     frame, _, split = load_valid_rows(job)
     endpoint = resolve_endpoint(job)
-    spec = build_spec(job, endpoint)
-    check_structured_fields(spec, split.valid.columns)
-    plan, _ = plan_job(job, split.valid, spec)
-    prefix = f"{job.system}\n" if job.system else ""
-    input_tokens = sum(estimate_tokens(prefix + p) for p in plan.todo_prompts)
-    output_tokens = job.max_tokens * plan.unique_todo
-    price = resolve_price(job, spec.identity.model, local=endpoint.local)
+    runs, _ = plan_outputs(job, split.valid, endpoint)
+    input_tokens = output_tokens = 0
+    cost: float | None = 0.0
+    for run in runs:
+        prefix = f"{run.job.system}\n" if run.job.system else ""
+        tokens_in = sum(estimate_tokens(prefix + p) for p in run.plan.todo_prompts)
+        tokens_out = run.job.max_tokens * run.plan.unique_todo
+        input_tokens, output_tokens = input_tokens + tokens_in, output_tokens + tokens_out
+        cost = None if cost is None or run.price is None else cost + run.price.cost(tokens_in, tokens_out)
+    primary = runs[0]
+    price = primary.price
     return Estimate(
         rows_in=frame.height,
         rows_valid=split.valid.height,
         rows_rejected=split.rejected.height,
-        rows_cached=plan.rows_cached,
-        rows_kept_failed=plan.rows_kept_failed,
-        rows_to_ask=plan.todo.height,
-        unique_prompts=plan.unique_todo,
+        rows_cached=primary.plan.rows_cached,
+        rows_kept_failed=primary.plan.rows_kept_failed,
+        rows_to_ask=primary.plan.todo.height,
+        unique_prompts=sum(run.plan.unique_todo for run in runs),
         estimated_input_tokens=input_tokens,
         max_output_tokens=output_tokens,
-        estimated_cost_usd=round(price.cost(input_tokens, output_tokens), 6) if price else None,
-        model=spec.identity.model,
+        estimated_cost_usd=round(cost, 6) if cost is not None else None,
+        model=primary.spec.identity.model,
         price_per_million=(price.input_per_million, price.output_per_million) if price else None,
     )

@@ -11,9 +11,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from schemas.errors import ConfigError
 
-__all__ = ["DEFAULT_PROMPT", "EnrichJob", "load_job_file", "make_job"]
+__all__ = ["DEFAULT_PROMPT", "EnrichJob", "ExtraOutput", "load_job_file", "make_job"]
 
 DEFAULT_PROMPT = "Explain this topic in two sentences: {topic}"
+
+
+class ExtraOutput(BaseModel):
+    """One more answer column computed in the same pass (its own prompt, model and schema)."""
+
+    model_config = ConfigDict(extra="forbid", title="Extra output")
+
+    prompt: str = Field(min_length=1, max_length=100_000, description="Prompt template for this output.")
+    output_column: str = Field(min_length=1, max_length=128, description="Name of this output's answer column.")
+    system: str | None = Field(None, max_length=100_000, description="System message (default: none).")
+    model: str | None = Field(None, max_length=200, description="Model name (default: the job's model).")
+    output_schema: str | None = Field(None, max_length=20_000, description="Structured answer spec, as for the job.")
+    output_prefix: str = Field("", max_length=64, description="Prefix for this output's typed columns.")
+    structured_method: Literal["auto", "json_schema", "function_calling", "json_mode"] = Field(
+        "auto", description="How to ask for structure."
+    )
 
 
 class EnrichJob(BaseModel):
@@ -110,6 +126,12 @@ class EnrichJob(BaseModel):
     output_price: float | None = Field(
         None, ge=0, le=10_000, description="USD per 1M output tokens, overriding the shipped price table."
     )
+    extra_outputs: list[ExtraOutput] = Field(
+        default_factory=list,
+        max_length=16,
+        description="More answer columns computed in the same pass over the partitions, sharing the "
+        "rate limits and the cache; each has its own prompt, model and schema.",
+    )
     input_schema: str = Field(
         "topics",
         max_length=300,
@@ -128,6 +150,21 @@ class EnrichJob(BaseModel):
     def _has_destination(self) -> EnrichJob:
         if not self.in_place and not self.output_path:
             raise ValueError("give an output_path, or set in_place for a Parquet input")
+        return self
+
+    def output_jobs(self) -> list[EnrichJob]:
+        """This job's outputs as single-output jobs; the first is the primary one."""
+        extras = [
+            self.model_copy(update={**extra.model_dump(), "model": extra.model or self.model, "extra_outputs": []})
+            for extra in self.extra_outputs
+        ]
+        return [self.model_copy(update={"extra_outputs": []}), *extras]
+
+    @model_validator(mode="after")
+    def _distinct_outputs(self) -> EnrichJob:
+        names = [self.output_column, *(e.output_column for e in self.extra_outputs)]
+        if len(set(names)) != len(names):
+            raise ValueError("every output needs its own output_column")
         return self
 
     @property

@@ -2,10 +2,12 @@
 
 # No `from __future__ import annotations` here: Prefect builds the parameter model from this
 # module's real annotations when a deployment loads the flow.
+import asyncio
 import json
 import time
 from collections import deque
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,30 +19,30 @@ from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from flows.cache import ResponseCache
 from flows.job import EnrichJob
 from flows.llm import build_chat_model, describe_url, resolve_endpoint
 from flows.local_model import LOCAL_MODEL_NOTICE, serve_local_model
+from flows.outputs import ASK_PREFIX, assemble_output, plan_outputs, rows_to_ask
 from flows.planning import ROW_INDEX
-from flows.preparation import build_spec, check_structured_fields, load_valid_rows, plan_job
+from flows.preparation import load_valid_rows
 from flows.progress import current_sink
 from flows.reports import Progress, publish_failure, publish_report
 from flows.runtime import (
     EventLoopThread,
+    Lane,
     Runtime,
-    build_context,
     forget_runtime,
     lookup_runtime,
     register_runtime,
-    resolve_price,
 )
 from flows.summary import RunSummary
-from flows.validation import validate_output
 from flows.writing import rejected_path, write_parquet_atomic
-from schemas.enriched import ERROR_COLUMN, added_columns
+from schemas.enriched import ERROR_COLUMN
 from schemas.errors import UserError
-from transforms.enrichment import AnswerMemo, EnrichSpec, charge_first, enrich_frame_async
+from transforms.calls import Outcome
+from transforms.enrichment import EnrichSpec, enrich_frame_async
 from transforms.keys import KEY_VERSION
-from transforms.structured import expand_columns
 
 __all__ = ["INVALID_STATE", "enrich_partition", "enrich_table", "run_enrichment"]
 
@@ -75,11 +77,23 @@ def _transient_infrastructure(task: Any, task_run: Any, state: State) -> bool:
     retry_delay_seconds=[2, 10],
     retry_condition_fn=_transient_infrastructure,
 )
-def enrich_partition(part: pl.DataFrame, number: int, runtime_key: str) -> pl.DataFrame:
-    """Enrich one partition on the run's shared event loop; rows fail, the task does not."""
+def enrich_partition(part: pl.DataFrame, number: int, runtime_key: str) -> list[pl.DataFrame]:
+    """Enrich one partition for every output on the run's shared event loop; rows fail, tasks do not."""
     rt = lookup_runtime(runtime_key)
-    coro = enrich_frame_async(part, rt.spec, rt.model, ctx=rt.ctx, memo=rt.memo, on_rows_done=current_sink().advance)
-    return rt.loop.run(coro)
+    sink = current_sink()
+    flags = [f"{ASK_PREFIX}{i}" for i in range(len(rt.lanes))]
+
+    async def all_outputs() -> list[pl.DataFrame]:
+        jobs = [
+            enrich_frame_async(
+                part.filter(pl.col(flag)).drop(flags), lane.spec, lane.model, ctx=lane.ctx, memo=lane.memo,
+                on_rows_done=sink.advance if i == 0 else None,
+            )
+            for i, (lane, flag) in enumerate(zip(rt.lanes, flags, strict=True))
+        ]  # fmt: skip
+        return list(await asyncio.gather(*jobs))
+
+    return rt.loop.run(all_outputs())
 
 
 @flow(
@@ -108,95 +122,108 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
     if split.rejected.height:
         log.warning("%s\nThese rows are set aside in %s.", split.report, rejected_path(job.destination))
     endpoint = resolve_endpoint(job)
-    spec = build_spec(job, endpoint)
-    check_structured_fields(spec, split.valid.columns)
-    plan, cache = plan_job(job, split.valid, spec)
-    log.info(
-        "%d rows already answered (cache or previous output), %d kept as failed, %d to ask (%d distinct prompts)",
-        plan.rows_cached, plan.rows_kept_failed, plan.todo.height, plan.unique_todo,
-    )  # fmt: skip
-    price = resolve_price(job, spec.identity.model, local=endpoint.local)
-    ctx = build_context(job, price, max_concurrency=spec.max_concurrency)
+    runs, cache = plan_outputs(job, split.valid, endpoint)
+    primary = runs[0]
+    for run in runs:
+        log.info(
+            "%s: %d rows already answered (cache or previous output), %d kept as failed, %d to ask (%d prompts)",
+            run.job.output_column, run.plan.rows_cached, run.plan.rows_kept_failed, run.plan.todo.height,
+            run.plan.unique_todo,
+        )  # fmt: skip
+    todo = rows_to_ask(split.valid.with_row_index(ROW_INDEX), runs)
     sink = current_sink()
     base_url = endpoint.base_url
     sink.start(split.valid.height)
-    sink.advance(plan.rows_cached, plan.rows_kept_failed)
-    asked = plan.done.clear()
-    progress = Progress(split.valid.height, plan.done.height)
-    if plan.todo.height:
+    sink.advance(primary.plan.rows_cached, primary.plan.rows_kept_failed)
+    progress = Progress(split.valid.height, split.valid.height - todo.height)
+    asked = [run.plan.done.clear() for run in runs]
+    if todo.height:
         with ExitStack() as stack:
             if endpoint.local:
                 sink.notice(LOCAL_MODEL_NOTICE)
                 log.warning(LOCAL_MODEL_NOTICE)
                 base_url = stack.enter_context(serve_local_model())
-            log.info("asking %s at %s", spec.identity.model, describe_url(base_url))
-            model, http = build_chat_model(
-                job, endpoint, base_url=base_url, model_name=spec.identity.model, max_concurrency=spec.max_concurrency
-            )
             loop = EventLoopThread()
             stack.callback(loop.close)
-            stack.callback(lambda: loop.run(http.aclose()))
-            memo = AnswerMemo()
+            lanes = []
+            for run in runs:
+                log.info("%s: asking %s at %s", run.job.output_column, run.spec.identity.model, describe_url(base_url))
+                model, http = build_chat_model(
+                    run.job, endpoint, base_url=base_url, model_name=run.spec.identity.model,
+                    max_concurrency=run.spec.max_concurrency,
+                )  # fmt: skip
+                stack.callback(lambda http=http: loop.run(http.aclose()))
+                if cache is not None:
+                    run.memo.on_answer = partial(_store, cache, run.spec.identity.model)
+                lanes.append(Lane(run.spec, model, run.ctx, run.memo))
             if cache is not None:
                 stack.callback(cache.close)
-                memo.on_answer = lambda key, outcome: cache.append(key, outcome, model=spec.identity.model)
-            runtime = Runtime(spec=spec, model=model, loop=loop, ctx=ctx, memo=memo, cache=cache)
+            runtime = Runtime(lanes=lanes, loop=loop)
             stack.callback(forget_runtime, register_runtime(runtime))
-            asked = _enrich_partitions(plan.todo, job, runtime.key, progress)
+            asked = _enrich_partitions(todo, job, runtime.key, progress, len(runs))
 
-    ordered = [*split.valid.columns, *added_columns(job.output_column)]
-    enriched = charge_first(pl.concat([plan.done.select(ROW_INDEX, *ordered), asked.select(ROW_INDEX, *ordered)]))
-    enriched = enriched.sort(ROW_INDEX).drop(ROW_INDEX)
-    if spec.structured is not None:
-        enriched = expand_columns(enriched, job.output_column, spec.structured)
-        fields = [f"{spec.structured.prefix}{name}" for name in spec.structured.model.model_fields]
-        added = added_columns(job.output_column)
-        enriched = enriched.select(*split.valid.columns, added[0], *fields, *added[1:])
-    if endpoint.api_key is not None:
-        secret = endpoint.api_key.get_secret_value()
-        enriched = enriched.with_columns(pl.col(ERROR_COLUMN).str.replace_all(secret, "***", literal=True))
-    validate_output(enriched, schema, job.output_column, spec.structured)
+    secret = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else None
+    columns = [
+        assemble_output(run, got, split.valid.columns, schema, secret) for run, got in zip(runs, asked, strict=True)
+    ]
+    enriched = pl.concat([split.valid, *columns], how="horizontal")
     if split.rejected.height:
         write_parquet_atomic(split.rejected, rejected_path(job.destination))
-    write_parquet_atomic(enriched, job.destination, metadata=_metadata(job, spec))
+    write_parquet_atomic(enriched, job.destination, metadata=_metadata(job, primary.spec))
     if not split.rejected.height:
         Path(rejected_path(job.destination)).unlink(missing_ok=True)
 
-    failed = int(enriched.get_column(ERROR_COLUMN).is_not_null().sum())
-    stats = ctx.stats
+    errors = [run.names[ERROR_COLUMN] for run in runs]
+    failed = int(enriched.select(pl.any_horizontal(pl.col(c).is_not_null() for c in errors)).to_series().sum())
+    stats = [run.ctx.stats for run in runs]
+    costs = [run.cost_usd for run in runs]
     summary = RunSummary(
         rows_in=frame.height,
         rows_valid=split.valid.height,
         rows_rejected=split.rejected.height,
         rows_ok=enriched.height - failed,
         rows_failed=failed,
-        rows_cached=plan.rows_cached,
-        rows_deduplicated=stats.rows_deduplicated,
-        unique_prompts_sent=plan.unique_todo,
-        requests=stats.requests,
-        retries=stats.retries,
-        rate_limited=stats.rate_limited,
-        input_tokens=stats.input_tokens,
-        output_tokens=stats.output_tokens,
-        cost_usd=round(price.cost(stats.input_tokens, stats.output_tokens), 6) if price else None,
+        rows_cached=primary.plan.rows_cached,
+        rows_deduplicated=primary.ctx.stats.rows_deduplicated,
+        unique_prompts_sent=sum(run.plan.unique_todo for run in runs),
+        requests=sum(s.requests for s in stats),
+        retries=sum(s.retries for s in stats),
+        rate_limited=sum(s.rate_limited for s in stats),
+        input_tokens=sum(s.input_tokens for s in stats),
+        output_tokens=sum(s.output_tokens for s in stats),
+        cost_usd=None if any(c is None for c in costs) else round(sum(c or 0.0 for c in costs), 6),
         wall_seconds=round(time.perf_counter() - started, 3),
         output=job.destination,
         rejected_output=rejected_path(job.destination) if split.rejected.height else None,
-        model=spec.identity.model,
+        model=primary.spec.identity.model,
         endpoint=describe_url(base_url) + (" (bundled local model)" if endpoint.local else ""),
+        outputs={
+            run.job.output_column: {
+                "rows_failed": int(enriched.get_column(run.names[ERROR_COLUMN]).is_not_null().sum()),
+                "rows_cached": run.plan.rows_cached,
+                "requests": run.ctx.stats.requests,
+            }
+            for run in runs
+        },
     )
     log.info("wrote %s: %d rows ok, %d failed", job.destination, summary.rows_ok, summary.rows_failed)
     publish_report(summary, enriched, split.rejected, job.output_column)
     return summary
 
 
-def _enrich_partitions(todo: pl.DataFrame, job: EnrichJob, runtime_key: str, progress: Progress) -> pl.DataFrame:
-    """Run partition tasks, at most partition_workers at once, and reassemble in input order."""
+def _store(cache: ResponseCache, model: str, key: str, outcome: Outcome) -> None:
+    cache.append(key, outcome, model=model)
+
+
+def _enrich_partitions(
+    todo: pl.DataFrame, job: EnrichJob, runtime_key: str, progress: Progress, outputs: int
+) -> list[pl.DataFrame]:
+    """Run partition tasks, at most partition_workers at once; per output, the asked rows in order."""
     log = get_run_logger()
     parts = list(todo.iter_slices(n_rows=job.partition_rows))
-    results: list[pl.DataFrame | None] = [None] * len(parts)
+    results: list[list[pl.DataFrame] | None] = [None] * len(parts)
     waiting = deque(enumerate(parts))
-    running: dict[PrefectFuture[pl.DataFrame], int] = {}
+    running: dict[PrefectFuture[list[pl.DataFrame]], int] = {}
     done_rows = 0
     first_error: BaseException | None = None
     while waiting or running:
@@ -216,7 +243,8 @@ def _enrich_partitions(todo: pl.DataFrame, job: EnrichJob, runtime_key: str, pro
         log.info("partition %d/%d done: %d/%d rows", number + 1, len(parts), done_rows, todo.height)
     if first_error is not None:
         raise first_error
-    return pl.concat([r for r in results if r is not None], how="vertical")
+    done = [r for r in results if r is not None]
+    return [pl.concat([r[i] for r in done], how="vertical") for i in range(outputs)]
 
 
 def _metadata(job: EnrichJob, spec: EnrichSpec) -> dict[str, str]:

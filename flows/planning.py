@@ -32,17 +32,20 @@ class Plan:
         return len(self.todo_prompts)
 
 
-def load_previous(destination: str, output_column: str) -> pl.DataFrame | None:
+def load_previous(destination: str, output_column: str, names: dict[str, str] | None = None) -> pl.DataFrame | None:
     """The answers of an earlier run at the destination, if it has the columns we need."""
     path = Path(destination)
-    columns = [KEY_COLUMN, output_column, ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN]
+    names = names or {}
+    canonical = [KEY_COLUMN, ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN]
+    columns = [output_column, *(names.get(c, c) for c in canonical)]
     if not path.is_file():
         return None
     try:
         schema = pl.read_parquet_schema(path)
         if not all(c in schema for c in columns):
             return None
-        return pl.read_parquet(path, columns=columns).rename({output_column: "text"})
+        back = {names.get(c, c): c for c in canonical}
+        return pl.read_parquet(path, columns=columns).rename({output_column: "text", **back})
     except (pl.exceptions.PolarsError, OSError):
         return None  # not ours or unreadable: nothing to reuse, the new output replaces it
 

@@ -19,7 +19,7 @@ from flows.loading import detect_format, load_table
 from flows.local_model import LOCAL_MODEL_NAME
 from flows.planning import Plan, load_previous, plan_run
 from flows.validation import Split, resolve_schema, split_valid
-from schemas.enriched import added_columns
+from schemas.enriched import added_columns, bookkeeping_names
 from schemas.errors import ConfigError
 from transforms.enrichment import EnrichSpec
 from transforms.keys import AnswerIdentity, endpoint_family
@@ -31,6 +31,7 @@ __all__ = [
     "build_spec",
     "check_structured_fields",
     "load_valid_rows",
+    "output_columns",
     "plan_job",
     "resolve_structured",
 ]
@@ -49,7 +50,7 @@ def load_valid_rows(job: EnrichJob) -> tuple[pl.DataFrame, pa.DataFrameSchema, S
         )
     frame = load_table(job.input_path, job.input_format)
     # A rerun over an enriched file replaces the old answer columns rather than nesting them.
-    frame = frame.drop([c for c in added_columns(job.output_column) if c in frame.columns])
+    frame = frame.drop([c for c in output_columns(job) if c in frame.columns])
     template.check_columns(frame.columns, source=f"'{job.input_path}'")
     schema = resolve_schema(job.input_schema, template)
     quarantine = job.on_invalid == "quarantine"
@@ -132,7 +133,18 @@ def _import_model(ref: str) -> type[BaseModel]:
     return found
 
 
-def plan_job(job: EnrichJob, valid: pl.DataFrame, spec: EnrichSpec) -> tuple[Plan, ResponseCache | None]:
+def output_columns(job: EnrichJob) -> list[str]:
+    """Every column the job's outputs write besides typed fields (dropped from the input on a rerun)."""
+    columns = []
+    for number, single in enumerate(job.output_jobs()):
+        columns.append(single.output_column)
+        columns.extend(bookkeeping_names(single.output_column, primary=number == 0).values())
+    return columns
+
+
+def plan_job(
+    job: EnrichJob, valid: pl.DataFrame, spec: EnrichSpec, names: dict[str, str] | None = None
+) -> tuple[Plan, ResponseCache | None]:
     """Which rows are settled by the cache or the previous output, and which must be asked."""
     cache = ResponseCache(job.cache_dir or default_cache_dir(job.destination)) if job.cache else None
     reuse = not job.refresh_cache
@@ -140,7 +152,7 @@ def plan_job(job: EnrichJob, valid: pl.DataFrame, spec: EnrichSpec) -> tuple[Pla
         valid,
         spec,
         cached=cache.load() if cache is not None and reuse else None,
-        previous=load_previous(job.destination, job.output_column) if reuse else None,
+        previous=load_previous(job.destination, job.output_column, names) if reuse else None,
         retry_failed=job.retry_failed,
     )
     return plan, cache

@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 
 from langchain_core.language_models import BaseChatModel
 
-from flows.cache import ResponseCache
 from flows.job import EnrichJob
 from flows.llm import classify_openai_error
 from schemas.errors import ConfigError
@@ -20,7 +19,15 @@ from transforms.costs import DEFAULT_PRICES, Budget, Price, price_for
 from transforms.enrichment import AnswerMemo, EnrichSpec
 from transforms.scheduling import Scheduler
 
-__all__ = ["EventLoopThread", "Runtime", "build_context", "forget_runtime", "lookup_runtime", "register_runtime"]
+__all__ = [
+    "EventLoopThread",
+    "Lane",
+    "Runtime",
+    "build_context",
+    "forget_runtime",
+    "lookup_runtime",
+    "register_runtime",
+]
 
 T = TypeVar("T")
 
@@ -102,16 +109,22 @@ def _prefect_rate_limit(name: str) -> Callable[[], Awaitable[None]]:
     return take
 
 
+@dataclass(frozen=True)
+class Lane:
+    """One output's way through a partition: its spec, model, call context and memo."""
+
+    spec: EnrichSpec
+    model: BaseChatModel
+    ctx: CallContext
+    memo: AnswerMemo
+
+
 @dataclass
 class Runtime:
     """Everything a partition task needs that cannot be a Prefect parameter."""
 
-    spec: EnrichSpec
-    model: BaseChatModel
+    lanes: list[Lane]
     loop: EventLoopThread
-    ctx: CallContext
-    memo: AnswerMemo
-    cache: ResponseCache | None = None
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

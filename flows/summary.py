@@ -29,3 +29,4 @@ class RunSummary(BaseModel):
     rejected_output: str | None = None
     model: str
     endpoint: str
+    outputs: dict[str, dict[str, int]] = {}

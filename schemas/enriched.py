@@ -11,6 +11,7 @@ __all__ = [
     "KEY_COLUMN",
     "OUTPUT_TOKENS_COLUMN",
     "added_columns",
+    "bookkeeping_names",
     "build_output_schema",
 ]
 
@@ -23,6 +24,12 @@ KEY_COLUMN = "enrich_key"
 def added_columns(output_column: str) -> list[str]:
     """The columns enrichment appends, in output order."""
     return [output_column, ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN, KEY_COLUMN]
+
+
+def bookkeeping_names(output_column: str, *, primary: bool) -> dict[str, str]:
+    """How an output's bookkeeping columns are named in the file (extra outputs get a suffix)."""
+    canonical = [ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN, KEY_COLUMN]
+    return {c: c if primary else f"{c}_{output_column}" for c in canonical}
 
 
 def build_output_schema(input_schema: pa.DataFrameSchema, output_column: str) -> pa.DataFrameSchema:

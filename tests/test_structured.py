@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from flows.job import EnrichJob
+from flows.job import EnrichJob, load_job_file, make_job
 from flows.llm import Endpoint
 from flows.pipeline import INVALID_STATE, enrich_table
 from flows.preparation import resolve_structured
@@ -128,3 +128,46 @@ def test_a_clashing_field_name_is_refused(fake_llm: FakeOpenAIServer, tmp_path: 
         return_state=True,
     )
     assert state.name == INVALID_STATE and "--output-prefix" in state.message
+
+
+@pytest.mark.usefixtures("prefect_backend")
+def test_a_multi_output_job_asks_once_per_row_per_output_in_one_pass(
+    fake_llm: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    source = tmp_path / "in.csv"
+    topics = [f"topic {i}" for i in range(12)]
+    pl.DataFrame({"id": range(12), "topic": topics}).write_csv(source)
+    config = tmp_path / "job.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            input_path = "{source}"
+            output_path = "{tmp_path / "out.parquet"}"
+            base_url = "{fake_llm.base_url}"
+            prompt = "Explain {{topic}}"
+            partition_rows = 5
+
+            [[extra_outputs]]
+            prompt = "Classify {{topic}}"
+            output_column = "labels"
+            output_schema = "{SPEC}"
+            output_prefix = "label_"
+            model = "gpt-4.1-mini"
+            """
+        )
+    )
+    job = make_job(load_job_file(str(config)))
+    summary = enrich_table(job)
+    frame = pl.read_parquet(tmp_path / "out.parquet")
+    assert fake_llm.stats.requests == 24
+    assert all(fake_llm.stats.prompts[f"{verb} {t}"] == 1 for t in topics for verb in ("Explain", "Classify"))
+    assert {b["model"] for b in fake_llm.stats.bodies} == {"gpt-4o-mini", "gpt-4.1-mini"}
+    assert frame.columns[:3] == ["id", "topic", "explanation"]
+    assert {"labels", "label_summary", "label_difficulty", "label_category", "enrich_error_labels"} <= set(
+        frame.columns
+    )
+    assert frame.schema["label_category"] == pl.Enum(["science", "art", "history"])
+    assert frame["enrich_error"].null_count() == frame["enrich_error_labels"].null_count() == 12
+    assert summary["outputs"]["labels"]["requests"] == 12 and summary["requests"] == 24
+    again = enrich_table(job)
+    assert again["requests"] == 0 and fake_llm.stats.requests == 24
