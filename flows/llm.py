@@ -118,7 +118,7 @@ def classify_openai_error(exc: BaseException) -> Failure:
     if isinstance(exc, openai.APITimeoutError):
         return Failure("retry", "the request timed out (raise --timeout for slow models)")
     if isinstance(exc, openai.APIConnectionError):
-        return Failure("retry", f"connection failed: {_short(exc.__cause__ or exc)}")
+        return Failure("retry", f"connection failed: {_short(exc.__cause__ or exc)}", unreachable=True)
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         detail = _server_message(exc)

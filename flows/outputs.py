@@ -68,7 +68,7 @@ def plan_outputs(
         if shared is None:
             shared = ctx
         else:  # one scheduler and one budget for the whole run; counters per output
-            ctx.scheduler, ctx.budget = shared.scheduler, shared.budget
+            ctx.scheduler, ctx.budget, ctx.reachability = shared.scheduler, shared.budget, shared.reachability
         runs.append(OutputRun(single, spec, plan, names, price, ctx))
     return runs, cache
 

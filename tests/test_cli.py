@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from tests.conftest import DATA, REPO
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
+from tests.prefect_server import free_port
 
 pytestmark = pytest.mark.usefixtures("prefect_backend")
 
@@ -148,3 +150,12 @@ def test_a_missing_file_exits_2_without_a_traceback(tmp_path: Path) -> None:
     assert code == 2
     assert "missing.csv' does not exist" in output
     assert "Traceback" not in output
+
+
+def test_an_endpoint_that_never_answers_stops_the_run_early(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    out = tmp_path / "o.parquet"
+    code, output = invoke("run", str(DATA / "topics.csv"), "-o", str(out), "--base-url", dead, "--max-retries", "6")
+    assert code == 2, output
+    assert re.search(r"error: could not reach the LLM endpoint: \d+ attempts in a row failed", output)
+    assert "Traceback" not in output and not out.exists()

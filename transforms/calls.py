@@ -41,6 +41,7 @@ __all__ = [
     "Failure",
     "InvalidStructuredReply",
     "Outcome",
+    "Reachability",
     "RetryPolicy",
     "ask_model",
     "classify_generic",
@@ -63,6 +64,7 @@ class Failure:
     message: str
     retry_after: float | None = None
     rate_limited: bool = False
+    unreachable: bool = False
 
 
 Classifier = Callable[[BaseException], Failure]
@@ -132,6 +134,27 @@ class CallStats:
 
 
 @dataclass
+class Reachability:
+    """Stops a run whose endpoint never answered: N connection failures in a row and no success.
+
+    Without it a dead --base-url costs every row its full retry schedule (minutes per row);
+    once anything has been answered, outages are ridden out with retries as usual.
+    """
+
+    threshold: int = 20
+    answered: bool = False
+    failures_in_a_row: int = 0
+
+    def record(self, *, ok: bool, unreachable: bool = False) -> bool:
+        """Count an attempt; True when the run should stop."""
+        if ok:
+            self.answered, self.failures_in_a_row = True, 0
+            return False
+        self.failures_in_a_row = self.failures_in_a_row + 1 if unreachable else 0
+        return not self.answered and self.failures_in_a_row >= self.threshold
+
+
+@dataclass
 class CallContext:
     """What every call of a run shares: retry policy, counters, scheduler, budget."""
 
@@ -141,6 +164,7 @@ class CallContext:
     budget: Budget | None = None
     price: Price | None = None
     max_tokens: int = 0
+    reachability: Reachability = field(default_factory=Reachability)
 
 
 async def ask_model(
@@ -188,6 +212,7 @@ async def ask_model(
             text = _structured_text(reply) if structured else _plain_text(reply)
             if ctx.scheduler is not None:
                 await ctx.scheduler.succeeded()
+            ctx.reachability.record(ok=True)
             outcome.text, outcome.error = text, None
             return outcome
         except asyncio.CancelledError:
@@ -207,6 +232,13 @@ async def ask_model(
                     if isinstance(exc, UserError)
                     else f"the LLM endpoint refused the request ({failure.message}); check the API key, "
                     "the model name (--model) and the base URL (--base-url)."
+                )
+                raise EndpointRejected(stats.aborted) from exc
+            if ctx.reachability.record(ok=False, unreachable=failure.unreachable):
+                stats.aborted = (
+                    f"could not reach the LLM endpoint: {ctx.reachability.failures_in_a_row} attempts in a row "
+                    f"failed and none has ever succeeded ({failure.message}). Check --base-url / "
+                    "OPENAI_BASE_URL and that the server is running."
                 )
                 raise EndpointRejected(stats.aborted) from exc
             if failure.rate_limited:
