@@ -18,7 +18,7 @@ from pathlib import Path
 
 from schemas.errors import LocalModelError
 
-__all__ = ["LOCAL_MODEL_NAME", "find_bundled_model", "serve_local_model"]
+__all__ = ["LOCAL_MODEL_NAME", "find_bundled_model", "serve_local_model", "stop_process_group"]
 
 LOCAL_MODEL_NAME = "smollm2-135m-instruct"
 LOCAL_MODEL_NOTICE = (
@@ -76,7 +76,7 @@ def serve_local_model(*, startup_timeout: float = 180.0, context_size: int = 204
         _wait_healthy(process, base_url, startup_timeout, Path(log.name))
         yield base_url
     finally:
-        _stop(process)
+        stop_process_group(process)
         log.close()
         Path(log.name).unlink(missing_ok=True)
 
@@ -99,7 +99,8 @@ def _wait_healthy(process: subprocess.Popen[bytes], base_url: str, timeout: floa
     raise LocalModelError(f"the bundled model server did not become healthy within {timeout:.0f} s.")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_process_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a process started in its own session, then SIGKILL it if it lingers."""
     if process.poll() is not None:
         return
     try:

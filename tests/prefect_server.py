@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from typing import Any
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.local_model import stop_process_group
 
 __all__ = ["DEPLOYMENT", "api", "free_port", "running_prefect_server", "stop_process_group", "trigger", "wait_for"]
 
@@ -72,21 +73,6 @@ def running_prefect_server(home: Path) -> Iterator[str]:
     finally:
         stop_process_group(process)
         log.close()
-
-
-def stop_process_group(process: subprocess.Popen) -> None:  # type: ignore[type-arg]
-    """SIGTERM the process group, then SIGKILL it if it lingers."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=10)
 
 
 def api(url: str):  # type: ignore[no-untyped-def]
