@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 import httpx
@@ -24,6 +25,7 @@ __all__ = [
     "build_chat_model",
     "classify_openai_error",
     "describe_url",
+    "redacting",
     "resolve_endpoint",
 ]
 
@@ -107,6 +109,18 @@ def describe_url(url: str | None) -> str:
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def redacting(classify: Callable[[BaseException], Failure], secret: str | None) -> Callable[[BaseException], Failure]:
+    """A classifier whose messages never contain the API key, even when a server echoes it."""
+    if not secret:
+        return classify
+
+    def classify_redacted(exc: BaseException) -> Failure:
+        failure = classify(exc)
+        return replace(failure, message=failure.message.replace(secret, "***"))
+
+    return classify_redacted
 
 
 def classify_openai_error(exc: BaseException) -> Failure:

@@ -64,7 +64,8 @@ def plan_outputs(
             raise ConfigError(f"output '{single.output_column}' would overwrite another column; rename it.")
         plan, cache = plan_job(single, valid, spec, names)
         price = resolve_price(single, spec.identity.model, local=endpoint.local)
-        ctx = build_context(single, price, max_concurrency=spec.max_concurrency)
+        secret = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else None
+        ctx = build_context(single, price, max_concurrency=spec.max_concurrency, secret=secret)
         if shared is None:
             shared = ctx
         else:  # one scheduler and one budget for the whole run; counters per output

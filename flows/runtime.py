@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from langchain_core.language_models import BaseChatModel
 
 from flows.job import EnrichJob
-from flows.llm import classify_openai_error
+from flows.llm import classify_openai_error, redacting
 from schemas.errors import ConfigError
 from transforms.calls import CallContext, RetryPolicy
 from transforms.costs import DEFAULT_PRICES, Budget, Price, price_for
@@ -73,11 +73,15 @@ def resolve_price(job: EnrichJob, model_name: str, *, local: bool) -> Price | No
     )
 
 
-def build_context(job: EnrichJob, price: Price | None, *, max_concurrency: int) -> CallContext:
+def build_context(
+    job: EnrichJob, price: Price | None, *, max_concurrency: int, secret: str | None = None
+) -> CallContext:
     """Retry policy, scheduler and budget for one run, from the job."""
     return CallContext(
         policy=RetryPolicy(
-            max_retries=job.max_retries, base_delay=job.retry_base_delay, classify=classify_openai_error
+            max_retries=job.max_retries,
+            base_delay=job.retry_base_delay,
+            classify=redacting(classify_openai_error, secret),
         ),
         scheduler=Scheduler(
             max_concurrency=max_concurrency,

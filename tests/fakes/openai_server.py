@@ -160,7 +160,8 @@ class FakeOpenAIServer:
             self._attempts[prompt] += 1
             attempt = self._attempts[prompt]
         if b.require_key is not None and auth != f"Bearer {b.require_key}":
-            return _error(401, "Incorrect API key provided.", "invalid_api_key")
+            # Like some real servers, the message echoes (part of) the key it got.
+            return _error(401, f"Incorrect API key provided: {auth}.", "invalid_api_key")
         if b.latency:
             self._stopping.wait(b.latency)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 16
