@@ -50,6 +50,8 @@ _FIELD_OF = {
     "output_schema": "output_schema",
     "output_prefix": "output_prefix",
     "structured_method": "structured_method",
+    "dask_address": "dask_address",
+    "dask_local": "dask_local",
     "rpm": "rpm",
     "tpm": "tpm",
     "cache": "cache",
@@ -117,6 +119,8 @@ def run(
     structured_method: Annotated[
         Optional[str], typer.Option(help="auto, json_schema, function_calling or json_mode.")
     ] = None,
+    dask_address: Annotated[Optional[str], typer.Option(help="Run partitions on this Dask scheduler.")] = None,
+    dask_local: Annotated[Optional[int], typer.Option(help="Run partitions on N local Dask workers.")] = None,
     rpm: Annotated[Optional[int], typer.Option(help="Provider limit, requests per minute (held run-wide).")] = None,
     tpm: Annotated[Optional[int], typer.Option(help="Provider limit, tokens per minute (held run-wide).")] = None,
     cache: Annotated[

@@ -126,6 +126,15 @@ class EnrichJob(BaseModel):
     output_price: float | None = Field(
         None, ge=0, le=10_000, description="USD per 1M output tokens, overriding the shipped price table."
     )
+    dask_address: str | None = Field(
+        None,
+        pattern=r"^(tcp|tls|ucx|inproc)://\S+$",
+        max_length=300,
+        description="Run partition tasks on this existing Dask scheduler (e.g. tcp://10.0.0.5:8786).",
+    )
+    dask_local: int = Field(
+        0, ge=0, le=64, description="Run partition tasks on a local Dask cluster of this many worker processes."
+    )
     extra_outputs: list[ExtraOutput] = Field(
         default_factory=list,
         max_length=16,

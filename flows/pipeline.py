@@ -3,6 +3,7 @@
 # No `from __future__ import annotations` here: Prefect builds the parameter model from this
 # module's real annotations when a deployment loads the flow.
 import asyncio
+import io
 import json
 import time
 from collections import deque
@@ -23,7 +24,7 @@ from flows.cache import ResponseCache
 from flows.job import EnrichJob
 from flows.llm import build_chat_model, describe_url, resolve_endpoint
 from flows.local_model import LOCAL_MODEL_NOTICE, serve_local_model
-from flows.outputs import ASK_PREFIX, assemble_output, plan_outputs, rows_to_ask
+from flows.outputs import ASK_PREFIX, OutputRun, assemble_output, plan_outputs, rows_to_ask
 from flows.planning import ROW_INDEX
 from flows.preparation import load_valid_rows
 from flows.progress import current_sink
@@ -33,10 +34,11 @@ from flows.runtime import (
     Lane,
     Runtime,
     forget_runtime,
-    lookup_runtime,
     register_runtime,
 )
+from flows.scaling import dask_runner
 from flows.summary import RunSummary
+from flows.workers import runtime_for, stats_of
 from flows.writing import rejected_path, write_parquet_atomic
 from schemas.enriched import ERROR_COLUMN
 from schemas.errors import UserError
@@ -77,23 +79,39 @@ def _transient_infrastructure(task: Any, task_run: Any, state: State) -> bool:
     retry_delay_seconds=[2, 10],
     retry_condition_fn=_transient_infrastructure,
 )
-def enrich_partition(part: pl.DataFrame, number: int, runtime_key: str) -> list[pl.DataFrame]:
-    """Enrich one partition for every output on the run's shared event loop; rows fail, tasks do not."""
-    rt = lookup_runtime(runtime_key)
+def enrich_partition(
+    part: pl.DataFrame | bytes, number: int, runtime_key: str, job: EnrichJob, local: bool, served_url: str | None
+) -> dict[str, Any]:
+    """Enrich one partition for every output; on a Dask worker the runtime is rebuilt from the job."""
+    rt, remote = runtime_for(runtime_key, job, local=local, served_url=served_url)
+    # Frames cross process boundaries as Arrow IPC bytes, which nothing on the way tries to walk.
+    part = pl.read_ipc(io.BytesIO(part)) if isinstance(part, bytes) else part
     sink = current_sink()
     flags = [f"{ASK_PREFIX}{i}" for i in range(len(rt.lanes))]
+    before = stats_of(rt) if remote else None
 
     async def all_outputs() -> list[pl.DataFrame]:
         jobs = [
             enrich_frame_async(
                 part.filter(pl.col(flag)).drop(flags), lane.spec, lane.model, ctx=lane.ctx, memo=lane.memo,
-                on_rows_done=sink.advance if i == 0 else None,
+                on_rows_done=sink.advance if i == 0 and not remote else None,
             )
             for i, (lane, flag) in enumerate(zip(rt.lanes, flags, strict=True))
         ]  # fmt: skip
         return list(await asyncio.gather(*jobs))
 
-    return rt.loop.run(all_outputs())
+    frames = rt.loop.run(all_outputs())
+    # Counters of a worker's runtime live in that process: hand this partition's share back.
+    delta = None
+    if before is not None:
+        delta = [{k: a[k] - b[k] for k in a} for a, b in zip(stats_of(rt), before, strict=True)]
+    return {"frames": [_ipc(f) for f in frames] if remote else frames, "stats": delta}
+
+
+def _ipc(frame: pl.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.write_ipc(buffer)
+    return buffer.getvalue()
 
 
 @flow(
@@ -160,7 +178,8 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
                 stack.callback(cache.close)
             runtime = Runtime(lanes=lanes, loop=loop)
             stack.callback(forget_runtime, register_runtime(runtime))
-            asked = _enrich_partitions(todo, job, runtime.key, progress, len(runs))
+            remote = {"job": job, "local": endpoint.local, "served_url": base_url}
+            asked = _enrich_partitions(todo, job, runtime.key, progress, runs, remote)
 
     secret = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else None
     columns = [
@@ -216,35 +235,50 @@ def _store(cache: ResponseCache, model: str, key: str, outcome: Outcome) -> None
 
 
 def _enrich_partitions(
-    todo: pl.DataFrame, job: EnrichJob, runtime_key: str, progress: Progress, outputs: int
-) -> list[pl.DataFrame]:
+    todo: pl.DataFrame, job: EnrichJob, runtime_key: str, progress: Progress, runs: list[OutputRun],
+    remote: dict[str, Any],
+) -> list[pl.DataFrame]:  # fmt: skip
     """Run partition tasks, at most partition_workers at once; per output, the asked rows in order."""
     log = get_run_logger()
     parts = list(todo.iter_slices(n_rows=job.partition_rows))
     results: list[list[pl.DataFrame] | None] = [None] * len(parts)
     waiting = deque(enumerate(parts))
-    running: dict[PrefectFuture[list[pl.DataFrame]], int] = {}
+    running: dict[PrefectFuture[dict[str, Any]], int] = {}
     done_rows = 0
     first_error: BaseException | None = None
-    while waiting or running:
-        while waiting and first_error is None and len(running) < job.partition_workers:
-            number, part = waiting.popleft()
-            running[enrich_partition.submit(quote(part), number, runtime_key)] = number
-        future = next(as_completed(list(running)))
-        number = running.pop(future)
-        try:
-            results[number] = future.result()
-        except BaseException as exc:  # noqa: BLE001 - keep draining, re-raise the first
-            first_error = first_error or exc
-            waiting.clear()
-            continue
-        done_rows += parts[number].height
-        progress.advance(parts[number].height)
-        log.info("partition %d/%d done: %d/%d rows", number + 1, len(parts), done_rows, todo.height)
+    with ExitStack() as stack:
+        runner = stack.enter_context(dask_runner(job)) if job.dask_address or job.dask_local else None
+        while waiting or running:
+            while waiting and first_error is None and len(running) < job.partition_workers:
+                number, part = waiting.popleft()
+                params = {"number": number, "runtime_key": runtime_key, **remote}
+                if runner is None:
+                    running[enrich_partition.submit(quote(part), **params)] = number
+                else:  # the runner is used directly: it would not unwrap quote(); bytes need no walk
+                    running[runner.submit(enrich_partition, {"part": _ipc(part), **params})] = number
+            future = next(as_completed(list(running)))
+            number = running.pop(future)
+            try:
+                result = future.result()
+            except BaseException as exc:  # noqa: BLE001 - keep draining, re-raise the first
+                first_error = first_error or exc
+                waiting.clear()
+                continue
+            results[number] = [pl.read_ipc(io.BytesIO(f)) if isinstance(f, bytes) else f for f in result["frames"]]
+            for run, delta in zip(runs, result["stats"] or [], strict=False):
+                run.ctx.stats.add(
+                    requests=delta["requests"], retries=delta["retries"],
+                    tokens=(delta["input_tokens"], delta["output_tokens"]),
+                )  # fmt: skip
+                run.ctx.stats.rate_limited += delta["rate_limited"]
+                run.ctx.stats.rows_deduplicated += delta["rows_deduplicated"]
+            done_rows += parts[number].height
+            progress.advance(parts[number].height)
+            log.info("partition %d/%d done: %d/%d rows", number + 1, len(parts), done_rows, todo.height)
     if first_error is not None:
         raise first_error
     done = [r for r in results if r is not None]
-    return [pl.concat([r[i] for r in done], how="vertical") for i in range(outputs)]
+    return [pl.concat([r[i] for r in done], how="vertical") for i in range(len(runs))]
 
 
 def _metadata(job: EnrichJob, spec: EnrichSpec) -> dict[str, str]:

@@ -1,0 +1,67 @@
+"""Partition runtimes on Dask workers: rebuilt once per worker process from the job, not shipped."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from flows.cache import ResponseCache, default_cache_dir
+from flows.job import EnrichJob
+from flows.llm import Endpoint, build_chat_model, resolve_endpoint
+from flows.preparation import build_spec
+from flows.runtime import EventLoopThread, Lane, Runtime, build_context, lookup_runtime, resolve_price
+from transforms.calls import CallStats
+from transforms.enrichment import AnswerMemo
+
+__all__ = ["runtime_for", "stats_of"]
+
+_BUILT: OrderedDict[str, Runtime] = OrderedDict()
+_LOCK = threading.Lock()
+_KEEP = 4  # runtimes of recent runs a long-lived worker keeps
+_COUNTERS = ("requests", "retries", "input_tokens", "output_tokens", "rate_limited", "rows_deduplicated")
+
+
+def runtime_for(key: str, job: EnrichJob, *, local: bool, served_url: str | None) -> tuple[Runtime, bool]:
+    """The run's runtime in this process; (runtime, built_here). Built from the job on a worker."""
+    try:
+        return lookup_runtime(key), False
+    except KeyError:
+        pass
+    with _LOCK:
+        if key not in _BUILT:
+            _BUILT[key] = _build(job, local=local, served_url=served_url)
+            while len(_BUILT) > _KEEP:
+                _BUILT.popitem(last=False)[1].loop.close()
+        return _BUILT[key], True
+
+
+def stats_of(runtime: Runtime) -> list[dict[str, int]]:
+    """Each lane's counters, to be added up by the flow."""
+    return [{name: getattr(lane.ctx.stats, name) for name in _COUNTERS} for lane in runtime.lanes]
+
+
+def _build(job: EnrichJob, *, local: bool, served_url: str | None) -> Runtime:
+    # The key is read from this worker's environment; the identity (answer keys) must match the flow's.
+    found = resolve_endpoint(job)
+    endpoint = Endpoint(base_url=found.base_url, api_key=found.api_key, local=local)
+    secret = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else None
+    cache = ResponseCache(job.cache_dir or default_cache_dir(job.destination)) if job.cache else None
+    loop = EventLoopThread()
+    lanes: list[Lane] = []
+    for single in job.output_jobs():
+        spec = build_spec(single, endpoint)
+        price = resolve_price(single, spec.identity.model, local=local)
+        ctx = build_context(single, price, max_concurrency=spec.max_concurrency, secret=secret)
+        if lanes:  # one scheduler per worker, shared by its outputs
+            ctx.scheduler, ctx.reachability = lanes[0].ctx.scheduler, lanes[0].ctx.reachability
+        model, _ = build_chat_model(
+            single, endpoint, base_url=served_url or endpoint.base_url, model_name=spec.identity.model,
+            max_concurrency=spec.max_concurrency,
+        )  # fmt: skip
+        memo = AnswerMemo()
+        if cache is not None:
+            model_name = spec.identity.model
+            memo.on_answer = lambda k, o, m=model_name: cache.append(k, o, model=m)
+        ctx.stats = CallStats()
+        lanes.append(Lane(spec, model, ctx, memo))
+    return Runtime(lanes=lanes, loop=loop)
