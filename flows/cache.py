@@ -30,6 +30,7 @@ from pathlib import Path
 
 import polars as pl
 
+from flows.storage import is_remote
 from schemas.errors import OutputError
 from transforms.calls import Outcome
 
@@ -45,7 +46,9 @@ CACHE_SCHEMA = {
 
 
 def default_cache_dir(destination: str) -> str:
-    """Beside the output: <output dir>/.enrich-cache."""
+    """Beside a local output (<output dir>/.enrich-cache); for an object-store output, ./.enrich-cache."""
+    if is_remote(destination):
+        return ".enrich-cache"
     return str(Path(destination).parent / ".enrich-cache")
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
+from flows.storage import is_remote, suffix_of
 from schemas.errors import InputError
 
 __all__ = ["FORMATS", "detect_format", "load_table"]
@@ -23,7 +24,7 @@ def detect_format(path: str, requested: str = "auto") -> str:
     """The format to read: the requested one, or the one the extension names."""
     if requested != "auto":
         return requested
-    suffix = Path(path).suffix.lower()
+    suffix = suffix_of(path)
     if suffix not in FORMATS:
         known = ", ".join(sorted(FORMATS))
         raise InputError(
@@ -35,6 +36,8 @@ def detect_format(path: str, requested: str = "auto") -> str:
 
 def load_table(path: str, requested_format: str = "auto") -> pl.DataFrame:
     """Load the whole table; raise InputError naming the file and what to do."""
+    if is_remote(path):
+        return _read(path, detect_format(path, requested_format))
     file = Path(path)
     if not file.exists():
         raise InputError(f"input file '{path}' does not exist (looked in {Path.cwd()}). Check the path.")
@@ -43,13 +46,17 @@ def load_table(path: str, requested_format: str = "auto") -> pl.DataFrame:
     fmt = detect_format(path, requested_format)
     if file.stat().st_size == 0:
         raise InputError(f"input file '{path}' is empty (0 bytes); there is nothing to enrich.")
+    return _read(path, fmt)
+
+
+def _read(path: str, fmt: str) -> pl.DataFrame:
     try:
         if fmt == "csv":
-            frame = pl.read_csv(file, infer_schema_length=10_000)
+            frame = pl.read_csv(path, infer_schema_length=10_000)
         elif fmt == "parquet":
-            frame = pl.read_parquet(file)
+            frame = pl.read_parquet(path)
         else:
-            frame = pl.read_ndjson(file, infer_schema_length=10_000)
+            frame = pl.read_ndjson(path, infer_schema_length=10_000)
     except (pl.exceptions.PolarsError, OSError, ValueError, RuntimeError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(

@@ -37,6 +37,7 @@ from flows.runtime import (
     register_runtime,
 )
 from flows.scaling import dask_runner
+from flows.storage import is_remote
 from flows.summary import RunSummary
 from flows.workers import runtime_for, stats_of
 from flows.writing import rejected_path, write_parquet_atomic
@@ -189,7 +190,7 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
     if split.rejected.height:
         write_parquet_atomic(split.rejected, rejected_path(job.destination))
     write_parquet_atomic(enriched, job.destination, metadata=_metadata(job, primary.spec))
-    if not split.rejected.height:
+    if not split.rejected.height and not is_remote(job.destination):
         Path(rejected_path(job.destination)).unlink(missing_ok=True)
 
     errors = [run.names[ERROR_COLUMN] for run in runs]

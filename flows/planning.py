@@ -7,6 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
+from flows.storage import is_remote
 from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, KEY_COLUMN, OUTPUT_TOKENS_COLUMN
 from transforms.enrichment import EnrichSpec, prompt_keys
 
@@ -38,14 +39,14 @@ def load_previous(destination: str, output_column: str, names: dict[str, str] | 
     names = names or {}
     canonical = [KEY_COLUMN, ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN]
     columns = [output_column, *(names.get(c, c) for c in canonical)]
-    if not path.is_file():
+    if not is_remote(destination) and not path.is_file():
         return None
     try:
-        schema = pl.read_parquet_schema(path)
+        schema = pl.read_parquet_schema(destination)
         if not all(c in schema for c in columns):
             return None
         back = {names.get(c, c): c for c in canonical}
-        return pl.read_parquet(path, columns=columns).rename({output_column: "text", **back})
+        return pl.read_parquet(destination, columns=columns).rename({output_column: "text", **back})
     except (pl.exceptions.PolarsError, OSError):
         return None  # not ours or unreadable: nothing to reuse, the new output replaces it
 

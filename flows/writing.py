@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from flows.storage import is_remote, sibling
 from schemas.errors import OutputError
 
 __all__ = ["rejected_path", "write_json_atomic", "write_parquet_atomic"]
@@ -17,12 +19,19 @@ __all__ = ["rejected_path", "write_json_atomic", "write_parquet_atomic"]
 
 def rejected_path(destination: str) -> str:
     """Where quarantined rows go: <output stem>.rejected.parquet beside the output."""
-    dest = Path(destination)
-    return str(dest.with_name(f"{dest.stem}.rejected.parquet"))
+    stem = posixpath.splitext(posixpath.basename(destination))[0]
+    return sibling(destination, f"{stem}.rejected.parquet")
 
 
 def write_parquet_atomic(frame: pl.DataFrame, destination: str, metadata: dict[str, str] | None = None) -> None:
     """Write zstd Parquet so that readers see the old file or the new one, never a torn one."""
+    if is_remote(destination):
+        # An object store publishes an object whole when its (multipart) upload completes.
+        try:
+            frame.write_parquet(destination, compression="zstd", compression_level=3, metadata=metadata)
+        except (OSError, pl.exceptions.PolarsError) as exc:
+            raise OutputError(f"cannot write '{destination}': {exc}. Nothing was published there.") from exc
+        return
     _replace_atomically(
         destination,
         lambda tmp: frame.write_parquet(

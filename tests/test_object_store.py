@@ -1,0 +1,99 @@
+"""Input and output on an S3-compatible server (moto) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from flows.job import EnrichJob
+from flows.local_model import stop_process_group
+from flows.pipeline import INVALID_STATE, enrich_table
+from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
+from tests.prefect_server import free_port, wait_for
+
+pytestmark = pytest.mark.usefixtures("prefect_backend")
+
+
+def _up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `moto_server` with a bucket named `data`; yields its URL."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _up(url), timeout=60, what="moto_server")
+        urllib.request.urlopen(urllib.request.Request(f"{url}/data", method="PUT"), timeout=10)
+        yield url
+    finally:
+        stop_process_group(process)
+        log.close()
+
+
+@pytest.fixture
+def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials and endpoint the way polars (object_store) reads them: from the environment."""
+    for name, value in {
+        "AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.usefixtures("s3_env")
+def test_a_job_reads_from_and_writes_to_a_bucket(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
+    topics = [f"cloud topic {i}" for i in range(20)]
+    pl.DataFrame({"id": range(20), "topic": topics}).write_parquet("s3://data/in/topics.parquet")
+    job = EnrichJob(
+        input_path="s3://data/in/topics.parquet", output_path="s3://data/out/enriched.parquet",
+        base_url=fake_llm.base_url, prompt="Explain {topic}", cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    summary = enrich_table(job)
+    assert summary["rows_ok"] == 20
+    out = pl.read_parquet("s3://data/out/enriched.parquet")
+    assert out["explanation"].to_list() == [expected_answer(f"Explain {t}") for t in topics]
+    again = enrich_table(job.model_copy(update={"cache": False}))  # the previous output in the bucket is reused
+    assert again["requests"] == 0 and again["rows_cached"] == 20
+
+
+@pytest.mark.usefixtures("s3_env")
+def test_a_failed_job_publishes_nothing_at_the_output_key(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
+    pl.DataFrame({"id": [1, 2], "topic": ["a", "b"]}).write_parquet("s3://data/in/small.parquet")
+    fake_llm.behaviour.require_key = "sk-the-right-one"  # every request is refused mid-job
+    state = enrich_table(
+        EnrichJob(
+            input_path="s3://data/in/small.parquet", output_path="s3://data/out/never.parquet",
+            base_url=fake_llm.base_url, cache=False,
+        ),
+        return_state=True,
+    )  # fmt: skip
+    assert state.name == INVALID_STATE
+    with pytest.raises((OSError, pl.exceptions.PolarsError)):
+        pl.read_parquet("s3://data/out/never.parquet")
+
+
+@pytest.mark.usefixtures("s3_env")
+def test_a_missing_object_is_a_clear_input_error(fake_llm: FakeOpenAIServer) -> None:
+    state = enrich_table(
+        EnrichJob(
+            input_path="s3://data/in/nope.parquet", output_path="s3://data/out/x.parquet", base_url=fake_llm.base_url
+        ),
+        return_state=True,
+    )
+    assert state.name == INVALID_STATE and "could not read 's3://data/in/nope.parquet'" in state.message
