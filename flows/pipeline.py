@@ -36,7 +36,7 @@ from flows.runtime import (
     forget_runtime,
     register_runtime,
 )
-from flows.scaling import dask_runner
+from flows.scaling import count_workers, dask_runner
 from flows.storage import is_remote
 from flows.summary import RunSummary
 from flows.workers import runtime_for, stats_of
@@ -81,10 +81,16 @@ def _transient_infrastructure(task: Any, task_run: Any, state: State) -> bool:
     retry_condition_fn=_transient_infrastructure,
 )
 def enrich_partition(
-    part: pl.DataFrame | bytes, number: int, runtime_key: str, job: EnrichJob, local: bool, served_url: str | None
+    part: pl.DataFrame | bytes,
+    number: int,
+    runtime_key: str,
+    job: EnrichJob,
+    local: bool,
+    served_url: str | None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Enrich one partition for every output; on a Dask worker the runtime is rebuilt from the job."""
-    rt, remote = runtime_for(runtime_key, job, local=local, served_url=served_url)
+    rt, remote = runtime_for(runtime_key, job, local=local, served_url=served_url, workers=workers)
     # Frames cross process boundaries as Arrow IPC bytes, which nothing on the way tries to walk.
     part = pl.read_ipc(io.BytesIO(part)) if isinstance(part, bytes) else part
     sink = current_sink()
@@ -249,6 +255,8 @@ def _enrich_partitions(
     first_error: BaseException | None = None
     with ExitStack() as stack:
         runner = stack.enter_context(dask_runner(job)) if job.dask_address or job.dask_local else None
+        if runner is not None:
+            remote = {**remote, "workers": count_workers(job)}
         while waiting or running:
             while waiting and first_error is None and len(running) < job.partition_workers:
                 number, part = waiting.popleft()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flows.job import EnrichJob
 
-__all__ = ["dask_runner"]
+__all__ = ["count_workers", "dask_runner"]
 
 
 def dask_runner(job: EnrichJob):  # type: ignore[no-untyped-def]
@@ -17,3 +17,13 @@ def dask_runner(job: EnrichJob):  # type: ignore[no-untyped-def]
     # event loop and scheduler (the run's --rpm/--tpm are split between workers, see README).
     cluster = {"n_workers": job.dask_local, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
     return DaskTaskRunner(cluster_kwargs=cluster)
+
+
+def count_workers(job: EnrichJob) -> int:
+    """How many worker processes share the run's rate limits."""
+    if not job.dask_address:
+        return max(1, job.dask_local)
+    from distributed import Client
+
+    with Client(job.dask_address, timeout=30) as client:
+        return max(1, len(client.scheduler_info()["workers"]))

@@ -21,7 +21,9 @@ _KEEP = 4  # runtimes of recent runs a long-lived worker keeps
 _COUNTERS = ("requests", "retries", "input_tokens", "output_tokens", "rate_limited", "rows_deduplicated")
 
 
-def runtime_for(key: str, job: EnrichJob, *, local: bool, served_url: str | None) -> tuple[Runtime, bool]:
+def runtime_for(
+    key: str, job: EnrichJob, *, local: bool, served_url: str | None, workers: int = 1
+) -> tuple[Runtime, bool]:
     """The run's runtime in this process; (runtime, built_here). Built from the job on a worker."""
     try:
         return lookup_runtime(key), False
@@ -29,7 +31,7 @@ def runtime_for(key: str, job: EnrichJob, *, local: bool, served_url: str | None
         pass
     with _LOCK:
         if key not in _BUILT:
-            _BUILT[key] = _build(job, local=local, served_url=served_url)
+            _BUILT[key] = _build(_worker_share(job, workers), local=local, served_url=served_url)
             while len(_BUILT) > _KEEP:
                 _BUILT.popitem(last=False)[1].loop.close()
         return _BUILT[key], True
@@ -38,6 +40,14 @@ def runtime_for(key: str, job: EnrichJob, *, local: bool, served_url: str | None
 def stats_of(runtime: Runtime) -> list[dict[str, int]]:
     """Each lane's counters, to be added up by the flow."""
     return [{name: getattr(lane.ctx.stats, name) for name in _COUNTERS} for lane in runtime.lanes]
+
+
+def _worker_share(job: EnrichJob, workers: int) -> EnrichJob:
+    """Each of N workers holds 1/N of the run's --rpm/--tpm, so together they stay under it."""
+    if workers <= 1:
+        return job
+    share = {name: max(1, value // workers) for name in ("rpm", "tpm") if (value := getattr(job, name))}
+    return job.model_copy(update=share)
 
 
 def _build(job: EnrichJob, *, local: bool, served_url: str | None) -> Runtime:

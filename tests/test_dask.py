@@ -59,7 +59,10 @@ def test_a_job_on_a_dask_cluster_equals_the_single_machine_run(
     topics = [f"distributed topic {i}" for i in range(60)]
     source = tmp_path / "in.parquet"
     pl.DataFrame({"id": range(60), "topic": topics}).write_parquet(source)
-    base = {"input_path": str(source), "base_url": fake_llm.base_url, "prompt": "Explain {topic}", "partition_rows": 6}
+    base = {
+        "input_path": str(source), "base_url": fake_llm.base_url, "prompt": "Explain {topic}", "partition_rows": 6,
+        "rpm": 600_000, "tpm": 50_000_000,
+    }  # fmt: skip
     local = enrich_table(EnrichJob(**base, output_path=str(tmp_path / "local" / "out.parquet")))
     fake_llm.reset()
     spread = enrich_table(
@@ -73,3 +76,18 @@ def test_a_job_on_a_dask_cluster_equals_the_single_machine_run(
     segments = list((tmp_path / "dask" / ".enrich-cache" / "v1").glob("seg-*.jsonl"))
     assert len(segments) == 2
     assert all(len(s.read_text().splitlines()) > 0 for s in segments)
+
+    # The run's limits are split between the two workers, so together they stay under them.
+    from distributed import Client
+
+    with Client(dask_cluster, timeout=30) as client:
+        limits = client.run(
+            lambda: [(r.lanes[0].ctx.scheduler.rpm, r.lanes[0].ctx.scheduler.tpm) for r in _built_runtimes()]
+        )
+    assert sorted(v for per_worker in limits.values() for v in per_worker) == [(300_000, 25_000_000)] * 2
+
+
+def _built_runtimes() -> list:  # type: ignore[type-arg]
+    from flows.workers import _BUILT
+
+    return list(_BUILT.values())

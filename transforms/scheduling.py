@@ -69,6 +69,7 @@ class Scheduler:
     ) -> None:
         self.max_concurrency = max_concurrency
         self.max_tokens = max_tokens
+        self.rpm, self.tpm = rpm, tpm
         # An outside limit shared with other processes (e.g. a Prefect global rate limit).
         self._before_send = before_send
         self._rpm = _bucket(rpm) if rpm else None
