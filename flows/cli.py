@@ -30,6 +30,7 @@ _FIELD_OF = {
     "input_path": "input_path",
     "output": "output_path",
     "in_place": "in_place",
+    "output_partition_by": "output_partition_by",
     "input_format": "input_format",
     "prompt": "prompt",
     "system": "system",
@@ -77,6 +78,9 @@ def run(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output Parquet path.")] = None,
     in_place: Annotated[
         Optional[bool], typer.Option("--in-place", help="Rewrite the Parquet input atomically.")
+    ] = None,
+    output_partition_by: Annotated[
+        Optional[str], typer.Option(help="Write a Hive-partitioned dataset directory by this column.")
     ] = None,
     input_format: Annotated[
         Optional[str], typer.Option("--format", help="csv, parquet or ndjson (default: from the extension).")

@@ -46,6 +46,11 @@ class EnrichJob(BaseModel):
         description="Enriched Parquet output (written atomically). Ignored with in_place.",
     )
     in_place: bool = Field(False, description="Rewrite the (Parquet) input file itself, atomically.")
+    output_partition_by: str | None = Field(
+        None,
+        max_length=128,
+        description="Write a Hive-partitioned dataset (a directory of column=value/ folders) by this column.",
+    )
     prompt: str = Field(
         DEFAULT_PROMPT,
         min_length=1,
@@ -168,6 +173,12 @@ class EnrichJob(BaseModel):
             for extra in self.extra_outputs
         ]
         return [self.model_copy(update={"extra_outputs": []}), *extras]
+
+    @model_validator(mode="after")
+    def _local_dataset(self) -> EnrichJob:
+        if self.output_partition_by and self.destination.lower().startswith(("s3://", "gs://", "az://", "abfs")):
+            raise ValueError("a partitioned output (output_partition_by) must be a local directory for now")
+        return self
 
     @model_validator(mode="after")
     def _distinct_outputs(self) -> EnrichJob:

@@ -41,6 +41,8 @@ def load_table(path: str, requested_format: str = "auto") -> pl.DataFrame:
     file = Path(path)
     if not file.exists():
         raise InputError(f"input file '{path}' does not exist (looked in {Path.cwd()}). Check the path.")
+    if file.is_dir():
+        return _read_dataset(path)
     if not file.is_file():
         raise InputError(f"input '{path}' is not a file; pass a .csv, .parquet or .ndjson file.")
     fmt = detect_format(path, requested_format)
@@ -49,12 +51,21 @@ def load_table(path: str, requested_format: str = "auto") -> pl.DataFrame:
     return _read(path, fmt)
 
 
+def _read_dataset(path: str) -> pl.DataFrame:
+    """A Hive-partitioned Parquet directory (key=value/ folders); the keys become columns."""
+    if not any(Path(path).rglob("*.parquet")):
+        raise InputError(f"input directory '{path}' holds no .parquet files; pass a file or a Parquet dataset.")
+    return _read(f"{path.rstrip('/')}/**/*.parquet", "dataset")
+
+
 def _read(path: str, fmt: str) -> pl.DataFrame:
     try:
         if fmt == "csv":
             frame = pl.read_csv(path, infer_schema_length=10_000)
         elif fmt == "parquet":
             frame = pl.read_parquet(path)
+        elif fmt == "dataset":
+            frame = pl.read_parquet(path, hive_partitioning=True)
         else:
             frame = pl.read_ndjson(path, infer_schema_length=10_000)
     except (pl.exceptions.PolarsError, OSError, ValueError, RuntimeError) as exc:

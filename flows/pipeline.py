@@ -40,9 +40,9 @@ from flows.scaling import count_workers, dask_runner
 from flows.storage import is_remote
 from flows.summary import RunSummary
 from flows.workers import runtime_for, stats_of
-from flows.writing import rejected_path, write_parquet_atomic
+from flows.writing import rejected_path, write_parquet_atomic, write_parquet_dataset_atomic
 from schemas.enriched import ERROR_COLUMN
-from schemas.errors import UserError
+from schemas.errors import ConfigError, UserError
 from transforms.calls import Outcome
 from transforms.enrichment import EnrichSpec, enrich_frame_async
 from transforms.keys import KEY_VERSION
@@ -195,7 +195,15 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
     enriched = pl.concat([split.valid, *columns], how="horizontal")
     if split.rejected.height:
         write_parquet_atomic(split.rejected, rejected_path(job.destination))
-    write_parquet_atomic(enriched, job.destination, metadata=_metadata(job, primary.spec))
+    if job.output_partition_by:
+        if job.output_partition_by not in enriched.columns:
+            raise ConfigError(
+                f"--output-partition-by {job.output_partition_by!r} is not a column of the output; "
+                f"it has: {', '.join(enriched.columns)}."
+            )
+        write_parquet_dataset_atomic(enriched, job.destination, job.output_partition_by, _metadata(job, primary.spec))
+    else:
+        write_parquet_atomic(enriched, job.destination, metadata=_metadata(job, primary.spec))
     if not split.rejected.height and not is_remote(job.destination):
         Path(rejected_path(job.destination)).unlink(missing_ok=True)
 

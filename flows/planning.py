@@ -39,14 +39,16 @@ def load_previous(destination: str, output_column: str, names: dict[str, str] | 
     names = names or {}
     canonical = [KEY_COLUMN, ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN]
     columns = [output_column, *(names.get(c, c) for c in canonical)]
-    if not is_remote(destination) and not path.is_file():
+    dataset = not is_remote(destination) and path.is_dir()
+    if not is_remote(destination) and not path.is_file() and not dataset:
         return None
     try:
-        schema = pl.read_parquet_schema(destination)
-        if not all(c in schema for c in columns):
+        source = f"{destination.rstrip('/')}/**/*.parquet" if dataset else destination
+        scan = pl.scan_parquet(source, hive_partitioning=dataset)
+        if not all(c in scan.collect_schema() for c in columns):
             return None
         back = {names.get(c, c): c for c in canonical}
-        return pl.read_parquet(destination, columns=columns).rename({output_column: "text", **back})
+        return scan.select(columns).collect().rename({output_column: "text", **back})
     except (pl.exceptions.PolarsError, OSError):
         return None  # not ours or unreadable: nothing to reuse, the new output replaces it
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import polars as pl
 from flows.storage import is_remote, sibling
 from schemas.errors import OutputError
 
-__all__ = ["rejected_path", "write_json_atomic", "write_parquet_atomic"]
+__all__ = ["rejected_path", "write_json_atomic", "write_parquet_atomic", "write_parquet_dataset_atomic"]
 
 
 def rejected_path(destination: str) -> str:
@@ -38,6 +39,36 @@ def write_parquet_atomic(frame: pl.DataFrame, destination: str, metadata: dict[s
             tmp, compression="zstd", compression_level=3, statistics=True, metadata=metadata
         ),
     )
+
+
+def write_parquet_dataset_atomic(
+    frame: pl.DataFrame, destination: str, partition_by: str, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a Hive-partitioned dataset into a new directory, then swap it in for the old one."""
+    dest = Path(destination)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    except OSError as exc:
+        raise OutputError(f"cannot write '{destination}': {exc}. Check the directory and its permissions.") from exc
+    old = dest.with_name(f".{dest.name}.old-{staging.name.rsplit('.', 2)[-2]}")
+    try:
+        frame.write_parquet(
+            staging, partition_by=partition_by, compression="zstd", compression_level=3, metadata=metadata
+        )
+        # Two renames: readers see the old dataset or the new one (or, for an instant, neither),
+        # never a mix of old and new files.
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(staging, dest)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old.exists() and not dest.exists():
+            os.replace(old, dest)
+        if isinstance(exc, (OSError, pl.exceptions.PolarsError)):
+            raise OutputError(f"cannot write '{destination}': {exc}. The previous dataset is intact.") from exc
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json_atomic(data: dict[str, Any], destination: str) -> None:

@@ -132,3 +132,20 @@ def test_a_rejected_key_fails_the_run_clearly(
     assert "HTTP 401" in state.message and "check the API key" in state.message
     assert SECRET not in state.message
     assert not (tmp_path / "out" / "enriched.parquet").exists()
+
+
+def test_a_hive_partitioned_output_and_input(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
+    dataset = tmp_path / "by_category"
+    the_job = job(fake_llm, tmp_path, output_path=str(dataset), output_partition_by="category")
+    first = enrich_table(the_job)
+    assert first["requests"] == 30
+    folders = sorted(p.name for p in dataset.iterdir())
+    assert "category=ai" in folders and "category=science" in folders
+    back = pl.read_parquet(f"{dataset}/**/*.parquet", hive_partitioning=True)
+    assert back.height == 30 and back["enrich_error"].null_count() == 30
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".by_category")) == []  # no leftovers
+    # A rerun reuses the answers in the dataset; the dataset is also a valid input (keys become columns).
+    assert enrich_table(the_job)["requests"] == 0
+    again = job(fake_llm, tmp_path, input_path=str(dataset), output_path=str(tmp_path / "flat.parquet"))
+    summary = enrich_table(again)
+    assert summary["rows_in"] == 30 and "category" in pl.read_parquet(tmp_path / "flat.parquet").columns

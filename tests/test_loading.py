@@ -56,6 +56,12 @@ def test_bad_files_are_input_errors_naming_the_file(
     assert fragment in err.value.message
 
 
-def test_a_directory_is_not_a_table(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="is not a file"):
+def test_a_directory_without_parquet_files_is_not_a_table(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"holds no \.parquet files"):
         load_table(str(tmp_path))
+
+
+def test_a_hive_partitioned_directory_is_read_with_its_keys(tmp_path: Path) -> None:
+    FRAME.with_columns(pl.Series("lang", ["en", "ko"])).write_parquet(tmp_path / "ds", partition_by="lang")
+    frame = load_table(str(tmp_path / "ds")).sort("id")
+    assert frame["topic"].to_list() == ["a", "인공지능"] and frame["lang"].to_list() == ["en", "ko"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from flows.writing import rejected_path, write_parquet_atomic
+from flows.writing import rejected_path, write_parquet_atomic, write_parquet_dataset_atomic
 from schemas.errors import OutputError
 
 
@@ -50,3 +50,21 @@ def test_an_interrupt_mid_write_also_cleans_up(tmp_path: Path, monkeypatch: pyte
 
 def test_rejected_rows_go_beside_the_output() -> None:
     assert rejected_path("data/out/topics_enriched.parquet") == "data/out/topics_enriched.rejected.parquet"
+
+
+def test_a_partitioned_dataset_is_swapped_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dest = tmp_path / "ds"
+    write_parquet_dataset_atomic(pl.DataFrame({"k": ["a", "b"], "x": [1, 2]}), str(dest), "k")
+    assert sorted(p.name for p in dest.iterdir()) == ["k=a", "k=b"]
+    write_parquet_dataset_atomic(pl.DataFrame({"k": ["c"], "x": [3]}), str(dest), "k")
+    assert sorted(p.name for p in dest.iterdir()) == ["k=c"]  # no stale partitions from the old dataset
+
+    def torn(self: pl.DataFrame, file: str, **kwargs: object) -> None:
+        (Path(file) / "k=z").mkdir(parents=True)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", torn)
+    with pytest.raises(OutputError, match="previous dataset is intact"):
+        write_parquet_dataset_atomic(pl.DataFrame({"k": ["z"], "x": [9]}), str(dest), "k")
+    assert sorted(p.name for p in dest.iterdir()) == ["k=c"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no staging or backup directories left
