@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pandera.polars as pa
 import polars as pl
@@ -12,13 +12,13 @@ from flows.job import EnrichJob
 from flows.llm import Endpoint
 from flows.planning import ROW_INDEX, Plan
 from flows.preparation import build_spec, check_structured_fields, plan_job
-from flows.runtime import build_context, resolve_price
+from flows.runtime import build_context, resolve_price, share_limits
 from flows.validation import validate_output
 from schemas.enriched import ERROR_COLUMN, added_columns, bookkeeping_names
 from schemas.errors import ConfigError
 from transforms.calls import CallContext
 from transforms.costs import Price
-from transforms.enrichment import AnswerMemo, EnrichSpec, charge_first
+from transforms.enrichment import EnrichSpec, charge_first
 from transforms.structured import expand_columns
 
 __all__ = ["ASK_PREFIX", "OutputRun", "assemble_output", "plan_outputs", "rows_to_ask"]
@@ -36,7 +36,6 @@ class OutputRun:
     names: dict[str, str]
     price: Price | None
     ctx: CallContext
-    memo: AnswerMemo = field(default_factory=AnswerMemo)
 
     @property
     def cost_usd(self) -> float | None:
@@ -68,8 +67,8 @@ def plan_outputs(
         ctx = build_context(single, price, max_concurrency=spec.max_concurrency, secret=secret)
         if shared is None:
             shared = ctx
-        else:  # one scheduler and one budget for the whole run; counters per output
-            ctx.scheduler, ctx.budget, ctx.reachability = shared.scheduler, shared.budget, shared.reachability
+        else:
+            share_limits(ctx, shared)
         runs.append(OutputRun(single, spec, plan, names, price, ctx))
     return runs, cache
 

@@ -8,7 +8,6 @@ import json
 import time
 from collections import deque
 from contextlib import ExitStack
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,8 @@ from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from flows.cache import ResponseCache
 from flows.job import EnrichJob
-from flows.llm import build_chat_model, describe_url, resolve_endpoint
+from flows.llm import describe_url, resolve_endpoint
 from flows.local_model import LOCAL_MODEL_NOTICE, serve_local_model
 from flows.outputs import ASK_PREFIX, OutputRun, assemble_output, plan_outputs, rows_to_ask
 from flows.planning import ROW_INDEX
@@ -31,8 +29,8 @@ from flows.progress import current_sink
 from flows.reports import Progress, publish_failure, publish_report
 from flows.runtime import (
     EventLoopThread,
-    Lane,
     Runtime,
+    build_lane,
     forget_runtime,
     register_runtime,
 )
@@ -43,7 +41,6 @@ from flows.workers import runtime_for, stats_of
 from flows.writing import rejected_path, write_parquet_atomic, write_parquet_dataset_atomic
 from schemas.enriched import ERROR_COLUMN
 from schemas.errors import ConfigError, UserError
-from transforms.calls import Outcome
 from transforms.enrichment import EnrichSpec, enrich_frame_async
 from transforms.keys import KEY_VERSION
 
@@ -173,14 +170,9 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
             lanes = []
             for run in runs:
                 log.info("%s: asking %s at %s", run.job.output_column, run.spec.identity.model, describe_url(base_url))
-                model, http = build_chat_model(
-                    run.job, endpoint, base_url=base_url, model_name=run.spec.identity.model,
-                    max_concurrency=run.spec.max_concurrency,
-                )  # fmt: skip
+                lane, http = build_lane(run.job, run.spec, run.ctx, endpoint, base_url=base_url, cache=cache)
                 stack.callback(lambda http=http: loop.run(http.aclose()))
-                if cache is not None:
-                    run.memo.on_answer = partial(_store, cache, run.spec.identity.model)
-                lanes.append(Lane(run.spec, model, run.ctx, run.memo))
+                lanes.append(lane)
             if cache is not None:
                 stack.callback(cache.close)
             runtime = Runtime(lanes=lanes, loop=loop)
@@ -243,10 +235,6 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
     log.info("wrote %s: %d rows ok, %d failed", job.destination, summary.rows_ok, summary.rows_failed)
     publish_report(summary, enriched, split.rejected, job.output_column)
     return summary
-
-
-def _store(cache: ResponseCache, model: str, key: str, outcome: Outcome) -> None:
-    cache.append(key, outcome, model=model)
 
 
 def _enrich_partitions(

@@ -7,12 +7,15 @@ import threading
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
+import httpx
 from langchain_core.language_models import BaseChatModel
 
+from flows.cache import ResponseCache
 from flows.job import EnrichJob
-from flows.llm import classify_openai_error, redacting
+from flows.llm import Endpoint, build_chat_model, classify_openai_error, redacting
 from schemas.errors import ConfigError
 from transforms.calls import CallContext, RetryPolicy
 from transforms.costs import DEFAULT_PRICES, Budget, Price, price_for
@@ -24,9 +27,11 @@ __all__ = [
     "Lane",
     "Runtime",
     "build_context",
+    "build_lane",
     "forget_runtime",
     "lookup_runtime",
     "register_runtime",
+    "share_limits",
 ]
 
 T = TypeVar("T")
@@ -111,6 +116,25 @@ def _prefect_rate_limit(name: str) -> Callable[[], Awaitable[None]]:
             ) from exc
 
     return take
+
+
+def share_limits(ctx: CallContext, first: CallContext) -> None:
+    """Outputs in one process share the first one's scheduler, budget and reachability; counters stay apart."""
+    ctx.scheduler, ctx.budget, ctx.reachability = first.scheduler, first.budget, first.reachability
+
+
+def build_lane(
+    job: EnrichJob, spec: EnrichSpec, ctx: CallContext, endpoint: Endpoint, *, base_url: str | None,
+    cache: ResponseCache | None,
+) -> tuple[Lane, httpx.AsyncClient]:  # fmt: skip
+    """One output's model client and memo (answers go to the cache as they arrive); close the client."""
+    model, http = build_chat_model(
+        job, endpoint, base_url=base_url, model_name=spec.identity.model, max_concurrency=spec.max_concurrency
+    )
+    memo = AnswerMemo()
+    if cache is not None:
+        memo.on_answer = partial(cache.append, model=spec.identity.model)
+    return Lane(spec, model, ctx, memo), http
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,18 @@ from collections import OrderedDict
 
 from flows.cache import ResponseCache, default_cache_dir
 from flows.job import EnrichJob
-from flows.llm import Endpoint, build_chat_model, resolve_endpoint
+from flows.llm import Endpoint, resolve_endpoint
 from flows.preparation import build_spec
-from flows.runtime import EventLoopThread, Lane, Runtime, build_context, lookup_runtime, resolve_price
-from transforms.calls import CallStats
-from transforms.enrichment import AnswerMemo
+from flows.runtime import (
+    EventLoopThread,
+    Lane,
+    Runtime,
+    build_context,
+    build_lane,
+    lookup_runtime,
+    resolve_price,
+    share_limits,
+)
 
 __all__ = ["runtime_for", "stats_of"]
 
@@ -62,16 +69,8 @@ def _build(job: EnrichJob, *, local: bool, served_url: str | None) -> Runtime:
         spec = build_spec(single, endpoint)
         price = resolve_price(single, spec.identity.model, local=local)
         ctx = build_context(single, price, max_concurrency=spec.max_concurrency, secret=secret)
-        if lanes:  # one scheduler per worker, shared by its outputs
-            ctx.scheduler, ctx.reachability = lanes[0].ctx.scheduler, lanes[0].ctx.reachability
-        model, _ = build_chat_model(
-            single, endpoint, base_url=served_url or endpoint.base_url, model_name=spec.identity.model,
-            max_concurrency=spec.max_concurrency,
-        )  # fmt: skip
-        memo = AnswerMemo()
-        if cache is not None:
-            model_name = spec.identity.model
-            memo.on_answer = lambda k, o, m=model_name: cache.append(k, o, model=m)
-        ctx.stats = CallStats()
-        lanes.append(Lane(spec, model, ctx, memo))
+        if lanes:
+            share_limits(ctx, lanes[0].ctx)
+        lane, _ = build_lane(single, spec, ctx, endpoint, base_url=served_url or endpoint.base_url, cache=cache)
+        lanes.append(lane)
     return Runtime(lanes=lanes, loop=loop)
