@@ -7,7 +7,9 @@ from pydantic import BaseModel
 from flows.job import EnrichJob
 from flows.llm import resolve_endpoint
 from flows.outputs import plan_outputs
-from flows.preparation import load_valid_rows
+from flows.survey import read_columns, survey_input
+from flows.validation import resolve_schema
+from transforms.prompts import parse_template
 from transforms.scheduling import estimate_tokens
 
 __all__ = ["Estimate", "estimate_job"]
@@ -32,27 +34,29 @@ class Estimate(BaseModel):
 
 def estimate_job(job: EnrichJob) -> Estimate:
     """Load, validate and plan exactly as a run would (every output), then count instead of sending."""
-    frame, _, split = load_valid_rows(job)
+    template = parse_template(job.prompt)
+    schema = resolve_schema(job.input_schema, template)
     endpoint = resolve_endpoint(job)
-    runs, _ = plan_outputs(job, split.valid, endpoint)
+    runs, _ = plan_outputs(job, read_columns(job), endpoint)
+    survey = survey_input(job, schema, template, runs, staging=None)
     input_tokens = output_tokens = 0
     cost: float | None = 0.0
     for run in runs:
         prefix = f"{run.job.system}\n" if run.job.system else ""
-        tokens_in = sum(estimate_tokens(prefix + p) for p in run.plan.todo_prompts)
-        tokens_out = run.job.max_tokens * run.plan.unique_todo
+        tokens_in = sum(estimate_tokens(prefix + p) for p in run.tally.todo.values())
+        tokens_out = run.job.max_tokens * run.tally.unique_todo
         input_tokens, output_tokens = input_tokens + tokens_in, output_tokens + tokens_out
         cost = None if cost is None or run.price is None else cost + run.price.cost(tokens_in, tokens_out)
     primary = runs[0]
     price = primary.price
     return Estimate(
-        rows_in=frame.height,
-        rows_valid=split.valid.height,
-        rows_rejected=split.rejected.height,
-        rows_cached=primary.plan.rows_cached,
-        rows_kept_failed=primary.plan.rows_kept_failed,
-        rows_to_ask=primary.plan.todo.height,
-        unique_prompts=sum(run.plan.unique_todo for run in runs),
+        rows_in=survey.rows_in,
+        rows_valid=survey.rows_valid,
+        rows_rejected=survey.rows_rejected,
+        rows_cached=primary.tally.rows_cached,
+        rows_kept_failed=primary.tally.rows_kept_failed,
+        rows_to_ask=primary.tally.rows_to_ask,
+        unique_prompts=sum(run.tally.unique_todo for run in runs),
         estimated_input_tokens=input_tokens,
         max_output_tokens=output_tokens,
         estimated_cost_usd=round(cost, 6) if cost is not None else None,

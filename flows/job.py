@@ -108,7 +108,12 @@ class EnrichJob(BaseModel):
     timeout: float = Field(60.0, gt=0, le=3_600, description="Seconds to wait for one reply.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature.")
     max_tokens: int = Field(256, ge=1, le=131_072, description="Maximum tokens per answer.")
-    partition_rows: int = Field(500, ge=1, le=1_000_000, description="Rows per partition task.")
+    partition_rows: int = Field(
+        500,
+        ge=1,
+        le=1_000_000,
+        description="Rows per partition task (peak memory grows with this, not with the table).",
+    )
     partition_workers: int = Field(
         4, ge=1, le=64, description="Partition tasks running at once (a bounded thread pool)."
     )
@@ -139,6 +144,12 @@ class EnrichJob(BaseModel):
     )
     dask_local: int = Field(
         0, ge=0, le=64, description="Run partition tasks on a local Dask cluster of this many worker processes."
+    )
+    staging_dir: str | None = Field(
+        None,
+        max_length=4_096,
+        description="Where slices and part files wait until the output is published (default: beside the "
+        "output; must be storage every Dask worker shares).",
     )
     extra_outputs: list[ExtraOutput] = Field(
         default_factory=list,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -9,7 +10,7 @@ import polars as pl
 from flows.storage import is_remote, suffix_of
 from schemas.errors import InputError
 
-__all__ = ["FORMATS", "detect_format", "load_table"]
+__all__ = ["FORMATS", "detect_format", "format_of", "iter_partitions", "load_table", "read_error", "scan_table"]
 
 FORMATS = {
     ".csv": "csv",
@@ -18,6 +19,7 @@ FORMATS = {
     ".ndjson": "ndjson",
     ".jsonl": "ndjson",
 }
+_INFER_ROWS = 10_000
 
 
 def detect_format(path: str, requested: str = "auto") -> str:
@@ -34,46 +36,82 @@ def detect_format(path: str, requested: str = "auto") -> str:
     return FORMATS[suffix]
 
 
-def load_table(path: str, requested_format: str = "auto") -> pl.DataFrame:
-    """Load the whole table; raise InputError naming the file and what to do."""
+def scan_table(path: str, requested_format: str = "auto") -> pl.LazyFrame:
+    """A lazy scan of the input (nothing is read yet); raise InputError for a missing or empty file."""
     if is_remote(path):
-        return _read(path, detect_format(path, requested_format))
+        return _scan(path, detect_format(path, requested_format))
     file = Path(path)
     if not file.exists():
         raise InputError(f"input file '{path}' does not exist (looked in {Path.cwd()}). Check the path.")
     if file.is_dir():
-        return _read_dataset(path)
+        if not any(file.rglob("*.parquet")):
+            raise InputError(f"input directory '{path}' holds no .parquet files; pass a file or a Parquet dataset.")
+        # A Hive-partitioned Parquet directory (key=value/ folders); the keys become columns.
+        return _scan(f"{path.rstrip('/')}/**/*.parquet", "dataset")
     if not file.is_file():
         raise InputError(f"input '{path}' is not a file; pass a .csv, .parquet or .ndjson file.")
     fmt = detect_format(path, requested_format)
     if file.stat().st_size == 0:
         raise InputError(f"input file '{path}' is empty (0 bytes); there is nothing to enrich.")
-    return _read(path, fmt)
+    return _scan(path, fmt)
 
 
-def _read_dataset(path: str) -> pl.DataFrame:
-    """A Hive-partitioned Parquet directory (key=value/ folders); the keys become columns."""
-    if not any(Path(path).rglob("*.parquet")):
-        raise InputError(f"input directory '{path}' holds no .parquet files; pass a file or a Parquet dataset.")
-    return _read(f"{path.rstrip('/')}/**/*.parquet", "dataset")
-
-
-def _read(path: str, fmt: str) -> pl.DataFrame:
+def iter_partitions(scan: pl.LazyFrame, rows: int, *, source: str, fmt: str) -> Iterator[pl.DataFrame]:
+    """The table in consecutive slices of exactly ``rows`` rows (the last may be shorter), streamed."""
+    pending: list[pl.DataFrame] = []
+    held = 0
+    seen = 0
     try:
-        if fmt == "csv":
-            frame = pl.read_csv(path, infer_schema_length=10_000)
-        elif fmt == "parquet":
-            frame = pl.read_parquet(path)
-        elif fmt == "dataset":
-            frame = pl.read_parquet(path, hive_partitioning=True)
-        else:
-            frame = pl.read_ndjson(path, infer_schema_length=10_000)
+        for batch in scan.collect_batches(chunk_size=rows):
+            pending.append(batch)
+            held += batch.height
+            while held >= rows:
+                merged = pl.concat(pending, rechunk=False)
+                yield merged.head(rows)
+                rest = merged.slice(rows)
+                pending, held = ([rest] if rest.height else []), rest.height
+                seen += rows
     except (pl.exceptions.PolarsError, OSError, ValueError, RuntimeError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            f"could not read '{path}' as {fmt}: {detail}. Check that the file is valid {fmt} "
-            "(UTF-8 for text formats), or pass --format if the extension is misleading."
-        ) from exc
-    if frame.width == 0 or frame.height == 0:
+        raise read_error(source, fmt, exc) from exc
+    if held:
+        seen += held
+        yield pl.concat(pending)
+    if seen == 0:
+        raise InputError(f"input file '{source}' has no data rows; there is nothing to enrich.")
+
+
+def format_of(path: str, requested_format: str = "auto") -> str:
+    """How the input will be read: 'csv', 'parquet', 'ndjson' or 'dataset' (a Parquet directory)."""
+    return "dataset" if not is_remote(path) and Path(path).is_dir() else detect_format(path, requested_format)
+
+
+def load_table(path: str, requested_format: str = "auto") -> pl.DataFrame:
+    """Load the whole table at once (small inputs and tests); raise InputError naming the file."""
+    fmt = format_of(path, requested_format)
+    frames = list(iter_partitions(scan_table(path, requested_format), 1_000_000, source=path, fmt=fmt))
+    frame = pl.concat(frames)
+    if frame.width == 0:
         raise InputError(f"input file '{path}' has no data rows; there is nothing to enrich.")
     return frame
+
+
+def _scan(path: str, fmt: str) -> pl.LazyFrame:
+    try:
+        if fmt == "csv":
+            return pl.scan_csv(path, infer_schema_length=_INFER_ROWS)
+        if fmt == "parquet":
+            return pl.scan_parquet(path)
+        if fmt == "dataset":
+            return pl.scan_parquet(path, hive_partitioning=True)
+        return pl.scan_ndjson(path, infer_schema_length=_INFER_ROWS)
+    except (pl.exceptions.PolarsError, OSError, ValueError, RuntimeError) as exc:
+        raise read_error(path, fmt, exc) from exc
+
+
+def read_error(path: str, fmt: str, exc: BaseException) -> InputError:
+    """The InputError for a table polars could not read."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return InputError(
+        f"could not read '{path}' as {fmt}: {detail}. Check that the file is valid {fmt} "
+        "(UTF-8 for text formats), or pass --format if the extension is misleading."
+    )

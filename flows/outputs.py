@@ -1,41 +1,48 @@
-"""A job's outputs (the primary answer column and any extra ones), planned and assembled one by one."""
+"""A job's outputs (the primary answer column and any extra ones), planned and assembled slice by slice."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandera.polars as pa
 import polars as pl
 
-from flows.cache import ResponseCache
+from flows.cache import ResponseCache, default_cache_dir
 from flows.job import EnrichJob
 from flows.llm import Endpoint
-from flows.planning import ROW_INDEX, Plan
-from flows.preparation import build_spec, check_structured_fields, plan_job
+from flows.planning import ROW_INDEX, LaneColumns, Tally, build_known, load_previous
+from flows.preparation import build_spec, check_structured_fields
 from flows.runtime import build_context, resolve_price, share_limits
 from flows.validation import validate_output
-from schemas.enriched import ERROR_COLUMN, added_columns, bookkeeping_names
+from schemas.enriched import (
+    ERROR_COLUMN,
+    INPUT_TOKENS_COLUMN,
+    KEY_COLUMN,
+    OUTPUT_TOKENS_COLUMN,
+    added_columns,
+    bookkeeping_names,
+)
 from schemas.errors import ConfigError
 from transforms.calls import CallContext
 from transforms.costs import Price
-from transforms.enrichment import EnrichSpec, charge_first
+from transforms.enrichment import EnrichSpec
 from transforms.structured import expand_columns
 
-__all__ = ["ASK_PREFIX", "OutputRun", "assemble_output", "plan_outputs", "rows_to_ask"]
-
-ASK_PREFIX = "_enrich_ask_"
+__all__ = ["OutputRun", "assemble_slice", "plan_outputs"]
 
 
 @dataclass
 class OutputRun:
-    """One answer column: its single-output job, spec, plan, column names, price and counters."""
+    """One answer column: its single-output job, spec, settled keys, column names, price and counters."""
 
     job: EnrichJob
     spec: EnrichSpec
-    plan: Plan
+    known: pl.DataFrame
     names: dict[str, str]
     price: Price | None
     ctx: CallContext
+    lane: LaneColumns
+    tally: Tally = field(default_factory=Tally)
 
     @property
     def cost_usd(self) -> float | None:
@@ -45,13 +52,14 @@ class OutputRun:
 
 
 def plan_outputs(
-    job: EnrichJob, valid: pl.DataFrame, endpoint: Endpoint
+    job: EnrichJob, input_columns: list[str], endpoint: Endpoint
 ) -> tuple[list[OutputRun], ResponseCache | None]:
-    """Spec and plan for every output; they share one scheduler and budget (and the cache)."""
+    """Spec and settled answers for every output; they share one scheduler and budget (and the cache)."""
     runs: list[OutputRun] = []
-    cache: ResponseCache | None = None
+    cache = ResponseCache(job.cache_dir or default_cache_dir(job.destination)) if job.cache else None
+    cached = cache.load() if cache is not None and not job.refresh_cache else None
     shared: CallContext | None = None
-    taken = list(valid.columns)
+    taken = list(input_columns)
     for number, single in enumerate(job.output_jobs()):
         spec = build_spec(single, endpoint)
         check_structured_fields(spec, taken)
@@ -61,7 +69,8 @@ def plan_outputs(
             taken += [f"{spec.structured.prefix}{n}" for n in spec.structured.model.model_fields]
         if len(set(taken)) != len(taken):
             raise ConfigError(f"output '{single.output_column}' would overwrite another column; rename it.")
-        plan, cache = plan_job(single, valid, spec, names)
+        previous = None if job.refresh_cache else load_previous(job.destination, single.output_column, names)
+        known = build_known(cached, previous, retry_failed=job.retry_failed)
         price = resolve_price(single, spec.identity.model, local=endpoint.local)
         secret = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else None
         ctx = build_context(single, price, max_concurrency=spec.max_concurrency, secret=secret)
@@ -69,34 +78,63 @@ def plan_outputs(
             shared = ctx
         else:
             share_limits(ctx, shared)
-        runs.append(OutputRun(single, spec, plan, names, price, ctx))
+        runs.append(OutputRun(single, spec, known, names, price, ctx, LaneColumns.of(number)))
     return runs, cache
 
 
-def rows_to_ask(valid_keyed: pl.DataFrame, runs: list[OutputRun]) -> pl.DataFrame:
-    """Rows some output must ask for, with one boolean column per output saying which."""
-    flags = [
-        pl.col(ROW_INDEX).is_in(run.plan.todo.get_column(ROW_INDEX).implode()).alias(f"{ASK_PREFIX}{i}")
-        for i, run in enumerate(runs)
-    ]
-    marked = valid_keyed.with_columns(flags)
-    return marked.filter(pl.any_horizontal(pl.col(f"{ASK_PREFIX}{i}") for i in range(len(runs))))
+def assemble_slice(
+    staged: pl.DataFrame,
+    answers: list[pl.DataFrame | None],
+    specs: list[tuple[EnrichJob, EnrichSpec, dict[str, str]]],
+    input_columns: list[str],
+    schema: pa.DataFrameSchema,
+    secret: str | None,
+) -> tuple[pl.DataFrame, list[int]]:
+    """The output rows of one staged slice, validated, and each output's count of failed rows."""
+    inputs = staged.select(input_columns)
+    columns: list[pl.DataFrame] = []
+    failed: list[int] = []
+    for number, ((job, spec, names), asked) in enumerate(zip(specs, answers, strict=True)):
+        frame = _answer_columns(staged, LaneColumns.of(number), job.output_column, asked)
+        if secret:
+            frame = frame.with_columns(pl.col(ERROR_COLUMN).str.replace_all(secret, "***", literal=True))
+        full = pl.concat([inputs, frame], how="horizontal")
+        fields: list[str] = []
+        if spec.structured is not None:
+            full = expand_columns(full, job.output_column, spec.structured)
+            fields = [f"{spec.structured.prefix}{name}" for name in spec.structured.model.model_fields]
+        validate_output(full, schema, job.output_column, spec.structured)
+        added = added_columns(job.output_column)
+        columns.append(full.select(added[0], *fields, *added[1:]).rename(names))
+        failed.append(int(frame.get_column(ERROR_COLUMN).is_not_null().sum()))
+    return pl.concat([inputs, *columns], how="horizontal"), failed
 
 
-def assemble_output(
-    run: OutputRun, asked: pl.DataFrame, input_columns: list[str], schema: pa.DataFrameSchema, secret: str | None
+def _answer_columns(
+    staged: pl.DataFrame, lane: LaneColumns, output_column: str, asked: pl.DataFrame | None
 ) -> pl.DataFrame:
-    """This output's columns for every valid row, in input order, validated, with file names."""
-    ordered = [*input_columns, *added_columns(run.job.output_column)]
-    frame = pl.concat([run.plan.done.select(ROW_INDEX, *ordered), asked.select(ROW_INDEX, *ordered)])
-    frame = charge_first(frame.sort(ROW_INDEX)).drop(ROW_INDEX)
-    if secret:
-        frame = frame.with_columns(pl.col(ERROR_COLUMN).str.replace_all(secret, "***", literal=True))
-    structured = run.spec.structured
-    fields: list[str] = []
-    if structured is not None:
-        frame = expand_columns(frame, run.job.output_column, structured)
-        fields = [f"{structured.prefix}{name}" for name in structured.model.model_fields]
-    validate_output(frame, schema, run.job.output_column, structured)
-    added = added_columns(run.job.output_column)
-    return frame.select(added[0], *fields, *added[1:]).rename(run.names)
+    """One output's answer, error, tokens and key for every row of the slice, in row order."""
+    planned = staged.select(
+        ROW_INDEX,
+        pl.col(lane.text).alias(output_column),
+        pl.col(lane.error).alias(ERROR_COLUMN),
+        pl.col(lane.input_tokens).alias(INPUT_TOKENS_COLUMN),
+        pl.col(lane.output_tokens).alias(OUTPUT_TOKENS_COLUMN),
+        pl.col(lane.key).alias(KEY_COLUMN),
+        pl.col(lane.ask),
+        pl.col(lane.charge),
+    )
+    if asked is not None and asked.height:
+        added = added_columns(output_column)
+        fresh = asked.select(ROW_INDEX, *(pl.col(c).alias(f"{c}_new") for c in added))
+        planned = planned.join(fresh, on=ROW_INDEX, how="left", maintain_order="left").with_columns(
+            pl.when(pl.col(lane.ask)).then(pl.col(f"{c}_new")).otherwise(pl.col(c)).alias(c) for c in added
+        )
+    # Tokens stay on the first row of each key in the whole table; rows that reused it show 0.
+    return planned.select(
+        pl.col(output_column),
+        pl.col(ERROR_COLUMN),
+        *(pl.when(pl.col(lane.charge)).then(pl.col(c)).otherwise(0).fill_null(0).alias(c)
+          for c in (INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN)),
+        pl.col(KEY_COLUMN),
+    )  # fmt: skip

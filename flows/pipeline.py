@@ -3,7 +3,6 @@
 # No `from __future__ import annotations` here: Prefect builds the parameter model from this
 # module's real annotations when a deployment loads the flow.
 import asyncio
-import io
 import json
 import time
 from collections import deque
@@ -17,16 +16,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.utilities.annotations import quote
 
 from flows.job import EnrichJob
 from flows.llm import describe_url, resolve_endpoint
 from flows.local_model import LOCAL_MODEL_NOTICE, serve_local_model
-from flows.outputs import ASK_PREFIX, OutputRun, assemble_output, plan_outputs, rows_to_ask
-from flows.planning import ROW_INDEX
-from flows.preparation import load_valid_rows
+from flows.outputs import OutputRun, assemble_slice, plan_outputs
+from flows.planning import ROW_INDEX, LaneColumns
 from flows.progress import current_sink
-from flows.reports import Progress, publish_failure, publish_report
+from flows.reports import Progress, failed_rows, publish_failure, publish_report
 from flows.runtime import (
     EventLoopThread,
     Runtime,
@@ -35,14 +32,18 @@ from flows.runtime import (
     register_runtime,
 )
 from flows.scaling import count_workers, dask_runner
+from flows.staging import Staging, open_staging
 from flows.storage import is_remote
 from flows.summary import RunSummary
+from flows.survey import Slice, Survey, read_columns, survey_input
+from flows.validation import resolve_schema
 from flows.workers import runtime_for, stats_of
-from flows.writing import rejected_path, write_parquet_atomic, write_parquet_dataset_atomic
-from schemas.enriched import ERROR_COLUMN
+from flows.writing import publish_parquet, rejected_path, write_parquet_dataset_atomic
+from schemas.enriched import ERROR_COLUMN, bookkeeping_names
 from schemas.errors import ConfigError, UserError
 from transforms.enrichment import EnrichSpec, enrich_frame_async
 from transforms.keys import KEY_VERSION
+from transforms.prompts import parse_template
 
 __all__ = ["INVALID_STATE", "enrich_partition", "enrich_table", "run_enrichment"]
 
@@ -52,6 +53,8 @@ INVALID_STATE = "Invalid"
 # The pool is sized for the largest partition_workers a job may ask for; the flow itself
 # keeps at most job.partition_workers partitions submitted at once.
 _MAX_PARTITION_WORKERS = 64
+_SAMPLE_ROWS = 20
+_FAILURE_ROWS = 100
 
 
 def _transient_infrastructure(task: Any, task_run: Any, state: State) -> bool:
@@ -78,44 +81,60 @@ def _transient_infrastructure(task: Any, task_run: Any, state: State) -> bool:
     retry_condition_fn=_transient_infrastructure,
 )
 def enrich_partition(
-    part: pl.DataFrame | bytes,
-    number: int,
+    piece: Slice,
+    columns: list[str],
+    staging_root: str,
     runtime_key: str,
     job: EnrichJob,
     local: bool,
     served_url: str | None,
     workers: int = 1,
 ) -> dict[str, Any]:
-    """Enrich one partition for every output; on a Dask worker the runtime is rebuilt from the job."""
+    """Enrich one staged slice for every output and write its part file; return only the path and counts."""
     rt, remote = runtime_for(runtime_key, job, local=local, served_url=served_url, workers=workers)
-    # Frames cross process boundaries as Arrow IPC bytes, which nothing on the way tries to walk.
-    part = pl.read_ipc(io.BytesIO(part)) if isinstance(part, bytes) else part
+    staging = Staging(staging_root)
+    staged = staging.read(piece.path)
     sink = current_sink()
-    flags = [f"{ASK_PREFIX}{i}" for i in range(len(rt.lanes))]
     before = stats_of(rt) if remote else None
 
-    async def all_outputs() -> list[pl.DataFrame]:
-        jobs = [
-            enrich_frame_async(
-                part.filter(pl.col(flag)).drop(flags), lane.spec, lane.model, ctx=lane.ctx, memo=lane.memo,
-                on_rows_done=sink.advance if i == 0 and not remote else None,
+    async def all_outputs() -> list[pl.DataFrame | None]:
+        async def one(number: int) -> pl.DataFrame | None:
+            lane = rt.lanes[number]
+            rows = staged.filter(pl.col(LaneColumns.of(number).ask)).select(ROW_INDEX, *columns)
+            if not rows.height:
+                return None
+            progress = sink.advance if number == 0 and not remote else None
+            return await enrich_frame_async(
+                rows, lane.spec, lane.model, ctx=lane.ctx, memo=lane.memo, on_rows_done=progress
             )
-            for i, (lane, flag) in enumerate(zip(rt.lanes, flags, strict=True))
-        ]  # fmt: skip
-        return list(await asyncio.gather(*jobs))
 
-    frames = rt.loop.run(all_outputs())
+        return list(await asyncio.gather(*(one(n) for n in range(len(rt.lanes)))))
+
+    answers = rt.loop.run(all_outputs())
+    singles = job.output_jobs()
+    specs = [
+        (single, lane.spec, bookkeeping_names(single.output_column, primary=n == 0))
+        for n, (single, lane) in enumerate(zip(singles, rt.lanes, strict=True))
+    ]
+    schema = resolve_schema(job.input_schema, parse_template(job.prompt))
+    enriched, failed = assemble_slice(staged, answers, specs, columns, schema, rt.secret)
+    path = staging.path("out", piece.number)
+    staging.write(enriched, path)
     # Counters of a worker's runtime live in that process: hand this partition's share back.
     delta = None
     if before is not None:
         delta = [{k: a[k] - b[k] for k in a} for a, b in zip(stats_of(rt), before, strict=True)]
-    return {"frames": [_ipc(f) for f in frames] if remote else frames, "stats": delta}
-
-
-def _ipc(frame: pl.DataFrame) -> bytes:
-    buffer = io.BytesIO()
-    frame.write_ipc(buffer)
-    return buffer.getvalue()
+    errors = [name for _, _, names in specs for key, name in names.items() if key == ERROR_COLUMN]
+    return {
+        "number": piece.number,
+        "path": path,
+        "rows": enriched.height,
+        "failed": failed,
+        "failed_any": int(enriched.select(pl.any_horizontal(pl.col(c).is_not_null() for c in errors).sum()).item()),
+        "sample": enriched.head(_SAMPLE_ROWS).to_dicts(),
+        "problems": failed_rows(enriched, job.output_column).to_dicts(),
+        "stats": delta,
+    }
 
 
 @flow(
@@ -139,29 +158,34 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
     """The body of the flow, callable inside any flow run."""
     log = get_run_logger()
     started = time.perf_counter()
-    frame, schema, split = load_valid_rows(job)
-    log.info("loaded %d rows from %s; %d valid", frame.height, job.input_path, split.valid.height)
-    if split.rejected.height:
-        log.warning("%s\nThese rows are set aside in %s.", split.report, rejected_path(job.destination))
+    template = parse_template(job.prompt)
+    schema = resolve_schema(job.input_schema, template)
     endpoint = resolve_endpoint(job)
-    runs, cache = plan_outputs(job, split.valid, endpoint)
+    runs, cache = plan_outputs(job, read_columns(job), endpoint)
     primary = runs[0]
-    for run in runs:
+    staging = open_staging(job.destination, job.staging_dir)
+    try:
+        survey = survey_input(job, schema, template, runs, staging)
         log.info(
-            "%s: %d rows already answered (cache or previous output), %d kept as failed, %d to ask (%d prompts)",
-            run.job.output_column, run.plan.rows_cached, run.plan.rows_kept_failed, run.plan.todo.height,
-            run.plan.unique_todo,
+            "loaded %d rows from %s in %d slices; %d valid", survey.rows_in, job.input_path, len(survey.slices),
+            survey.rows_valid,
         )  # fmt: skip
-    todo = rows_to_ask(split.valid.with_row_index(ROW_INDEX), runs)
-    sink = current_sink()
-    base_url = endpoint.base_url
-    sink.start(split.valid.height)
-    sink.advance(primary.plan.rows_cached, primary.plan.rows_kept_failed)
-    progress = Progress(split.valid.height, split.valid.height - todo.height)
-    asked = [run.plan.done.clear() for run in runs]
-    if todo.height:
+        if survey.rows_rejected:
+            log.warning("%s\nThese rows are set aside in %s.", survey.report, rejected_path(job.destination))
+        for run in runs:
+            t = run.tally
+            log.info(
+                "%s: %d rows already answered (cache or previous output), %d kept as failed, %d to ask (%d prompts)",
+                run.job.output_column, t.rows_cached, t.rows_kept_failed, t.rows_to_ask, t.unique_todo,
+            )  # fmt: skip
+        sink = current_sink()
+        base_url = endpoint.base_url
+        sink.start(survey.rows_valid)
+        sink.advance(primary.tally.rows_cached, primary.tally.rows_kept_failed)
+        progress = Progress(survey.rows_valid, survey.rows_valid - survey.rows_to_ask)
+        secret = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else None
         with ExitStack() as stack:
-            if endpoint.local:
+            if endpoint.local and survey.rows_to_ask:
                 sink.notice(LOCAL_MODEL_NOTICE)
                 log.warning(LOCAL_MODEL_NOTICE)
                 base_url = stack.enter_context(serve_local_model())
@@ -169,49 +193,45 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
             stack.callback(loop.close)
             lanes = []
             for run in runs:
-                log.info("%s: asking %s at %s", run.job.output_column, run.spec.identity.model, describe_url(base_url))
+                if run.tally.rows_to_ask:
+                    log.info(
+                        "%s: asking %s at %s", run.job.output_column, run.spec.identity.model, describe_url(base_url)
+                    )
                 lane, http = build_lane(run.job, run.spec, run.ctx, endpoint, base_url=base_url, cache=cache)
                 stack.callback(lambda http=http: loop.run(http.aclose()))
                 lanes.append(lane)
             if cache is not None:
                 stack.callback(cache.close)
-            runtime = Runtime(lanes=lanes, loop=loop)
+            runtime = Runtime(lanes=lanes, loop=loop, secret=secret)
             stack.callback(forget_runtime, register_runtime(runtime))
-            remote = {"job": job, "local": endpoint.local, "served_url": base_url}
-            asked = _enrich_partitions(todo, job, runtime.key, progress, runs, remote)
+            shared = {
+                "columns": survey.input_columns, "staging_root": staging.root, "runtime_key": runtime.key,
+                "job": job, "local": endpoint.local, "served_url": base_url,
+            }  # fmt: skip
+            results = _enrich_partitions(survey, job, progress, runs, shared)
+        enriched = pl.scan_parquet([r["path"] for r in results])
+        _publish(job, enriched, primary.spec)
+        rejected = pl.DataFrame()
+        if survey.rows_rejected:
+            publish_parquet(pl.scan_parquet(survey.rejected), rejected_path(job.destination))
+            rejected = pl.scan_parquet(survey.rejected).head(_FAILURE_ROWS).collect()
+        elif not is_remote(job.destination):
+            Path(rejected_path(job.destination)).unlink(missing_ok=True)
+    finally:
+        staging.remove()
 
-    secret = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else None
-    columns = [
-        assemble_output(run, got, split.valid.columns, schema, secret) for run, got in zip(runs, asked, strict=True)
-    ]
-    enriched = pl.concat([split.valid, *columns], how="horizontal")
-    if split.rejected.height:
-        write_parquet_atomic(split.rejected, rejected_path(job.destination))
-    if job.output_partition_by:
-        if job.output_partition_by not in enriched.columns:
-            raise ConfigError(
-                f"--output-partition-by {job.output_partition_by!r} is not a column of the output; "
-                f"it has: {', '.join(enriched.columns)}."
-            )
-        write_parquet_dataset_atomic(enriched, job.destination, job.output_partition_by, _metadata(job, primary.spec))
-    else:
-        write_parquet_atomic(enriched, job.destination, metadata=_metadata(job, primary.spec))
-    if not split.rejected.height and not is_remote(job.destination):
-        Path(rejected_path(job.destination)).unlink(missing_ok=True)
-
-    errors = [run.names[ERROR_COLUMN] for run in runs]
-    failed = int(enriched.select(pl.any_horizontal(pl.col(c).is_not_null() for c in errors)).to_series().sum())
+    failed = sum(r["failed_any"] for r in results)
     stats = [run.ctx.stats for run in runs]
     costs = [run.cost_usd for run in runs]
     summary = RunSummary(
-        rows_in=frame.height,
-        rows_valid=split.valid.height,
-        rows_rejected=split.rejected.height,
-        rows_ok=enriched.height - failed,
+        rows_in=survey.rows_in,
+        rows_valid=survey.rows_valid,
+        rows_rejected=survey.rows_rejected,
+        rows_ok=survey.rows_valid - failed,
         rows_failed=failed,
-        rows_cached=primary.plan.rows_cached,
+        rows_cached=primary.tally.rows_cached,
         rows_deduplicated=primary.ctx.stats.rows_deduplicated,
-        unique_prompts_sent=sum(run.plan.unique_todo for run in runs),
+        unique_prompts_sent=sum(run.tally.unique_todo for run in runs),
         requests=sum(s.requests for s in stats),
         retries=sum(s.retries for s in stats),
         rate_limited=sum(s.rate_limited for s in stats),
@@ -220,56 +240,70 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
         cost_usd=None if any(c is None for c in costs) else round(sum(c or 0.0 for c in costs), 6),
         wall_seconds=round(time.perf_counter() - started, 3),
         output=job.destination,
-        rejected_output=rejected_path(job.destination) if split.rejected.height else None,
+        rejected_output=rejected_path(job.destination) if survey.rows_rejected else None,
         model=primary.spec.identity.model,
         endpoint=describe_url(base_url) + (" (bundled local model)" if endpoint.local else ""),
         outputs={
             run.job.output_column: {
-                "rows_failed": int(enriched.get_column(run.names[ERROR_COLUMN]).is_not_null().sum()),
-                "rows_cached": run.plan.rows_cached,
+                "rows_failed": sum(r["failed"][i] for r in results),
+                "rows_cached": run.tally.rows_cached,
                 "requests": run.ctx.stats.requests,
             }
-            for run in runs
+            for i, run in enumerate(runs)
         },
     )
     log.info("wrote %s: %d rows ok, %d failed", job.destination, summary.rows_ok, summary.rows_failed)
-    publish_report(summary, enriched, split.rejected, job.output_column)
+    sample = pl.DataFrame([row for r in results for row in r["sample"]][:_SAMPLE_ROWS], infer_schema_length=None)
+    problems = pl.DataFrame([row for r in results for row in r["problems"]][:_FAILURE_ROWS], infer_schema_length=None)
+    publish_report(summary, sample, problems, rejected)
     return summary
 
 
+def _publish(job: EnrichJob, enriched: pl.LazyFrame, spec: EnrichSpec) -> None:
+    """Write the finished parts as the output, published whole."""
+    metadata = _metadata(job, spec)
+    if not job.output_partition_by:
+        publish_parquet(enriched, job.destination, metadata=metadata)
+        return
+    columns = enriched.collect_schema().names()
+    if job.output_partition_by not in columns:
+        raise ConfigError(
+            f"--output-partition-by {job.output_partition_by!r} is not a column of the output; "
+            f"it has: {', '.join(columns)}."
+        )
+    write_parquet_dataset_atomic(enriched, job.destination, job.output_partition_by, metadata)
+
+
 def _enrich_partitions(
-    todo: pl.DataFrame, job: EnrichJob, runtime_key: str, progress: Progress, runs: list[OutputRun],
-    remote: dict[str, Any],
-) -> list[pl.DataFrame]:  # fmt: skip
-    """Run partition tasks, at most partition_workers at once; per output, the asked rows in order."""
+    survey: Survey, job: EnrichJob, progress: Progress, runs: list[OutputRun], shared: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Run partition tasks, at most partition_workers at once; their results in slice order."""
     log = get_run_logger()
-    parts = list(todo.iter_slices(n_rows=job.partition_rows))
-    results: list[list[pl.DataFrame] | None] = [None] * len(parts)
-    waiting = deque(enumerate(parts))
-    running: dict[PrefectFuture[dict[str, Any]], int] = {}
+    results: dict[int, dict[str, Any]] = {}
+    waiting = deque(survey.slices)
+    running: dict[PrefectFuture[dict[str, Any]], Slice] = {}
     done_rows = 0
     first_error: BaseException | None = None
     with ExitStack() as stack:
         runner = stack.enter_context(dask_runner(job)) if job.dask_address or job.dask_local else None
         if runner is not None:
-            remote = {**remote, "workers": count_workers(job)}
+            shared = {**shared, "workers": count_workers(job)}
         while waiting or running:
             while waiting and first_error is None and len(running) < job.partition_workers:
-                number, part = waiting.popleft()
-                params = {"number": number, "runtime_key": runtime_key, **remote}
+                piece = waiting.popleft()
                 if runner is None:
-                    running[enrich_partition.submit(quote(part), **params)] = number
-                else:  # the runner is used directly: it would not unwrap quote(); bytes need no walk
-                    running[runner.submit(enrich_partition, {"part": _ipc(part), **params})] = number
+                    running[enrich_partition.submit(piece, **shared)] = piece
+                else:  # tasks get a descriptor; the rows stay in the staging area
+                    running[runner.submit(enrich_partition, {"piece": piece, **shared})] = piece
             future = next(as_completed(list(running)))
-            number = running.pop(future)
+            piece = running.pop(future)
             try:
                 result = future.result()
             except BaseException as exc:  # noqa: BLE001 - keep draining, re-raise the first
                 first_error = first_error or exc
                 waiting.clear()
                 continue
-            results[number] = [pl.read_ipc(io.BytesIO(f)) if isinstance(f, bytes) else f for f in result["frames"]]
+            results[piece.number] = result
             for run, delta in zip(runs, result["stats"] or [], strict=False):
                 run.ctx.stats.add(
                     requests=delta["requests"], retries=delta["retries"],
@@ -277,13 +311,13 @@ def _enrich_partitions(
                 )  # fmt: skip
                 run.ctx.stats.rate_limited += delta["rate_limited"]
                 run.ctx.stats.rows_deduplicated += delta["rows_deduplicated"]
-            done_rows += parts[number].height
-            progress.advance(parts[number].height)
-            log.info("partition %d/%d done: %d/%d rows", number + 1, len(parts), done_rows, todo.height)
+            done_rows += piece.to_ask
+            progress.advance(piece.to_ask)
+            log.info("partition %d/%d done: %d/%d rows asked", len(results), len(survey.slices), done_rows,
+                     survey.rows_to_ask)  # fmt: skip
     if first_error is not None:
         raise first_error
-    done = [r for r in results if r is not None]
-    return [pl.concat([r[i] for r in done], how="vertical") for i in range(len(runs))]
+    return [results[number] for number in sorted(results)]
 
 
 def _metadata(job: EnrichJob, spec: EnrichSpec) -> dict[str, str]:

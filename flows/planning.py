@@ -2,39 +2,72 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
 from flows.storage import is_remote
 from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, KEY_COLUMN, OUTPUT_TOKENS_COLUMN
-from transforms.enrichment import EnrichSpec, prompt_keys
+from transforms.enrichment import EnrichSpec, key_columns
 
-__all__ = ["ROW_INDEX", "Plan", "load_previous", "plan_run"]
+__all__ = ["ROW_INDEX", "LaneColumns", "Tally", "build_known", "load_previous", "plan_slice"]
 
 ROW_INDEX = "_enrich_row"
-_PROMPT = "_enrich_prompt"
+_KNOWN_SCHEMA = {
+    "key": pl.String,
+    "text": pl.String,
+    INPUT_TOKENS_COLUMN: pl.Int64,
+    OUTPUT_TOKENS_COLUMN: pl.Int64,
+    ERROR_COLUMN: pl.String,
+}
+
+
+_LANE_FIELDS = ("key", "prompt", "text", "error", "input_tokens", "output_tokens", "ask", "charge")
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Rows settled without a request, rows to send, and the counts an estimate needs."""
+class LaneColumns:
+    """The staging columns of one output: its planned answer and what is left to do."""
 
-    done: pl.DataFrame
-    todo: pl.DataFrame
-    todo_prompts: list[str]
-    rows_cached: int
-    rows_kept_failed: int
+    key: str
+    prompt: str
+    text: str
+    error: str
+    input_tokens: str
+    output_tokens: str
+    ask: str
+    charge: str
+
+    @classmethod
+    def of(cls, number: int) -> LaneColumns:
+        """The columns of output ``number`` (0 is the primary one)."""
+        return cls(*(f"_e{number}_{name}" for name in _LANE_FIELDS))
+
+    @property
+    def staged(self) -> list[str]:
+        """Every column this output keeps in a staged slice."""
+        return [self.key, self.text, self.error, self.input_tokens, self.output_tokens, self.ask, self.charge]
+
+
+@dataclass
+class Tally:
+    """What the survey found for one output, added up over the slices."""
+
+    rows_cached: int = 0
+    rows_kept_failed: int = 0
+    rows_to_ask: int = 0
+    todo: dict[str, str] = field(default_factory=dict)  # key -> prompt, each distinct prompt to send once
+    charged: set[str] = field(default_factory=set)  # keys whose tokens a row already shows
 
     @property
     def unique_todo(self) -> int:
         """Distinct prompts that will be sent."""
-        return len(self.todo_prompts)
+        return len(self.todo)
 
 
 def load_previous(destination: str, output_column: str, names: dict[str, str] | None = None) -> pl.DataFrame | None:
-    """The answers of an earlier run at the destination, if it has the columns we need."""
+    """The distinct answers (and failed keys) of an earlier run at the destination, read lazily."""
     path = Path(destination)
     names = names or {}
     canonical = [KEY_COLUMN, ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN]
@@ -48,24 +81,19 @@ def load_previous(destination: str, output_column: str, names: dict[str, str] | 
         if not all(c in scan.collect_schema() for c in columns):
             return None
         back = {names.get(c, c): c for c in canonical}
-        return scan.select(columns).collect().rename({output_column: "text", **back})
+        rows = scan.select(columns).rename({output_column: "text", **back}).filter(pl.col(KEY_COLUMN).is_not_null())
+        # One row per key is all a plan needs, so memory follows distinct prompts, not table size.
+        answers = rows.filter(pl.col("text").is_not_null()).unique(KEY_COLUMN, keep="any")
+        failed = rows.filter(pl.col(ERROR_COLUMN).is_not_null() & pl.col("text").is_null()).unique(
+            KEY_COLUMN, keep="any"
+        )
+        return pl.concat([answers, failed]).collect()
     except (pl.exceptions.PolarsError, OSError):
         return None  # not ours or unreadable: nothing to reuse, the new output replaces it
 
 
-def plan_run(
-    valid: pl.DataFrame,
-    spec: EnrichSpec,
-    *,
-    cached: pl.DataFrame | None,
-    previous: pl.DataFrame | None,
-    retry_failed: bool,
-) -> Plan:
-    """Split the valid rows into settled ones (with answer columns) and ones to ask for."""
-    prompts, keys = prompt_keys(valid, spec)
-    keyed = valid.with_row_index(ROW_INDEX).with_columns(
-        pl.Series(KEY_COLUMN, keys, dtype=pl.String), pl.Series(_PROMPT, prompts, dtype=pl.String)
-    )
+def build_known(cached: pl.DataFrame | None, previous: pl.DataFrame | None, *, retry_failed: bool) -> pl.DataFrame:
+    """One row per settled key: an answer (cache or previous output) or, kept on request, a failure."""
     sources = []
     if previous is not None:
         sources.append(
@@ -85,13 +113,10 @@ def plan_run(
     known = (
         pl.concat(sources).unique("key", keep="first", maintain_order=True)
         if sources
-        else pl.DataFrame(
-            schema={"key": pl.String, "text": pl.String, INPUT_TOKENS_COLUMN: pl.Int64, OUTPUT_TOKENS_COLUMN: pl.Int64}
-        )
-    )
-    known = known.with_columns(pl.lit(None, dtype=pl.String).alias(ERROR_COLUMN))
+        else pl.DataFrame(schema={k: v for k, v in _KNOWN_SCHEMA.items() if k != ERROR_COLUMN})
+    ).with_columns(pl.lit(None, dtype=pl.String).alias(ERROR_COLUMN))
     if previous is not None and not retry_failed:
-        failed = previous.filter(pl.col(ERROR_COLUMN).is_not_null() & pl.col(KEY_COLUMN).is_not_null()).select(
+        failed = previous.filter(pl.col(ERROR_COLUMN).is_not_null() & pl.col("text").is_null()).select(
             pl.col(KEY_COLUMN).alias("key"),
             pl.lit(None, dtype=pl.String).alias("text"),
             pl.lit(0, dtype=pl.Int64).alias(INPUT_TOKENS_COLUMN),
@@ -99,16 +124,34 @@ def plan_run(
             ERROR_COLUMN,
         )
         known = pl.concat([known, failed.join(known, on="key", how="anti")])
+    return known.cast(_KNOWN_SCHEMA)  # type: ignore[arg-type]
 
-    done = keyed.join(known, left_on=KEY_COLUMN, right_on="key", how="inner", maintain_order="left").drop(_PROMPT)
-    todo = keyed.join(known, left_on=KEY_COLUMN, right_on="key", how="anti", maintain_order="left")
-    todo_prompts = (
-        todo.filter(pl.col(KEY_COLUMN).is_not_null()).unique(KEY_COLUMN, maintain_order=True).get_column(_PROMPT)
-    ).to_list()
-    return Plan(
-        done=done.rename({"text": spec.output_column}),
-        todo=todo.drop(_PROMPT),
-        todo_prompts=todo_prompts,
-        rows_cached=int(done.get_column(ERROR_COLUMN).is_null().sum()),
-        rows_kept_failed=int(done.get_column(ERROR_COLUMN).is_not_null().sum()),
+
+def plan_slice(
+    valid: pl.DataFrame, spec: EnrichSpec, known: pl.DataFrame, tally: Tally, lane: LaneColumns
+) -> pl.DataFrame:
+    """Add output ``lane``'s staging columns to a slice of valid rows and count them in ``tally``."""
+    keyed = pl.concat([valid, key_columns(valid, spec, prompt=lane.prompt, key=lane.key)], how="horizontal")
+    settled = known.rename(
+        {"key": lane.key, "text": lane.text, ERROR_COLUMN: lane.error, INPUT_TOKENS_COLUMN: lane.input_tokens,
+         OUTPUT_TOKENS_COLUMN: lane.output_tokens}
+    )  # fmt: skip
+    planned = keyed.join(settled, on=lane.key, how="left", maintain_order="left").with_columns(
+        (pl.col(lane.text).is_null() & pl.col(lane.error).is_null()).alias(lane.ask)
     )
+    # Tokens show on the first row of each key in the whole table (in row order), as one run would.
+    first = pl.col(lane.key).is_first_distinct() & pl.col(lane.key).is_not_null()
+    fresh = [k for k in keyed.filter(first).get_column(lane.key).to_list() if k not in tally.charged]
+    tally.charged.update(fresh)
+    planned = planned.with_columns(
+        (first & pl.col(lane.key).is_in(pl.Series(fresh, dtype=pl.String).implode())).alias(lane.charge)
+    )
+    asked = planned.filter(pl.col(lane.ask))
+    todo = asked.filter(pl.col(lane.key).is_not_null()).unique(lane.key, maintain_order=True)
+    for key, prompt in todo.select(lane.key, lane.prompt).iter_rows():
+        tally.todo.setdefault(key, prompt)
+    done = planned.filter(~pl.col(lane.ask))
+    tally.rows_to_ask += asked.height
+    tally.rows_cached += int(done.get_column(lane.error).is_null().sum())
+    tally.rows_kept_failed += int(done.get_column(lane.error).is_not_null().sum())
+    return planned.drop(lane.prompt)

@@ -17,7 +17,7 @@ from flows.summary import RunSummary
 from flows.validation import REJECT_REASON
 from schemas.enriched import ERROR_COLUMN
 
-__all__ = ["Progress", "publish_failure", "publish_report"]
+__all__ = ["Progress", "failed_rows", "publish_failure", "publish_report"]
 
 _SAMPLE_ROWS = 20
 _FAILURE_ROWS = 100
@@ -43,8 +43,8 @@ class Progress:
         return round(100.0 * min(self.done, self.total) / self.total, 1)
 
 
-def publish_report(summary: RunSummary, enriched: pl.DataFrame, rejected: pl.DataFrame, output_column: str) -> None:
-    """Markdown summary, a sample of enriched rows, and the failed and rejected rows."""
+def publish_report(summary: RunSummary, sample: pl.DataFrame, failed: pl.DataFrame, rejected: pl.DataFrame) -> None:
+    """Markdown summary, a sample of enriched rows, and (the first of) the failed and rejected rows."""
     s = summary
     cost = f"${s.cost_usd:.4f}" if s.cost_usd is not None else "unknown (no price for this model)"
     create_markdown_artifact(
@@ -69,28 +69,30 @@ def publish_report(summary: RunSummary, enriched: pl.DataFrame, rejected: pl.Dat
         key="enrich-summary",
         description="What this run did",
     )
-    if enriched.height:
+    if sample.height:
         create_table_artifact(
-            _records(enriched.head(_SAMPLE_ROWS)), key="enrich-sample", description="First enriched rows"
+            _records(sample.head(_SAMPLE_ROWS)), key="enrich-sample", description="First enriched rows"
         )
-    problems = _problem_rows(enriched, rejected, output_column)
+    frames = [failed]
+    if rejected.height:
+        frames.append(rejected.select(pl.exclude(REJECT_REASON), stage=pl.lit("validation"), why=pl.col(REJECT_REASON)))
+    problems = pl.concat(frames, how="diagonal_relaxed")
+    total = s.rows_failed + s.rows_rejected
     if problems.height:
         create_table_artifact(
             _records(problems.head(_FAILURE_ROWS)),
             key="enrich-failures",
-            description=f"Failed and rejected rows (first {_FAILURE_ROWS} of {problems.height})",
+            description=f"Failed and rejected rows (first {min(_FAILURE_ROWS, problems.height)} of {total})",
         )
 
 
-def _problem_rows(enriched: pl.DataFrame, rejected: pl.DataFrame, output_column: str) -> pl.DataFrame:
-    frames = [
-        enriched.filter(pl.col(ERROR_COLUMN).is_not_null()).select(
-            pl.exclude(output_column, r"^enrich_.*$"), stage=pl.lit("model"), why=pl.col(ERROR_COLUMN)
-        )
-    ]
-    if rejected.height:
-        frames.append(rejected.select(pl.exclude(REJECT_REASON), stage=pl.lit("validation"), why=pl.col(REJECT_REASON)))
-    return pl.concat(frames, how="diagonal_relaxed")
+def failed_rows(enriched: pl.DataFrame, output_column: str, limit: int = _FAILURE_ROWS) -> pl.DataFrame:
+    """The first rows whose answer failed, with the reason, for the failures artifact."""
+    return (
+        enriched.filter(pl.col(ERROR_COLUMN).is_not_null())
+        .head(limit)
+        .select(pl.exclude(output_column, r"^enrich_.*$"), stage=pl.lit("model"), why=pl.col(ERROR_COLUMN))
+    )
 
 
 def publish_failure(message: str) -> None:

@@ -153,6 +153,7 @@ class Runtime:
 
     lanes: list[Lane]
     loop: EventLoopThread
+    secret: str | None = field(default=None, repr=False)  # redacted from error messages
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

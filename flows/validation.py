@@ -17,9 +17,14 @@ from transforms.structured import StructuredOutput, field_dtypes
 
 __all__ = [
     "REJECT_REASON",
+    "Checked",
     "Split",
+    "check_rows",
+    "failure_report",
+    "refusal",
     "resolve_schema",
     "split_valid",
+    "unique_columns",
     "validate_output",
 ]
 
@@ -69,8 +74,52 @@ def resolve_schema(ref: str, template: PromptTemplate) -> pa.DataFrameSchema:
     )
 
 
+@dataclass(frozen=True)
+class Checked:
+    """One slice of the input, checked: valid rows, rejected rows (with reasons), failure cases."""
+
+    valid: pl.DataFrame
+    rejected: pl.DataFrame
+    cases: pl.DataFrame
+
+    @property
+    def failing(self) -> int:
+        """How many rows of the slice fail."""
+        return self.rejected.height
+
+
 def split_valid(frame: pl.DataFrame, schema: pa.DataFrameSchema, *, source: str, quarantine: bool) -> Split:
-    """Validate every row at once; fail with a report, or set failing rows aside."""
+    """Validate a whole table at once; fail with a report, or set failing rows aside."""
+    checked = check_rows(frame, schema, source=source)
+    if not checked.failing:
+        return Split(checked.valid, checked.rejected, "")
+    report = failure_report(checked.cases, frame.height, checked.failing, source, schema.name)
+    if not quarantine:
+        raise ValidationFailed(refusal(report), failing_rows=checked.failing)
+    return Split(checked.valid, checked.rejected, report)
+
+
+def refusal(report: str) -> str:
+    """The message of a run refused for failing rows."""
+    return (
+        f"{report}\nNo output was written. Fix these rows, or pass --on-invalid quarantine "
+        "to enrich the valid rows and set the failing ones aside."
+    )
+
+
+def check_rows(
+    frame: pl.DataFrame,
+    schema: pa.DataFrameSchema,
+    *,
+    source: str,
+    offset: int = 0,
+    duplicates: dict[str, pl.Series] | None = None,
+) -> Checked:
+    """Validate one slice (its first row is row ``offset`` of the file); only schema-level problems raise.
+
+    ``duplicates`` holds, per unique column, the values repeated anywhere in the table, so a
+    slice also rejects a row whose twin sits in another slice.
+    """
     missing = [name for name, col in schema.columns.items() if col.required and name not in frame.columns]
     if missing:
         raise ValidationFailed(_missing_message(missing, frame, source, schema.name))
@@ -78,23 +127,19 @@ def split_valid(frame: pl.DataFrame, schema: pa.DataFrameSchema, *, source: str,
     frame, coerce_cases = _coerce(frame, schema)
     try:
         checked = schema.validate(frame, lazy=True)
-        if not coerce_cases.height:
-            return Split(checked, frame.clear(), "")
         cases = coerce_cases
     except SchemaErrors as exc:
-        cases = _merge_cases(coerce_cases, exc.failure_cases)
+        checked, cases = None, _merge_cases(coerce_cases, exc.failure_cases)
+    if duplicates:
+        cases = pl.concat([cases, _duplicate_cases(original, duplicates)]).unique(
+            ["column", "index", "check"], maintain_order=True
+        )
+    if checked is not None and not cases.height:
+        return Checked(checked, original.clear().with_columns(pl.lit("").alias(REJECT_REASON)), cases)
     row_cases = cases.filter(pl.col("index").is_not_null())
     schema_cases = cases.filter(pl.col("index").is_null())
     if schema_cases.height:
         raise ValidationFailed(_schema_level_message(schema_cases, frame, source, schema.name))
-    failing = row_cases.get_column("index").unique().len()
-    report = _row_report(row_cases, frame.height, failing, source, schema.name)
-    if not quarantine:
-        raise ValidationFailed(
-            f"{report}\nNo output was written. Fix these rows, or pass --on-invalid quarantine "
-            "to enrich the valid rows and set the failing ones aside.",
-            failing_rows=failing,
-        )
     reasons = (
         row_cases.with_columns(
             (pl.col("column") + ": " + pl.col("check")).alias("reason"),
@@ -118,7 +163,31 @@ def split_valid(frame: pl.DataFrame, schema: pa.DataFrameSchema, *, source: str,
         valid = schema.validate(good, lazy=True)
     except (SchemaErrors, SchemaError) as exc:  # e.g. a frame-wide check still failing
         raise ValidationFailed(f"{source}: the rows left after quarantine still fail: {exc}") from exc
-    return Split(valid, rejected, report)
+    return Checked(valid, rejected, row_cases.with_columns(pl.col("index").cast(pl.Int64) + offset))
+
+
+def unique_columns(schema: pa.DataFrameSchema) -> list[str]:
+    """Columns whose values must be unique across the whole table."""
+    return [name for name, col in schema.columns.items() if col.unique]
+
+
+def _duplicate_cases(frame: pl.DataFrame, duplicates: dict[str, pl.Series]) -> pl.DataFrame:
+    found = []
+    for name, values in duplicates.items():
+        if name not in frame.columns or not values.len():
+            continue
+        hit = frame.select(pl.col(name), pl.int_range(pl.len(), dtype=pl.Int32).alias("index")).filter(
+            pl.col(name).is_in(values.implode()) & pl.col(name).is_not_null()
+        )
+        found.append(
+            hit.select(
+                pl.col(name).cast(pl.String).alias("failure_case"),
+                pl.lit(name).alias("column"),
+                pl.lit("field_uniqueness").alias("check"),
+                "index",
+            )
+        )
+    return pl.concat([_EMPTY_CASES, *found])
 
 
 def validate_output(
@@ -155,7 +224,8 @@ def structured_columns(structured: StructuredOutput) -> dict[str, pa.Column]:
     return columns
 
 
-def _row_report(cases: pl.DataFrame, total: int, failing: int, source: str, name: str | None) -> str:
+def failure_report(cases: pl.DataFrame, total: int, failing: int, source: str, name: str | None) -> str:
+    """What fails, in words: the count and the first failures with row, column, check and value."""
     lines = [f"{source}: {failing} of {total} rows fail the input schema '{name or 'input'}'."]
     lines.append(f"First {min(_REPORT_ROWS, cases.height)} failures (row 1 is the first data row):")
     shown = cases.sort("index").head(_REPORT_ROWS)

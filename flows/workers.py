@@ -73,4 +73,4 @@ def _build(job: EnrichJob, *, local: bool, served_url: str | None) -> Runtime:
             share_limits(ctx, lanes[0].ctx)
         lane, _ = build_lane(single, spec, ctx, endpoint, base_url=served_url or endpoint.base_url, cache=cache)
         lanes.append(lane)
-    return Runtime(lanes=lanes, loop=loop)
+    return Runtime(lanes=lanes, loop=loop, secret=secret)

@@ -15,7 +15,16 @@ import polars as pl
 from flows.storage import is_remote, sibling
 from schemas.errors import OutputError
 
-__all__ = ["rejected_path", "write_json_atomic", "write_parquet_atomic", "write_parquet_dataset_atomic"]
+__all__ = [
+    "publish_parquet",
+    "rejected_path",
+    "write_json_atomic",
+    "write_parquet_atomic",
+    "write_parquet_dataset_atomic",
+]
+
+# Row groups of this size keep the final streaming write's memory small and readers' scans selective.
+_ROW_GROUP = 100_000
 
 
 def rejected_path(destination: str) -> str:
@@ -26,23 +35,24 @@ def rejected_path(destination: str) -> str:
 
 def write_parquet_atomic(frame: pl.DataFrame, destination: str, metadata: dict[str, str] | None = None) -> None:
     """Write zstd Parquet so that readers see the old file or the new one, never a torn one."""
+    publish_parquet(frame.lazy(), destination, metadata=metadata)
+
+
+def publish_parquet(table: pl.LazyFrame, destination: str, metadata: dict[str, str] | None = None) -> None:
+    """Stream a table into one Parquet file, published whole (a temp file and a rename, or one upload)."""
+    options = {"compression": "zstd", "compression_level": 3, "metadata": metadata, "row_group_size": _ROW_GROUP}
     if is_remote(destination):
         # An object store publishes an object whole when its (multipart) upload completes.
         try:
-            frame.write_parquet(destination, compression="zstd", compression_level=3, metadata=metadata)
+            table.sink_parquet(destination, **options)
         except (OSError, pl.exceptions.PolarsError) as exc:
             raise OutputError(f"cannot write '{destination}': {exc}. Nothing was published there.") from exc
         return
-    _replace_atomically(
-        destination,
-        lambda tmp: frame.write_parquet(
-            tmp, compression="zstd", compression_level=3, statistics=True, metadata=metadata
-        ),
-    )
+    _replace_atomically(destination, lambda tmp: table.sink_parquet(tmp, **options))
 
 
 def write_parquet_dataset_atomic(
-    frame: pl.DataFrame, destination: str, partition_by: str, metadata: dict[str, str] | None = None
+    table: pl.DataFrame | pl.LazyFrame, destination: str, partition_by: str, metadata: dict[str, str] | None = None
 ) -> None:
     """Write a Hive-partitioned dataset into a new directory, then swap it in for the old one."""
     dest = Path(destination)
@@ -53,8 +63,12 @@ def write_parquet_dataset_atomic(
         raise OutputError(f"cannot write '{destination}': {exc}. Check the directory and its permissions.") from exc
     old = dest.with_name(f".{dest.name}.old-{staging.name.rsplit('.', 2)[-2]}")
     try:
-        frame.write_parquet(
-            staging, partition_by=partition_by, compression="zstd", compression_level=3, metadata=metadata
+        table.lazy().sink_parquet(
+            pl.PartitionBy(staging, key=partition_by, include_key=False),
+            compression="zstd",
+            compression_level=3,
+            metadata=metadata,
+            mkdir=True,
         )
         # Two renames: readers see the old dataset or the new one (or, for an instant, neither),
         # never a mix of old and new files.

@@ -24,11 +24,11 @@ def test_a_failure_mid_write_leaves_the_previous_output_intact(tmp_path: Path, m
     write_parquet_atomic(pl.DataFrame({"x": [1]}), str(dest))
     before = dest.read_bytes()
 
-    def torn_write(self: pl.DataFrame, file: str, **kwargs: object) -> None:
+    def torn_write(self: pl.LazyFrame, file: str, **kwargs: object) -> None:
         Path(file).write_bytes(b"PAR1 half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pl.DataFrame, "write_parquet", torn_write)
+    monkeypatch.setattr(pl.LazyFrame, "sink_parquet", torn_write)
     with pytest.raises(OutputError, match="No space left on device"):
         write_parquet_atomic(pl.DataFrame({"x": [2]}), str(dest))
     assert dest.read_bytes() == before
@@ -38,11 +38,11 @@ def test_a_failure_mid_write_leaves_the_previous_output_intact(tmp_path: Path, m
 def test_an_interrupt_mid_write_also_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dest = tmp_path / "out.parquet"
 
-    def interrupted(self: pl.DataFrame, file: str, **kwargs: object) -> None:
+    def interrupted(self: pl.LazyFrame, file: str, **kwargs: object) -> None:
         Path(file).write_bytes(b"PAR1")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pl.DataFrame, "write_parquet", interrupted)
+    monkeypatch.setattr(pl.LazyFrame, "sink_parquet", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_parquet_atomic(pl.DataFrame({"x": [2]}), str(dest))
     assert list(tmp_path.iterdir()) == []
@@ -59,11 +59,10 @@ def test_a_partitioned_dataset_is_swapped_whole(tmp_path: Path, monkeypatch: pyt
     write_parquet_dataset_atomic(pl.DataFrame({"k": ["c"], "x": [3]}), str(dest), "k")
     assert sorted(p.name for p in dest.iterdir()) == ["k=c"]  # no stale partitions from the old dataset
 
-    def torn(self: pl.DataFrame, file: str, **kwargs: object) -> None:
-        (Path(file) / "k=z").mkdir(parents=True)
+    def torn(self: pl.LazyFrame, target: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pl.DataFrame, "write_parquet", torn)
+    monkeypatch.setattr(pl.LazyFrame, "sink_parquet", torn)
     with pytest.raises(OutputError, match="previous dataset is intact"):
         write_parquet_dataset_atomic(pl.DataFrame({"k": ["z"], "x": [9]}), str(dest), "k")
     assert sorted(p.name for p in dest.iterdir()) == ["k=c"]

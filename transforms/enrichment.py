@@ -25,7 +25,15 @@ from transforms.keys import AnswerIdentity, answer_key
 from transforms.prompts import PromptTemplate, build_messages, render_prompts
 from transforms.structured import StructuredOutput
 
-__all__ = ["AnswerMemo", "EnrichSpec", "charge_first", "enrich_frame", "enrich_frame_async", "prompt_keys"]
+__all__ = [
+    "AnswerMemo",
+    "EnrichSpec",
+    "charge_first",
+    "enrich_frame",
+    "enrich_frame_async",
+    "key_columns",
+    "prompt_keys",
+]
 
 RowsDone = Callable[[int, int], None]
 """Progress callback: (rows answered, rows failed) since the last call."""
@@ -58,6 +66,24 @@ def prompt_keys(frame: pl.DataFrame, spec: EnrichSpec) -> tuple[list[str | None]
     prompts = render_prompts(spec.template, frame.select(spec.template.fields).to_dicts())
     keys = [None if p is None else answer_key(spec.identity, spec.system, p) for p in prompts]
     return prompts, keys
+
+
+def key_columns(frame: pl.DataFrame, spec: EnrichSpec, *, prompt: str, key: str) -> pl.DataFrame:
+    """Two String columns, each row's prompt and answer key, rendered once per distinct set of cells."""
+    fields = list(spec.template.fields)
+    cells = frame.select(fields)
+    try:
+        distinct = cells.unique(maintain_order=True)
+        prompts, keys = prompt_keys(distinct, spec)
+        rendered = distinct.with_columns(
+            pl.Series(prompt, prompts, dtype=pl.String), pl.Series(key, keys, dtype=pl.String)
+        )
+        # Repeated values (the usual case in big tables) cost one render and one hash, not one per row.
+        joined = cells.join(rendered, on=fields, how="left", nulls_equal=True, maintain_order="left")
+        return joined.select(prompt, key)
+    except pl.exceptions.PolarsError:  # cells polars cannot join on (nested types): one per row
+        prompts, keys = prompt_keys(cells, spec)
+        return pl.DataFrame([pl.Series(prompt, prompts, dtype=pl.String), pl.Series(key, keys, dtype=pl.String)])
 
 
 def charge_first(frame: pl.DataFrame) -> pl.DataFrame:

@@ -1,0 +1,152 @@
+"""The first pass over the input, one slice at a time: validate, plan, and stage each slice.
+
+Nothing here holds the whole table: a slice is read, checked against the schema, keyed and
+matched against the answers already known, written to the staging area, and dropped. What
+is kept grows with the number of distinct prompts (keys), never with the number of rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandera.polars as pa
+import polars as pl
+
+from flows.job import EnrichJob
+from flows.loading import detect_format, format_of, iter_partitions, read_error, scan_table
+from flows.outputs import OutputRun
+from flows.planning import ROW_INDEX, plan_slice
+from flows.preparation import output_columns
+from flows.staging import Staging
+from flows.validation import check_rows, failure_report, refusal, unique_columns
+from schemas.errors import ConfigError, InputError, ValidationFailed
+from transforms.prompts import PromptTemplate
+
+__all__ = ["Slice", "Survey", "read_columns", "survey_input"]
+
+_REPORT_CASES = 20
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A partition task's whole input: where its staged rows are, and how many."""
+
+    number: int
+    path: str
+    rows: int
+    to_ask: int
+
+
+@dataclass
+class Survey:
+    """What the first pass found: counts, the staged slices, rejected parts and the report."""
+
+    input_columns: list[str]
+    rows_in: int = 0
+    rows_valid: int = 0
+    rows_rejected: int = 0
+    rows_to_ask: int = 0
+    slices: list[Slice] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    report: str = ""
+
+
+def survey_input(
+    job: EnrichJob,
+    schema: pa.DataFrameSchema,
+    template: PromptTemplate,
+    runs: list[OutputRun],
+    staging: Staging | None,
+) -> Survey:
+    """Validate and plan every slice; stage them unless ``staging`` is None (an estimate)."""
+    source = job.input_path
+    if job.in_place and detect_format(source, job.input_format) != "parquet":
+        raise ConfigError(
+            f"--in-place rewrites the input, which must then be Parquet; '{source}' is not. "
+            "Pass --output PATH.parquet instead."
+        )
+    scan, columns = _scan_input(job)
+    fmt = format_of(source, job.input_format)
+    template.check_columns(columns, source=f"'{source}'")
+    duplicates = _duplicates(scan, schema, columns, source)
+    survey = Survey(input_columns=columns)
+    quarantine = job.on_invalid == "quarantine"
+    shown: list[pl.DataFrame] = []
+    shown_rows = 0
+    empty: pl.DataFrame | None = None
+    for number, frame in enumerate(iter_partitions(scan, job.partition_rows, source=source, fmt=fmt)):
+        offset = survey.rows_in
+        survey.rows_in += frame.height
+        checked = check_rows(frame, schema, source=source, offset=offset, duplicates=duplicates)
+        if checked.failing:
+            survey.rows_rejected += checked.failing
+            if shown_rows < _REPORT_CASES:
+                shown.append(checked.cases.sort("index").head(_REPORT_CASES - shown_rows))
+                shown_rows += shown[-1].height
+            if not quarantine:
+                continue  # the run is refused: keep counting, stop staging
+            if staging is not None:
+                path = staging.path("rejected", number)
+                staging.write(checked.rejected, path)
+                survey.rejected.append(path)
+        if survey.rows_rejected and not quarantine:
+            continue
+        planned = checked.valid.with_row_index(ROW_INDEX, offset=offset)
+        for run in runs:
+            planned = plan_slice(planned, run.spec, run.known, run.tally, run.lane)
+        to_ask = int(planned.select(pl.any_horizontal(run.lane.ask for run in runs).sum()).item()) if runs else 0
+        survey.rows_valid += planned.height
+        survey.rows_to_ask += to_ask
+        if not planned.height:
+            empty = planned
+            continue
+        if staging is not None:
+            path = staging.path("in", number)
+            staging.write(planned, path)
+            survey.slices.append(Slice(number, path, planned.height, to_ask))
+    if survey.rows_rejected:
+        cases = pl.concat(shown)
+        survey.report = failure_report(cases, survey.rows_in, survey.rows_rejected, source, schema.name)
+        if not quarantine:
+            raise ValidationFailed(refusal(survey.report), failing_rows=survey.rows_rejected)
+    if staging is not None and not survey.slices and empty is not None:
+        # Every row was set aside: one empty slice still gives the output its columns.
+        path = staging.path("in", 0)
+        staging.write(empty, path)
+        survey.slices.append(Slice(0, path, 0, 0))
+    return survey
+
+
+def read_columns(job: EnrichJob) -> list[str]:
+    """The input's columns (without answer columns of an earlier run), from its schema alone."""
+    return _scan_input(job)[1]
+
+
+def _scan_input(job: EnrichJob) -> tuple[pl.LazyFrame, list[str]]:
+    scan = scan_table(job.input_path, job.input_format)
+    try:
+        columns = scan.collect_schema().names()
+    except (pl.exceptions.PolarsError, OSError, ValueError, RuntimeError) as exc:
+        raise read_error(job.input_path, format_of(job.input_path, job.input_format), exc) from exc
+    # A rerun over an enriched file replaces the old answer columns rather than nesting them.
+    stale = [c for c in output_columns(job) if c in columns]
+    if stale:
+        scan, columns = scan.drop(stale), [c for c in columns if c not in stale]
+    return scan, columns
+
+
+def _duplicates(
+    scan: pl.LazyFrame, schema: pa.DataFrameSchema, columns: list[str], source: str
+) -> dict[str, pl.Series]:
+    """Per unique column, the values that occur more than once anywhere in the table (streamed)."""
+    found = {}
+    for name in unique_columns(schema):
+        if name not in columns:
+            continue
+        try:
+            repeated = scan.group_by(name).len().filter(pl.col("len") > 1).select(name).collect()
+        except (pl.exceptions.PolarsError, OSError, ValueError, RuntimeError) as exc:
+            raise InputError(f"could not read column '{name}' of '{source}': {exc}") from exc
+        if repeated.height:
+            found[name] = repeated.get_column(name)
+    return found
