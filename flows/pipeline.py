@@ -55,6 +55,7 @@ INVALID_STATE = "Invalid"
 _MAX_PARTITION_WORKERS = 64
 _SAMPLE_ROWS = 20
 _FAILURE_ROWS = 100
+_REPORT_SLICES = 100
 
 
 def _transient_infrastructure(task: Any, task_run: Any, state: State) -> bool:
@@ -304,6 +305,9 @@ def _enrich_partitions(
                 waiting.clear()
                 continue
             results[piece.number] = result
+            # Only the first rows make the sample and failures artifacts; keep little per slice.
+            if piece.number >= _REPORT_SLICES:
+                result["sample"], result["problems"] = [], result["problems"][:1]
             for run, delta in zip(runs, result["stats"] or [], strict=False):
                 run.ctx.stats.add(
                     requests=delta["requests"], retries=delta["retries"],

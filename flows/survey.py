@@ -25,6 +25,7 @@ from transforms.prompts import PromptTemplate
 __all__ = ["Slice", "Survey", "read_columns", "survey_input"]
 
 _REPORT_CASES = 20
+_ROWS_PER_PASS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -138,15 +139,28 @@ def _scan_input(job: EnrichJob) -> tuple[pl.LazyFrame, list[str]]:
 def _duplicates(
     scan: pl.LazyFrame, schema: pa.DataFrameSchema, columns: list[str], source: str
 ) -> dict[str, pl.Series]:
-    """Per unique column, the values that occur more than once anywhere in the table (streamed)."""
+    """Per unique column, the values that occur more than once anywhere in the table (streamed).
+
+    A big table is checked in several passes, each over one hash bucket of the values, so the
+    memory of a pass stays near that of _ROWS_PER_PASS distinct values whatever the table size.
+    """
+    names = [name for name in unique_columns(schema) if name in columns]
+    if not names:
+        return {}
     found = {}
-    for name in unique_columns(schema):
-        if name not in columns:
-            continue
-        try:
-            repeated = scan.group_by(name).len().filter(pl.col("len") > 1).select(name).collect()
-        except (pl.exceptions.PolarsError, OSError, ValueError, RuntimeError) as exc:
-            raise InputError(f"could not read column '{name}' of '{source}': {exc}") from exc
-        if repeated.height:
-            found[name] = repeated.get_column(name)
+    try:
+        rows = scan.select(pl.len()).collect().item()
+        passes = max(1, -(-rows // _ROWS_PER_PASS))
+        for name in names:
+            buckets = []
+            for bucket in range(passes):
+                values = scan.select(name)
+                if passes > 1:
+                    values = values.filter(pl.col(name).hash(seed=7) % passes == bucket)
+                buckets.append(values.group_by(name).len().filter(pl.col("len") > 1).select(name).collect())
+            repeated = pl.concat(buckets).get_column(name)
+            if repeated.len():
+                found[name] = repeated
+    except (pl.exceptions.PolarsError, OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"could not read the unique columns {names} of '{source}': {exc}") from exc
     return found
