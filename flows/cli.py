@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from flows.job import EnrichJob, load_job_file, make_job
-from schemas.errors import EnrichError
+from schemas.errors import ConfigError, EnrichError
 
 __all__ = ["app"]
 
@@ -53,6 +53,7 @@ _FIELD_OF = {
     "structured_method": "structured_method",
     "dask_address": "dask_address",
     "dask_local": "dask_local",
+    "staging_dir": "staging_dir",
     "rpm": "rpm",
     "tpm": "tpm",
     "cache": "cache",
@@ -125,6 +126,13 @@ def run(
     ] = None,
     dask_address: Annotated[Optional[str], typer.Option(help="Run partitions on this Dask scheduler.")] = None,
     dask_local: Annotated[Optional[int], typer.Option(help="Run partitions on N local Dask workers.")] = None,
+    staging_dir: Annotated[
+        Optional[str], typer.Option(help="Where slices wait before publishing (default: beside the output).")
+    ] = None,
+    storage_option: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Object-store setting KEY=VALUE for polars (repeatable), e.g. aws_region=eu-west-1."),
+    ] = None,
     rpm: Annotated[Optional[int], typer.Option(help="Provider limit, requests per minute (held run-wide).")] = None,
     tpm: Annotated[Optional[int], typer.Option(help="Provider limit, tokens per minute (held run-wide).")] = None,
     cache: Annotated[
@@ -160,6 +168,8 @@ def run(
         values.update({_FIELD_OF[name]: value for name, value in given.items()})
         if columns:
             values["input_schema"] = "template"
+        if storage_option:
+            values["storage_options"] = {**values.get("storage_options", {}), **_pairs(storage_option)}
         job = make_job(values, source=str(config) if config else "the options")
     except EnrichError as err:
         _fail(err.message, err.exit_code)
@@ -173,6 +183,20 @@ def run(
         from flows.writing import write_json_atomic
 
         write_json_atomic(summary, str(summary_json))
+
+
+def _pairs(items: list[str]) -> dict[str, str]:
+    """KEY=VALUE strings as a dict; a malformed one is a ConfigError."""
+    pairs = {}
+    for number, item in enumerate(items, start=1):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            # The value is not echoed: it may be a credential.
+            raise ConfigError(
+                f"--storage-option number {number} must look like KEY=VALUE (for example aws_region=us-east-1)."
+            )
+        pairs[key.strip()] = value
+    return pairs
 
 
 def estimate(**options: Any) -> None:
@@ -195,7 +219,10 @@ def serve(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.deployment import serve_deployment
 
-    serve_deployment(job, name=name, cron=cron)
+    try:
+        serve_deployment(job, name=name, cron=cron)
+    except EnrichError as err:
+        _fail(err.message, err.exit_code)
 
 
 @app.command()
@@ -209,7 +236,10 @@ def deploy(
     job = _job_from_config(config)
     from flows.deployment import deploy_to_pool
 
-    deployment_id = deploy_to_pool(job, pool=pool, name=name, cron=cron)
+    try:
+        deployment_id = deploy_to_pool(job, pool=pool, name=name, cron=cron)
+    except EnrichError as err:
+        _fail(err.message, err.exit_code)
     out_console.print(
         f"Deployment enrich-table/{name} ({deployment_id}) is on work pool '{pool}'. Start a worker with "
         f"`prefect worker start --pool {pool}`; trigger a run with `prefect deployment run enrich-table/{name}`.",

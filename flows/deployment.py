@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType
 
 from flows.job import EnrichJob
 from flows.pipeline import enrich_table
+from schemas.errors import ConfigError
 
-__all__ = ["DEFAULT_CRON", "DEPLOYMENT_NAME", "deploy_to_pool", "serve_deployment"]
+__all__ = ["DEFAULT_CRON", "DEPLOYMENT_NAME", "deploy_to_pool", "deployment_parameters", "serve_deployment"]
 
 DEFAULT_CRON = "0 2 * * *"
 DEPLOYMENT_NAME = "nightly"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Two runs must never write the same output at once: a second one waits its turn.
+_CREDENTIAL = re.compile(r"secret|key|token|password|sas|credential|signature", re.IGNORECASE)
 _ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+
+
+def deployment_parameters(job: EnrichJob) -> dict[str, Any]:
+    """The job as stored default parameters; storage options must then be settings, not credentials."""
+    values = job.model_dump(mode="json")
+    secret = [key for key in job.storage_options if _CREDENTIAL.search(key)]
+    if secret:
+        raise ConfigError(
+            f"storage option {secret[0]!r} looks like a credential, and a deployment would store it in the "
+            "Prefect database; set it in the worker's environment instead (e.g. AWS_SECRET_ACCESS_KEY)."
+        )
+    values["storage_options"] = {k: v.get_secret_value() for k, v in job.storage_options.items()}
+    return {"job": values}
 
 
 def serve_deployment(job: EnrichJob, *, name: str = DEPLOYMENT_NAME, cron: str | None = DEFAULT_CRON) -> None:
@@ -24,7 +41,7 @@ def serve_deployment(job: EnrichJob, *, name: str = DEPLOYMENT_NAME, cron: str |
     enrich_table.serve(
         name=name,
         cron=cron or None,
-        parameters={"job": job.model_dump(mode="json")},
+        parameters=deployment_parameters(job),
         global_limit=_ONE_AT_A_TIME,
         description="Enrich a table with an LLM column (llm-enrich). Custom run shows the job as a form.",
         tags=["llm-enrich"],
@@ -40,7 +57,7 @@ def deploy_to_pool(job: EnrichJob, *, pool: str, name: str = DEPLOYMENT_NAME, cr
         name=name,
         work_pool_name=pool,
         cron=cron or None,
-        parameters={"job": job.model_dump(mode="json")},
+        parameters=deployment_parameters(job),
         concurrency_limit=_ONE_AT_A_TIME,
         tags=["llm-enrich"],
         print_next_steps=False,

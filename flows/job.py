@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from schemas.errors import ConfigError
 
@@ -145,6 +145,11 @@ class EnrichJob(BaseModel):
     dask_local: int = Field(
         0, ge=0, le=64, description="Run partition tasks on a local Dask cluster of this many worker processes."
     )
+    storage_options: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="Object-store settings for polars (e.g. aws_endpoint_url, aws_region); values are kept "
+        "secret in logs and parameters. Credentials are better left in the worker's environment.",
+    )
     staging_dir: str | None = Field(
         None,
         max_length=4_096,
@@ -197,6 +202,10 @@ class EnrichJob(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError("every output needs its own output_column")
         return self
+
+    def storage(self) -> dict[str, str] | None:
+        """The object-store options in clear, for polars; None when there are none."""
+        return {k: v.get_secret_value() for k, v in self.storage_options.items()} or None
 
     @property
     def destination(self) -> str:

@@ -36,10 +36,10 @@ def detect_format(path: str, requested: str = "auto") -> str:
     return FORMATS[suffix]
 
 
-def scan_table(path: str, requested_format: str = "auto") -> pl.LazyFrame:
+def scan_table(path: str, requested_format: str = "auto", storage: dict[str, str] | None = None) -> pl.LazyFrame:
     """A lazy scan of the input (nothing is read yet); raise InputError for a missing or empty file."""
     if is_remote(path):
-        return _scan(path, detect_format(path, requested_format))
+        return _scan(path, detect_format(path, requested_format), storage)
     file = Path(path)
     if not file.exists():
         raise InputError(f"input file '{path}' does not exist (looked in {Path.cwd()}). Check the path.")
@@ -95,15 +95,15 @@ def load_table(path: str, requested_format: str = "auto") -> pl.DataFrame:
     return frame
 
 
-def _scan(path: str, fmt: str) -> pl.LazyFrame:
+def _scan(path: str, fmt: str, storage: dict[str, str] | None = None) -> pl.LazyFrame:
     try:
         if fmt == "csv":
-            return pl.scan_csv(path, infer_schema_length=_INFER_ROWS)
+            return pl.scan_csv(path, infer_schema_length=_INFER_ROWS, storage_options=storage)
         if fmt == "parquet":
-            return pl.scan_parquet(path)
+            return pl.scan_parquet(path, storage_options=storage)
         if fmt == "dataset":
-            return pl.scan_parquet(path, hive_partitioning=True)
-        return pl.scan_ndjson(path, infer_schema_length=_INFER_ROWS)
+            return pl.scan_parquet(path, hive_partitioning=True, storage_options=storage)
+        return pl.scan_ndjson(path, infer_schema_length=_INFER_ROWS, storage_options=storage)
     except (pl.exceptions.PolarsError, OSError, ValueError, RuntimeError) as exc:
         raise read_error(path, fmt, exc) from exc
 

@@ -69,7 +69,9 @@ def plan_outputs(
             taken += [f"{spec.structured.prefix}{n}" for n in spec.structured.model.model_fields]
         if len(set(taken)) != len(taken):
             raise ConfigError(f"output '{single.output_column}' would overwrite another column; rename it.")
-        previous = None if job.refresh_cache else load_previous(job.destination, single.output_column, names)
+        previous = (
+            None if job.refresh_cache else load_previous(job.destination, single.output_column, names, job.storage())
+        )
         known = build_known(cached, previous, retry_failed=job.retry_failed)
         price = resolve_price(single, spec.identity.model, local=endpoint.local)
         secret = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else None

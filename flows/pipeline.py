@@ -214,7 +214,7 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
         _publish(job, enriched, primary.spec)
         rejected = pl.DataFrame()
         if survey.rows_rejected:
-            publish_parquet(pl.scan_parquet(survey.rejected), rejected_path(job.destination))
+            publish_parquet(pl.scan_parquet(survey.rejected), rejected_path(job.destination), storage=job.storage())
             rejected = pl.scan_parquet(survey.rejected).head(_FAILURE_ROWS).collect()
         elif not is_remote(job.destination):
             Path(rejected_path(job.destination)).unlink(missing_ok=True)
@@ -264,7 +264,7 @@ def _publish(job: EnrichJob, enriched: pl.LazyFrame, spec: EnrichSpec) -> None:
     """Write the finished parts as the output, published whole."""
     metadata = _metadata(job, spec)
     if not job.output_partition_by:
-        publish_parquet(enriched, job.destination, metadata=metadata)
+        publish_parquet(enriched, job.destination, metadata=metadata, storage=job.storage())
         return
     columns = enriched.collect_schema().names()
     if job.output_partition_by not in columns:

@@ -66,7 +66,9 @@ class Tally:
         return len(self.todo)
 
 
-def load_previous(destination: str, output_column: str, names: dict[str, str] | None = None) -> pl.DataFrame | None:
+def load_previous(
+    destination: str, output_column: str, names: dict[str, str] | None = None, storage: dict[str, str] | None = None
+) -> pl.DataFrame | None:
     """The distinct answers (and failed keys) of an earlier run at the destination, read lazily."""
     path = Path(destination)
     names = names or {}
@@ -77,7 +79,7 @@ def load_previous(destination: str, output_column: str, names: dict[str, str] | 
         return None
     try:
         source = f"{destination.rstrip('/')}/**/*.parquet" if dataset else destination
-        scan = pl.scan_parquet(source, hive_partitioning=dataset)
+        scan = pl.scan_parquet(source, hive_partitioning=dataset, storage_options=storage)
         if not all(c in scan.collect_schema() for c in columns):
             return None
         back = {names.get(c, c): c for c in canonical}

@@ -124,7 +124,7 @@ def read_columns(job: EnrichJob) -> list[str]:
 
 
 def _scan_input(job: EnrichJob) -> tuple[pl.LazyFrame, list[str]]:
-    scan = scan_table(job.input_path, job.input_format)
+    scan = scan_table(job.input_path, job.input_format, job.storage())
     try:
         columns = scan.collect_schema().names()
     except (pl.exceptions.PolarsError, OSError, ValueError, RuntimeError) as exc:

@@ -38,13 +38,15 @@ def write_parquet_atomic(frame: pl.DataFrame, destination: str, metadata: dict[s
     publish_parquet(frame.lazy(), destination, metadata=metadata)
 
 
-def publish_parquet(table: pl.LazyFrame, destination: str, metadata: dict[str, str] | None = None) -> None:
+def publish_parquet(
+    table: pl.LazyFrame, destination: str, metadata: dict[str, str] | None = None, storage: dict[str, str] | None = None
+) -> None:
     """Stream a table into one Parquet file, published whole (a temp file and a rename, or one upload)."""
     options = {"compression": "zstd", "compression_level": 3, "metadata": metadata, "row_group_size": _ROW_GROUP}
     if is_remote(destination):
         # An object store publishes an object whole when its (multipart) upload completes.
         try:
-            table.sink_parquet(destination, **options)
+            table.sink_parquet(destination, storage_options=storage, **options)
         except (OSError, pl.exceptions.PolarsError) as exc:
             raise OutputError(f"cannot write '{destination}': {exc}. Nothing was published there.") from exc
         return

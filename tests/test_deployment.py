@@ -8,9 +8,13 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pytest
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+from flows.deployment import deployment_parameters
+from flows.job import EnrichJob
+from schemas.errors import ConfigError
 from tests.conftest import DATA, REPO
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 from tests.prefect_server import DEPLOYMENT, api, trigger
@@ -98,3 +102,12 @@ def test_enrich_deploy_registers_a_work_pool_deployment(prefect_server: str, tmp
     assert deployment.entrypoint == "flows/pipeline.py:enrich_table"
     assert deployment.parameters["job"]["input_path"] == "data/topics.csv"
     assert deployment.global_concurrency_limit.limit == 1
+
+
+def test_storage_settings_are_stored_in_clear_and_credentials_are_refused() -> None:
+    job = EnrichJob(output_path="o.parquet", storage_options={"aws_region": "eu-west-1"})
+    assert deployment_parameters(job)["job"]["storage_options"] == {"aws_region": "eu-west-1"}
+    with_key = EnrichJob(output_path="o.parquet", storage_options={"aws_secret_access_key": "s3cr3t-value"})
+    with pytest.raises(ConfigError, match="worker's environment") as caught:
+        deployment_parameters(with_key)
+    assert "s3cr3t-value" not in str(caught.value)

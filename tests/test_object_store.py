@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import urllib.error
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from prefect.client.orchestration import get_client
 
 from flows.job import EnrichJob
 from flows.local_model import stop_process_group
@@ -97,3 +99,32 @@ def test_a_missing_object_is_a_clear_input_error(fake_llm: FakeOpenAIServer) -> 
         return_state=True,
     )
     assert state.name == INVALID_STATE and "could not read 's3://data/in/nope.parquet'" in state.message
+
+
+def test_storage_options_reach_polars_and_stay_secret(
+    s3_endpoint: str, fake_llm: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ALLOW_HTTP"):
+        monkeypatch.delenv(name, raising=False)  # everything comes from --storage-option
+    secret = "s3-secret-DO-NOT-LEAK-77"
+    options = {
+        "aws_endpoint_url": s3_endpoint, "aws_access_key_id": "test", "aws_secret_access_key": secret,
+        "aws_region": "us-east-1", "aws_allow_http": "true",
+    }  # fmt: skip
+    pl.DataFrame({"id": [1, 2, 3], "topic": ["x", "y", "z"]}).write_parquet(
+        "s3://data/in/opts.parquet", storage_options=options
+    )
+    job = EnrichJob(
+        input_path="s3://data/in/opts.parquet", output_path="s3://data/out/opts.parquet", base_url=fake_llm.base_url,
+        prompt="Explain {topic}", cache_dir=str(tmp_path / "cache"), storage_options=options,
+    )  # fmt: skip
+    state = enrich_table(job, return_state=True)
+    assert state.is_completed(), state.message
+    out = pl.read_parquet("s3://data/out/opts.parquet", storage_options=options)
+    assert out["explanation"].to_list() == [expected_answer(f"Explain {t}") for t in ["x", "y", "z"]]
+    with get_client(sync_client=True) as client:
+        recorded = client.read_flow_run(state.state_details.flow_run_id).parameters
+    assert recorded["job"]["storage_options"]["aws_region"] != "us-east-1"  # masked, like every value
+    assert secret not in json.dumps(recorded, default=str) and secret not in job.model_dump_json()
+    again = enrich_table(job.model_copy(update={"cache": False}))  # the previous output is read back with them
+    assert again["requests"] == 0

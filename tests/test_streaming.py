@@ -7,6 +7,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from flows import survey
 from flows.job import EnrichJob
 from flows.pipeline import INVALID_STATE, enrich_table
 from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN
@@ -33,9 +34,11 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if "staging" in p.name or p.name.endswith(".tmp"))
 
 
+@pytest.mark.parametrize("rows_per_pass", [2_000_000, 3], ids=["one pass", "hash buckets"])
 def test_a_duplicate_id_in_another_slice_is_caught_with_its_row_numbers(
-    fake_llm: FakeOpenAIServer, tmp_path: Path
+    fake_llm: FakeOpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows_per_pass: int
 ) -> None:
+    monkeypatch.setattr(survey, "_ROWS_PER_PASS", rows_per_pass)
     source = tmp_path / "in.csv"
     ids = [1, 2, 3, 4, 5, 6, 7, 8, 2, 10]  # id 2 is on rows 2 and 9, three slices apart
     pl.DataFrame({"id": ids, "topic": [f"t{i}" for i in range(10)]}).write_csv(source)
