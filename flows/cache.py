@@ -27,14 +27,15 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Protocol
 
 import polars as pl
 
-from flows.storage import is_remote
+from flows.storage import is_remote, sibling
 from schemas.errors import OutputError
 from transforms.calls import Outcome
 
-__all__ = ["CACHE_SCHEMA", "ResponseCache", "default_cache_dir"]
+__all__ = ["CACHE_SCHEMA", "AnswerStore", "ResponseCache", "default_cache_dir", "open_cache"]
 
 CACHE_SCHEMA = {
     "seq": pl.Int64,
@@ -45,10 +46,41 @@ CACHE_SCHEMA = {
 }
 
 
+class AnswerStore(Protocol):
+    """What the flow needs of a response cache, on a file system or on object storage."""
+
+    written: int
+
+    def load(self) -> pl.DataFrame:
+        """Every cached answer, newest entry per key winning."""
+        ...
+
+    def append(self, key: str, outcome: Outcome, *, model: str) -> None:
+        """Keep one answer."""
+        ...
+
+    def flush(self) -> None:
+        """Make what was kept so far durable (a partition's answers, before its task returns)."""
+        ...
+
+    def close(self) -> None:
+        """Make everything kept durable."""
+        ...
+
+
+def open_cache(directory: str, storage: dict[str, str] | None = None) -> AnswerStore:
+    """The response cache in a directory, or under an object-store prefix (s3://, gs://, az://)."""
+    if is_remote(directory):
+        from flows.object_cache import ObjectStoreCache
+
+        return ObjectStoreCache(directory, storage)
+    return ResponseCache(directory)
+
+
 def default_cache_dir(destination: str) -> str:
-    """Beside a local output (<output dir>/.enrich-cache); for an object-store output, ./.enrich-cache."""
+    """Beside the output: <output dir>/.enrich-cache, or <output prefix>/.enrich-cache in a bucket."""
     if is_remote(destination):
-        return ".enrich-cache"
+        return sibling(destination, ".enrich-cache")
     return str(Path(destination).parent / ".enrich-cache")
 
 
@@ -96,6 +128,9 @@ class ResponseCache:
             while view:
                 view = view[os.write(fd, view) :]
             self.written += 1
+
+    def flush(self) -> None:
+        """Nothing to do: every answer is written to the OS as it arrives."""
 
     def close(self) -> None:
         """Flush to disk and close this process's segment."""

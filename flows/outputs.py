@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pandera.polars as pa
 import polars as pl
 
-from flows.cache import ResponseCache, default_cache_dir
+from flows.cache import AnswerStore, default_cache_dir, open_cache
 from flows.job import EnrichJob
 from flows.llm import Endpoint
 from flows.planning import ROW_INDEX, LaneColumns, Tally, build_known, load_previous
@@ -53,10 +53,10 @@ class OutputRun:
 
 def plan_outputs(
     job: EnrichJob, input_columns: list[str], endpoint: Endpoint
-) -> tuple[list[OutputRun], ResponseCache | None]:
+) -> tuple[list[OutputRun], AnswerStore | None]:
     """Spec and settled answers for every output; they share one scheduler and budget (and the cache)."""
     runs: list[OutputRun] = []
-    cache = ResponseCache(job.cache_dir or default_cache_dir(job.destination)) if job.cache else None
+    cache = open_cache(job.cache_dir or default_cache_dir(job.destination), job.storage()) if job.cache else None
     cached = cache.load() if cache is not None and not job.refresh_cache else None
     shared: CallContext | None = None
     taken = list(input_columns)

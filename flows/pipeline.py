@@ -121,6 +121,8 @@ def enrich_partition(
     enriched, failed = assemble_slice(staged, answers, specs, columns, schema, rt.secret)
     path = staging.path("out", piece.number)
     staging.write(enriched, path)
+    if rt.cache is not None:
+        rt.cache.flush()  # the slice's answers are durable before its task reports done
     # Counters of a worker's runtime live in that process: hand this partition's share back.
     delta = None
     if before is not None:
@@ -203,7 +205,7 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
                 lanes.append(lane)
             if cache is not None:
                 stack.callback(cache.close)
-            runtime = Runtime(lanes=lanes, loop=loop, secret=secret)
+            runtime = Runtime(lanes=lanes, loop=loop, secret=secret, cache=cache)
             stack.callback(forget_runtime, register_runtime(runtime))
             shared = {
                 "columns": survey.input_columns, "staging_root": staging.root, "runtime_key": runtime.key,

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import httpx
 from langchain_core.language_models import BaseChatModel
 
-from flows.cache import ResponseCache
+from flows.cache import AnswerStore
 from flows.job import EnrichJob
 from flows.llm import Endpoint, build_chat_model, classify_openai_error, redacting
 from schemas.errors import ConfigError
@@ -125,7 +125,7 @@ def share_limits(ctx: CallContext, first: CallContext) -> None:
 
 def build_lane(
     job: EnrichJob, spec: EnrichSpec, ctx: CallContext, endpoint: Endpoint, *, base_url: str | None,
-    cache: ResponseCache | None,
+    cache: AnswerStore | None,
 ) -> tuple[Lane, httpx.AsyncClient]:  # fmt: skip
     """One output's model client and memo (answers go to the cache as they arrive); close the client."""
     model, http = build_chat_model(
@@ -154,6 +154,7 @@ class Runtime:
     lanes: list[Lane]
     loop: EventLoopThread
     secret: str | None = field(default=None, repr=False)  # redacted from error messages
+    cache: AnswerStore | None = None
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

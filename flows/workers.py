@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from flows.cache import ResponseCache, default_cache_dir
+from flows.cache import default_cache_dir, open_cache
 from flows.job import EnrichJob
 from flows.llm import Endpoint, resolve_endpoint
 from flows.preparation import build_spec
@@ -62,7 +62,7 @@ def _build(job: EnrichJob, *, local: bool, served_url: str | None) -> Runtime:
     found = resolve_endpoint(job)
     endpoint = Endpoint(base_url=found.base_url, api_key=found.api_key, local=local)
     secret = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else None
-    cache = ResponseCache(job.cache_dir or default_cache_dir(job.destination)) if job.cache else None
+    cache = open_cache(job.cache_dir or default_cache_dir(job.destination), job.storage()) if job.cache else None
     loop = EventLoopThread()
     lanes: list[Lane] = []
     for single in job.output_jobs():
@@ -73,4 +73,4 @@ def _build(job: EnrichJob, *, local: bool, served_url: str | None) -> Runtime:
             share_limits(ctx, lanes[0].ctx)
         lane, _ = build_lane(single, spec, ctx, endpoint, base_url=served_url or endpoint.base_url, cache=cache)
         lanes.append(lane)
-    return Runtime(lanes=lanes, loop=loop, secret=secret)
+    return Runtime(lanes=lanes, loop=loop, secret=secret, cache=cache)

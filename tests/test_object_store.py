@@ -16,9 +16,11 @@ from prefect.client.orchestration import get_client
 
 from flows.job import EnrichJob
 from flows.local_model import stop_process_group
+from flows.object_cache import ObjectStoreCache
 from flows.pipeline import INVALID_STATE, enrich_table
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 from tests.prefect_server import free_port, wait_for
+from transforms.calls import Outcome
 
 pytestmark = pytest.mark.usefixtures("prefect_backend")
 
@@ -128,3 +130,32 @@ def test_storage_options_reach_polars_and_stay_secret(
     assert secret not in json.dumps(recorded, default=str) and secret not in job.model_dump_json()
     again = enrich_table(job.model_copy(update={"cache": False}))  # the previous output is read back with them
     assert again["requests"] == 0
+
+
+@pytest.mark.usefixtures("s3_env")
+def test_the_response_cache_can_live_in_the_bucket(fake_llm: FakeOpenAIServer) -> None:
+    topics = [f"cached topic {i}" for i in range(12)]
+    pl.DataFrame({"id": range(12), "topic": topics}).write_parquet("s3://data/in/cache.parquet")
+    job = EnrichJob(
+        input_path="s3://data/in/cache.parquet", output_path="s3://data/run1/enriched.parquet",
+        base_url=fake_llm.base_url, prompt="Explain {topic}", partition_rows=5,
+    )  # fmt: skip
+    assert enrich_table(job)["requests"] == 12
+    segments = pl.scan_parquet("s3://data/run1/.enrich-cache/v1/seg-*.parquet").collect()
+    assert sorted(segments["text"].to_list()) == sorted(expected_answer(f"Explain {t}") for t in topics)
+    # Another output (say, another machine's run) is served from the bucket's cache alone.
+    other = job.model_copy(
+        update={"output_path": "s3://data/run2/enriched.parquet", "cache_dir": "s3://data/run1/.enrich-cache"}
+    )
+    again = enrich_table(other)
+    assert again["requests"] == 0 and again["rows_cached"] == 12
+
+
+@pytest.mark.usefixtures("s3_env")
+def test_cache_segments_are_written_in_batches_and_on_close() -> None:
+    cache = ObjectStoreCache("s3://data/batched-cache", flush_every=2, flush_seconds=3600)
+    for n in range(3):
+        cache.append(f"k{n}", Outcome(text=f"answer {n}", input_tokens=1, output_tokens=1), model="m")
+    assert ObjectStoreCache("s3://data/batched-cache").load()["key"].to_list() == ["k0", "k1"]
+    cache.close()
+    assert ObjectStoreCache("s3://data/batched-cache").load()["key"].to_list() == ["k0", "k1", "k2"]
