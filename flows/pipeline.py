@@ -93,7 +93,7 @@ def enrich_partition(
 ) -> dict[str, Any]:
     """Enrich one staged slice for every output and write its part file; return only the path and counts."""
     rt, remote = runtime_for(runtime_key, job, local=local, served_url=served_url, workers=workers)
-    staging = Staging(staging_root)
+    staging = Staging(staging_root, job.storage())
     staged = staging.read(piece.path)
     sink = current_sink()
     before = stats_of(rt) if remote else None
@@ -166,7 +166,7 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
     endpoint = resolve_endpoint(job)
     runs, cache = plan_outputs(job, read_columns(job), endpoint)
     primary = runs[0]
-    staging = open_staging(job.destination, job.staging_dir)
+    staging = open_staging(job.destination, job.staging_dir, shared=bool(job.dask_address), storage=job.storage())
     try:
         survey = survey_input(job, schema, template, runs, staging)
         log.info(
@@ -212,12 +212,12 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
                 "job": job, "local": endpoint.local, "served_url": base_url,
             }  # fmt: skip
             results = _enrich_partitions(survey, job, progress, runs, shared)
-        enriched = pl.scan_parquet([r["path"] for r in results])
+        enriched = staging.scan([r["path"] for r in results])
         _publish(job, enriched, primary.spec)
         rejected = pl.DataFrame()
         if survey.rows_rejected:
-            publish_parquet(pl.scan_parquet(survey.rejected), rejected_path(job.destination), storage=job.storage())
-            rejected = pl.scan_parquet(survey.rejected).head(_FAILURE_ROWS).collect()
+            publish_parquet(staging.scan(survey.rejected), rejected_path(job.destination), storage=job.storage())
+            rejected = staging.scan(survey.rejected).head(_FAILURE_ROWS).collect()
         elif not is_remote(job.destination):
             Path(rejected_path(job.destination)).unlink(missing_ok=True)
     finally:

@@ -121,7 +121,6 @@ def test_rows_that_fail_at_the_model_still_exit_0(fake_llm: FakeOpenAIServer, tm
         (["--format", "xml"], "input_format"),
         (["--output-column", "enrich_error"], "reserved"),
         (["--storage-option", "aws_region"], "--storage-option number 1 must look like KEY=VALUE"),
-        (["--staging-dir", "s3://bucket/staging"], "staging needs a file system path"),
     ],
 )
 def test_configuration_mistakes_exit_2_with_a_message(

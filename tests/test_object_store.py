@@ -10,14 +10,17 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import obstore
 import polars as pl
 import pytest
+from obstore.store import from_url
 from prefect.client.orchestration import get_client
 
 from flows.job import EnrichJob
 from flows.local_model import stop_process_group
 from flows.object_cache import ObjectStoreCache
 from flows.pipeline import INVALID_STATE, enrich_table
+from flows.staging import Staging
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 from tests.prefect_server import free_port, wait_for
 from transforms.calls import Outcome
@@ -159,3 +162,28 @@ def test_cache_segments_are_written_in_batches_and_on_close() -> None:
     assert ObjectStoreCache("s3://data/batched-cache").load()["key"].to_list() == ["k0", "k1"]
     cache.close()
     assert ObjectStoreCache("s3://data/batched-cache").load()["key"].to_list() == ["k0", "k1", "k2"]
+
+
+@pytest.mark.usefixtures("s3_env")
+def test_staging_can_live_in_the_bucket_and_is_emptied(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
+    source = tmp_path / "in.csv"
+    pl.DataFrame({"id": range(9), "topic": [f"s{i}" for i in range(9)]}).write_csv(source)
+    job = EnrichJob(
+        input_path=str(source), output_path=str(tmp_path / "out.parquet"), base_url=fake_llm.base_url,
+        prompt="Explain {topic}", partition_rows=4, staging_dir="s3://data/staging", cache=False,
+    )  # fmt: skip
+    seen: list[str] = []
+    original = Staging.write
+
+    def spy(self: Staging, frame: pl.DataFrame, path: str) -> None:
+        seen.append(path)
+        original(self, frame, path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Staging, "write", spy)
+        summary = enrich_table(job)
+    assert summary["rows_ok"] == 9
+    assert pl.read_parquet(tmp_path / "out.parquet")["id"].to_list() == list(range(9))
+    assert len(seen) == 6 and all(p.startswith("s3://data/staging/.out.parquet.staging-") for p in seen)
+    store = from_url("s3://data/staging")
+    assert [meta["path"] for batch in obstore.list(store) for meta in batch] == []
