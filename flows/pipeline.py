@@ -31,7 +31,7 @@ from flows.runtime import (
     forget_runtime,
     register_runtime,
 )
-from flows.scaling import count_workers, dask_runner
+from flows.scaling import count_workers, dask_runner, workers_report_here
 from flows.staging import Staging, open_staging
 from flows.storage import is_remote
 from flows.summary import RunSummary
@@ -288,7 +288,11 @@ def _enrich_partitions(
     done_rows = 0
     first_error: BaseException | None = None
     with ExitStack() as stack:
-        runner = stack.enter_context(dask_runner(job)) if job.dask_address or job.dask_local else None
+        runner = None
+        if job.dask_address or job.dask_local:
+            if job.dask_local:
+                stack.enter_context(workers_report_here())
+            runner = stack.enter_context(dask_runner(job))
         if runner is not None:
             shared = {**shared, "workers": count_workers(job)}
         while waiting or running:

@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from flows.job import EnrichJob
 
-__all__ = ["count_workers", "dask_runner"]
+__all__ = ["count_workers", "dask_runner", "workers_report_here"]
+
+
+@contextmanager
+def workers_report_here() -> Iterator[None]:
+    """Local Dask workers started in this block report to this run's Prefect API.
+
+    Without it, each worker process of a run on a temporary Prefect server would start a server of
+    its own (hundreds of MB each), and its task runs would not show under the flow run.
+    """
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        url = str(client.api_url)
+    previous = os.environ.get("PREFECT_API_URL")
+    if url.startswith(("http://", "https://")) and previous is None:
+        os.environ["PREFECT_API_URL"] = url  # spawned workers copy the environment as they start
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
 
 
 def dask_runner(job: EnrichJob):  # type: ignore[no-untyped-def]

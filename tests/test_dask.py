@@ -91,3 +91,26 @@ def _built_runtimes() -> list:  # type: ignore[type-arg]
     from flows.workers import _BUILT
 
     return list(_BUILT.values())
+
+
+def test_dask_local_runs_partitions_on_local_workers_under_the_flow_run(
+    fake_llm: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    source = tmp_path / "in.parquet"
+    pl.DataFrame({"id": range(30), "topic": [f"local dask {i}" for i in range(30)]}).write_parquet(source)
+    job = EnrichJob(
+        input_path=str(source), output_path=str(tmp_path / "out.parquet"), base_url=fake_llm.base_url,
+        prompt="Explain {topic}", partition_rows=10, dask_local=2,
+    )  # fmt: skip
+    state = enrich_table(job, return_state=True)
+    assert state.is_completed(), state.message
+    assert pl.read_parquet(tmp_path / "out.parquet")["explanation"].null_count() == 0
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    # Each slice is a task run of this flow run, whichever worker process ran it.
+    assert sorted(r.state_name for r in runs if r.name.startswith("enrich-partition")) == ["Completed"] * 3
