@@ -101,13 +101,15 @@ def enrich_partition(
     async def all_outputs() -> list[pl.DataFrame | None]:
         async def one(number: int) -> pl.DataFrame | None:
             lane = rt.lanes[number]
-            rows = staged.filter(pl.col(LaneColumns.of(number).ask)).select(ROW_INDEX, *columns)
-            if not rows.height:
+            names = LaneColumns.of(number)
+            asked = staged.filter(pl.col(names.ask))
+            if not asked.height:
                 return None
             progress = sink.advance if number == 0 and not remote else None
             return await enrich_frame_async(
-                rows, lane.spec, lane.model, ctx=lane.ctx, memo=lane.memo, on_rows_done=progress
-            )
+                asked.select(ROW_INDEX, *columns), lane.spec, lane.model, ctx=lane.ctx, memo=lane.memo,
+                on_rows_done=progress, keys=asked.get_column(names.key),
+            )  # fmt: skip
 
         return list(await asyncio.gather(*(one(n) for n in range(len(rt.lanes)))))
 

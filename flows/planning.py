@@ -23,6 +23,8 @@ _KNOWN_SCHEMA = {
 }
 
 
+# Distinct template cells remembered across slices; beyond this, slices render their own.
+_RENDER_MEMO = 1_000_000
 _LANE_FIELDS = ("key", "prompt", "text", "error", "input_tokens", "output_tokens", "ask", "charge")
 
 
@@ -59,6 +61,7 @@ class Tally:
     rows_to_ask: int = 0
     todo: dict[str, str] = field(default_factory=dict)  # key -> prompt, each distinct prompt to send once
     charged: set[str] = field(default_factory=set)  # keys whose tokens a row already shows
+    rendered: pl.DataFrame | None = None  # template cells -> prompt and key, for repeated values
 
     @property
     def unique_todo(self) -> int:
@@ -133,7 +136,7 @@ def plan_slice(
     valid: pl.DataFrame, spec: EnrichSpec, known: pl.DataFrame, tally: Tally, lane: LaneColumns
 ) -> pl.DataFrame:
     """Add output ``lane``'s staging columns to a slice of valid rows and count them in ``tally``."""
-    keyed = pl.concat([valid, key_columns(valid, spec, prompt=lane.prompt, key=lane.key)], how="horizontal")
+    keyed = pl.concat([valid, _keys(valid, spec, tally, lane)], how="horizontal")
     settled = known.rename(
         {"key": lane.key, "text": lane.text, ERROR_COLUMN: lane.error, INPUT_TOKENS_COLUMN: lane.input_tokens,
          OUTPUT_TOKENS_COLUMN: lane.output_tokens}
@@ -157,3 +160,21 @@ def plan_slice(
     tally.rows_cached += int(done.get_column(lane.error).is_null().sum())
     tally.rows_kept_failed += int(done.get_column(lane.error).is_not_null().sum())
     return planned.drop(lane.prompt)
+
+
+def _keys(valid: pl.DataFrame, spec: EnrichSpec, tally: Tally, lane: LaneColumns) -> pl.DataFrame:
+    """Each row's prompt and key; values seen in earlier slices are not rendered and hashed again."""
+    fields = list(spec.template.fields)
+    cells = valid.select(fields)
+    try:
+        new = cells.unique(maintain_order=True)
+        if tally.rendered is not None:
+            new = new.join(tally.rendered.select(fields), on=fields, how="anti", nulls_equal=True)
+        fresh = pl.concat([new, key_columns(new, spec, prompt=lane.prompt, key=lane.key)], how="horizontal")
+        table = fresh if tally.rendered is None else pl.concat([tally.rendered, fresh])
+        if table.height <= _RENDER_MEMO:
+            tally.rendered = table
+        joined = cells.join(table, on=fields, how="left", nulls_equal=True, maintain_order="left")
+        return joined.select(lane.prompt, lane.key)
+    except pl.exceptions.PolarsError:  # cells polars cannot join on (nested types): render the slice
+        return key_columns(valid, spec, prompt=lane.prompt, key=lane.key)

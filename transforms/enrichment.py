@@ -102,12 +102,18 @@ async def enrich_frame_async(
     ctx: CallContext | None = None,
     memo: AnswerMemo | None = None,
     on_rows_done: RowsDone | None = None,
+    keys: pl.Series | None = None,
 ) -> pl.DataFrame:
-    """Answer every row's prompt; each row gets its own answer or an explicit error."""
+    """Answer every row's prompt; each row gets its own answer or an explicit error.
+
+    ``keys`` (each row's answer key, computed earlier) spares rendering and hashing every row.
+    """
     spec.template.check_columns(frame.columns)
     ctx = ctx if ctx is not None else CallContext()
     memo = memo if memo is not None else AnswerMemo()
-    prompts, keys = prompt_keys(frame, spec)
+    if keys is None:
+        keys = key_columns(frame, spec, prompt="_prompt", key="_key").get_column("_key")
+    keys = keys.rename(KEY_COLUMN).cast(pl.String)
     target = (
         model
         if spec.structured is None
@@ -115,13 +121,24 @@ async def enrich_frame_async(
     )
 
     # Identical prompts are asked once per run and the answer fanned out to every row.
-    rows_of: dict[str, int] = {}
-    prompt_of: dict[str, str] = {}
-    for key, prompt in zip(keys, prompts, strict=True):
-        if key is not None:
-            rows_of[key] = rows_of.get(key, 0) + 1
-            prompt_of.setdefault(key, prompt)  # type: ignore[arg-type]
-    unique = list(rows_of)
+    counted = pl.DataFrame([keys]).with_row_index("_row").filter(pl.col(KEY_COLUMN).is_not_null())
+    firsts = counted.group_by(KEY_COLUMN, maintain_order=True).agg(pl.col("_row").first(), pl.len().alias("_n"))
+    rows_of = dict(zip(firsts.get_column(KEY_COLUMN).to_list(), firsts.get_column("_n").to_list(), strict=True))
+    outcomes: dict[str, Outcome] = {}
+    with memo._lock:  # answers this run already has need no prompt and no task
+        for key in rows_of:
+            if key in memo.done:
+                outcomes[key] = memo.done[key]
+    if outcomes:
+        reused = sum(rows_of[k] for k in outcomes)
+        failed = sum(rows_of[k] for k, o in outcomes.items() if o.error)
+        with ctx.stats._lock:
+            ctx.stats.rows_deduplicated += reused
+        if on_rows_done is not None:
+            on_rows_done(reused - failed, failed)
+    todo = firsts.filter(~pl.col(KEY_COLUMN).is_in(pl.Series(list(outcomes), dtype=pl.String).implode()))
+    cells = frame[todo.get_column("_row").to_list()].select(spec.template.fields).to_dicts()
+    prompt_of = dict(zip(todo.get_column(KEY_COLUMN).to_list(), render_prompts(spec.template, cells), strict=True))
 
     async def resolve(key: str) -> Outcome:
         outcome, asked = await _answer_once(key, prompt_of[key], spec, target, ctx, memo)
@@ -134,10 +151,10 @@ async def enrich_frame_async(
             on_rows_done(0 if outcome.error else n, n if outcome.error else 0)
         return outcome
 
+    unique = list(prompt_of)
     results = await RunnableLambda(resolve).abatch(
         unique, config={"max_concurrency": spec.max_concurrency}, return_exceptions=True
     )
-    outcomes: dict[str, Outcome] = {}
     for key, result in zip(unique, results, strict=True):
         if isinstance(result, EndpointRejected):
             raise result
@@ -146,21 +163,32 @@ async def enrich_frame_async(
         else:
             outcomes[key] = result
 
-    null_rows = sum(1 for k in keys if k is None)
+    null_rows = keys.null_count()
     if null_rows and on_rows_done is not None:
         on_rows_done(0, null_rows)
-    empty = Outcome()
-    picked = [outcomes[k] if k is not None else empty for k in keys]
-    errors = [
-        o.error if k is not None else _null_cell_error(frame, spec, row)
-        for row, (k, o) in enumerate(zip(keys, picked, strict=True))
-    ]
+    answers = pl.DataFrame(
+        {
+            KEY_COLUMN: list(outcomes),
+            spec.output_column: [o.text for o in outcomes.values()],
+            ERROR_COLUMN: [o.error for o in outcomes.values()],
+            INPUT_TOKENS_COLUMN: [o.input_tokens for o in outcomes.values()],
+            OUTPUT_TOKENS_COLUMN: [o.output_tokens for o in outcomes.values()],
+        },
+        schema={
+            KEY_COLUMN: pl.String, spec.output_column: pl.String, ERROR_COLUMN: pl.String,
+            INPUT_TOKENS_COLUMN: pl.Int64, OUTPUT_TOKENS_COLUMN: pl.Int64,
+        },
+    )  # fmt: skip
+    joined = pl.DataFrame([keys]).join(answers, on=KEY_COLUMN, how="left", maintain_order="left")
+    if null_rows:
+        nulls = [None if k is not None else _null_cell_error(frame, spec, row) for row, k in enumerate(keys)]
+        joined = joined.with_columns(
+            pl.coalesce(pl.col(ERROR_COLUMN), pl.Series(nulls, dtype=pl.String)).alias(ERROR_COLUMN),
+            pl.col(INPUT_TOKENS_COLUMN).fill_null(0),
+            pl.col(OUTPUT_TOKENS_COLUMN).fill_null(0),
+        )
     enriched = frame.drop([c for c in added_columns(spec.output_column) if c in frame.columns]).with_columns(
-        pl.Series(spec.output_column, [o.text for o in picked], dtype=pl.String),
-        pl.Series(ERROR_COLUMN, errors, dtype=pl.String),
-        pl.Series(INPUT_TOKENS_COLUMN, [o.input_tokens for o in picked], dtype=pl.Int64),
-        pl.Series(OUTPUT_TOKENS_COLUMN, [o.output_tokens for o in picked], dtype=pl.Int64),
-        pl.Series(KEY_COLUMN, keys, dtype=pl.String),
+        joined.get_column(c) for c in added_columns(spec.output_column)
     )
     return charge_first(enriched)
 
