@@ -2,17 +2,16 @@
 
 # No `from __future__ import annotations` here: Prefect builds the parameter model from this
 # module's real annotations when a deployment loads the flow.
-import asyncio
 import json
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import polars as pl
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -20,10 +19,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.job import EnrichJob
 from flows.llm import describe_url, resolve_endpoint
 from flows.local_model import LOCAL_MODEL_NOTICE, serve_local_model
-from flows.outputs import OutputRun, assemble_slice, plan_outputs
-from flows.planning import ROW_INDEX, LaneColumns
+from flows.outputs import OutputRun, plan_outputs
+from flows.partitions import SAMPLE_ROWS, ask_partition, enrich_partition
 from flows.progress import current_sink
-from flows.reports import Progress, failed_rows, publish_failure, publish_report
+from flows.reports import Progress, publish_failure, publish_report
 from flows.runtime import (
     EventLoopThread,
     Runtime,
@@ -32,16 +31,14 @@ from flows.runtime import (
     register_runtime,
 )
 from flows.scaling import count_workers, dask_runner, workers_report_here
-from flows.staging import Staging, open_staging
+from flows.staging import open_staging
 from flows.storage import is_remote
 from flows.summary import RunSummary
 from flows.survey import Slice, Survey, read_columns, survey_input
 from flows.validation import resolve_schema
-from flows.workers import runtime_for, stats_of
 from flows.writing import publish_parquet, rejected_path, write_parquet_dataset_atomic
-from schemas.enriched import ERROR_COLUMN, bookkeeping_names
 from schemas.errors import ConfigError, UserError
-from transforms.enrichment import EnrichSpec, enrich_frame_async
+from transforms.enrichment import EnrichSpec
 from transforms.keys import KEY_VERSION
 from transforms.prompts import parse_template
 
@@ -53,93 +50,8 @@ INVALID_STATE = "Invalid"
 # The pool is sized for the largest partition_workers a job may ask for; the flow itself
 # keeps at most job.partition_workers partitions submitted at once.
 _MAX_PARTITION_WORKERS = 64
-_SAMPLE_ROWS = 20
 _FAILURE_ROWS = 100
 _REPORT_SLICES = 100
-
-
-def _transient_infrastructure(task: Any, task_run: Any, state: State) -> bool:
-    """Retry a partition only for infrastructure hiccups, never for bad input or configuration."""
-    try:
-        state.result()
-    except UserError:
-        return False
-    except (OSError, ConnectionError, TimeoutError):
-        return True  # e.g. the cache directory on a network share blinked
-    except BaseException:  # noqa: BLE001 - anything else is a bug: retrying would not help
-        return False
-    return False
-
-
-# Rows never fail a task (they carry enrich_error), and answers already obtained are memoised
-# in the run, so a retried partition does not pay again for them.
-@task(
-    name="enrich-partition",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=_transient_infrastructure,
-)
-def enrich_partition(
-    piece: Slice,
-    columns: list[str],
-    staging_root: str,
-    runtime_key: str,
-    job: EnrichJob,
-    local: bool,
-    served_url: str | None,
-    workers: int = 1,
-) -> dict[str, Any]:
-    """Enrich one staged slice for every output and write its part file; return only the path and counts."""
-    rt, remote = runtime_for(runtime_key, job, local=local, served_url=served_url, workers=workers)
-    staging = Staging(staging_root, job.storage())
-    staged = staging.read(piece.path)
-    sink = current_sink()
-    before = stats_of(rt) if remote else None
-
-    async def all_outputs() -> list[pl.DataFrame | None]:
-        async def one(number: int) -> pl.DataFrame | None:
-            lane = rt.lanes[number]
-            names = LaneColumns.of(number)
-            asked = staged.filter(pl.col(names.ask))
-            if not asked.height:
-                return None
-            progress = sink.advance if number == 0 and not remote else None
-            return await enrich_frame_async(
-                asked.select(ROW_INDEX, *columns), lane.spec, lane.model, ctx=lane.ctx, memo=lane.memo,
-                on_rows_done=progress, keys=asked.get_column(names.key),
-            )  # fmt: skip
-
-        return list(await asyncio.gather(*(one(n) for n in range(len(rt.lanes)))))
-
-    answers = rt.loop.run(all_outputs())
-    singles = job.output_jobs()
-    specs = [
-        (single, lane.spec, bookkeeping_names(single.output_column, primary=n == 0))
-        for n, (single, lane) in enumerate(zip(singles, rt.lanes, strict=True))
-    ]
-    schema = resolve_schema(job.input_schema, parse_template(job.prompt))
-    enriched, failed = assemble_slice(staged, answers, specs, columns, schema, rt.secret)
-    path = staging.path("out", piece.number)
-    staging.write(enriched, path)
-    if rt.cache is not None:
-        rt.cache.flush()  # the slice's answers are durable before its task reports done
-    # Counters of a worker's runtime live in that process: hand this partition's share back.
-    delta = None
-    if before is not None:
-        delta = [{k: a[k] - b[k] for k in a} for a, b in zip(stats_of(rt), before, strict=True)]
-    errors = [name for _, _, names in specs for key, name in names.items() if key == ERROR_COLUMN]
-    return {
-        "number": piece.number,
-        "path": path,
-        "rows": enriched.height,
-        "failed": failed,
-        "failed_any": int(enriched.select(pl.any_horizontal(pl.col(c).is_not_null() for c in errors).sum()).item()),
-        "sample": enriched.head(_SAMPLE_ROWS).to_dicts(),
-        "problems": failed_rows(enriched, job.output_column).to_dicts(),
-        "stats": delta,
-    }
 
 
 @flow(
@@ -258,7 +170,7 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
         },
     )
     log.info("wrote %s: %d rows ok, %d failed", job.destination, summary.rows_ok, summary.rows_failed)
-    sample = pl.DataFrame([row for r in results for row in r["sample"]][:_SAMPLE_ROWS], infer_schema_length=None)
+    sample = pl.DataFrame([row for r in results for row in r["sample"]][:SAMPLE_ROWS], infer_schema_length=None)
     problems = pl.DataFrame([row for r in results for row in r["problems"]][:_FAILURE_ROWS], infer_schema_length=None)
     publish_report(summary, sample, problems, rejected)
     return summary
@@ -282,51 +194,63 @@ def _publish(job: EnrichJob, enriched: pl.LazyFrame, spec: EnrichSpec) -> None:
 def _enrich_partitions(
     survey: Survey, job: EnrichJob, progress: Progress, runs: list[OutputRun], shared: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """Run partition tasks, at most partition_workers at once; their results in slice order."""
-    log = get_run_logger()
-    results: dict[int, dict[str, Any]] = {}
-    waiting = deque(survey.slices)
-    running: dict[PrefectFuture[dict[str, Any]], Slice] = {}
-    done_rows = 0
-    first_error: BaseException | None = None
+    """Run the partition tasks (two phases on Dask, see flows.partitions); results in slice order."""
     with ExitStack() as stack:
         runner = None
         if job.dask_address or job.dask_local:
             if job.dask_local:
                 stack.enter_context(workers_report_here())
             runner = stack.enter_context(dask_runner(job))
-        if runner is not None:
             shared = {**shared, "workers": count_workers(job)}
-        while waiting or running:
-            while waiting and first_error is None and len(running) < job.partition_workers:
-                piece = waiting.popleft()
-                if runner is None:
-                    running[enrich_partition.submit(piece, **shared)] = piece
-                else:  # tasks get a descriptor; the rows stay in the staging area
-                    running[runner.submit(enrich_partition, {"piece": piece, **shared})] = piece
-            future = next(as_completed(list(running)))
-            piece = running.pop(future)
-            try:
-                result = future.result()
-            except BaseException as exc:  # noqa: BLE001 - keep draining, re-raise the first
-                first_error = first_error or exc
-                waiting.clear()
-                continue
-            results[piece.number] = result
-            # Only the first rows make the sample and failures artifacts; keep little per slice.
-            if piece.number >= _REPORT_SLICES:
-                result["sample"], result["problems"] = [], result["problems"][:1]
-            for run, delta in zip(runs, result["stats"] or [], strict=False):
-                run.ctx.stats.add(
-                    requests=delta["requests"], retries=delta["retries"],
-                    tokens=(delta["input_tokens"], delta["output_tokens"]),
-                )  # fmt: skip
-                run.ctx.stats.rate_limited += delta["rate_limited"]
-                run.ctx.stats.rows_deduplicated += delta["rows_deduplicated"]
-            done_rows += piece.to_ask
+        owning = [piece for piece in survey.slices if piece.owned]
+        if runner is not None and owning:
+            asked = _run_tasks(ask_partition, owning, job, runner, shared, runs, lambda piece: None)
+            shared = {**shared, "answers": [r["path"] for r in asked if r["path"]]}
+
+        def finished(piece: Slice) -> None:
             progress.advance(piece.to_ask)
-            log.info("partition %d/%d done: %d/%d rows asked", len(results), len(survey.slices), done_rows,
-                     survey.rows_to_ask)  # fmt: skip
+
+        return _run_tasks(enrich_partition, survey.slices, job, runner, shared, runs, finished)
+
+
+def _run_tasks(
+    task: Any, pieces: list[Slice], job: EnrichJob, runner: Any, shared: dict[str, Any], runs: list[OutputRun],
+    finished: Callable[[Slice], None],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Submit one task per slice, at most partition_workers at once; their results in slice order."""
+    log = get_run_logger()
+    results: dict[int, dict[str, Any]] = {}
+    waiting = deque(pieces)
+    running: dict[PrefectFuture[dict[str, Any]], Slice] = {}
+    first_error: BaseException | None = None
+    while waiting or running:
+        while waiting and first_error is None and len(running) < job.partition_workers:
+            piece = waiting.popleft()
+            if runner is None:
+                running[task.submit(piece, **shared)] = piece
+            else:  # tasks get a descriptor; the rows stay in the staging area
+                running[runner.submit(task, {"piece": piece, **shared})] = piece
+        future = next(as_completed(list(running)))
+        piece = running.pop(future)
+        try:
+            result = future.result()
+        except BaseException as exc:  # noqa: BLE001 - keep draining, re-raise the first
+            first_error = first_error or exc
+            waiting.clear()
+            continue
+        results[piece.number] = result
+        # Only the first rows make the sample and failures artifacts; keep little per slice.
+        if piece.number >= _REPORT_SLICES and "sample" in result:
+            result["sample"], result["problems"] = [], result["problems"][:1]
+        for run, delta in zip(runs, result["stats"] or [], strict=False):
+            run.ctx.stats.add(
+                requests=delta["requests"], retries=delta["retries"],
+                tokens=(delta["input_tokens"], delta["output_tokens"]),
+            )  # fmt: skip
+            run.ctx.stats.rate_limited += delta["rate_limited"]
+            run.ctx.stats.rows_deduplicated += delta["rows_deduplicated"]
+        finished(piece)
+        log.info("%s %d/%d done", task.name, len(results), len(pieces))
     if first_error is not None:
         raise first_error
     return [results[number] for number in sorted(results)]

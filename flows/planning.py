@@ -25,7 +25,7 @@ _KNOWN_SCHEMA = {
 
 # Distinct template cells remembered across slices; beyond this, slices render their own.
 _RENDER_MEMO = 1_000_000
-_LANE_FIELDS = ("key", "prompt", "text", "error", "input_tokens", "output_tokens", "ask", "charge")
+_LANE_FIELDS = ("key", "prompt", "text", "error", "input_tokens", "output_tokens", "ask", "charge", "owner")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class LaneColumns:
     output_tokens: str
     ask: str
     charge: str
+    owner: str
 
     @classmethod
     def of(cls, number: int) -> LaneColumns:
@@ -49,7 +50,16 @@ class LaneColumns:
     @property
     def staged(self) -> list[str]:
         """Every column this output keeps in a staged slice."""
-        return [self.key, self.text, self.error, self.input_tokens, self.output_tokens, self.ask, self.charge]
+        return [
+            self.key,
+            self.text,
+            self.error,
+            self.input_tokens,
+            self.output_tokens,
+            self.ask,
+            self.charge,
+            self.owner,
+        ]
 
 
 @dataclass
@@ -153,8 +163,11 @@ def plan_slice(
     )
     asked = planned.filter(pl.col(lane.ask))
     todo = asked.filter(pl.col(lane.key).is_not_null()).unique(lane.key, maintain_order=True)
-    for key, prompt in todo.select(lane.key, lane.prompt).iter_rows():
-        tally.todo.setdefault(key, prompt)
+    owned = [(k, p) for k, p in todo.select(lane.key, lane.prompt).iter_rows() if k not in tally.todo]
+    tally.todo.update(owned)
+    # The first row of the table that needs a prompt "owns" it: on Dask, only that row's slice asks.
+    owners = pl.Series([k for k, _ in owned], dtype=pl.String).implode()
+    planned = planned.with_columns((pl.col(lane.ask) & first & pl.col(lane.key).is_in(owners)).alias(lane.owner))
     done = planned.filter(~pl.col(lane.ask))
     tally.rows_to_ask += asked.height
     tally.rows_cached += int(done.get_column(lane.error).is_null().sum())

@@ -40,7 +40,10 @@ def dask_runner(job: EnrichJob):  # type: ignore[no-untyped-def]
         return DaskTaskRunner(address=job.dask_address)
     # One thread per worker process: each worker runs one partition at a time with its own
     # event loop and scheduler (the run's --rpm/--tpm are split between workers, see README).
-    cluster = {"n_workers": job.dask_local, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    cluster = {
+        "n_workers": job.dask_local, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
+        "dashboard_address": "127.0.0.1:0",
+    }  # fmt: skip
     return DaskTaskRunner(cluster_kwargs=cluster)
 
 

@@ -36,6 +36,7 @@ class Slice:
     path: str
     rows: int
     to_ask: int
+    owned: int = 0
 
 
 @dataclass
@@ -95,7 +96,8 @@ def survey_input(
         planned = checked.valid.with_row_index(ROW_INDEX, offset=offset)
         for run in runs:
             planned = plan_slice(planned, run.spec, run.known, run.tally, run.lane)
-        to_ask = int(planned.select(pl.any_horizontal(run.lane.ask for run in runs).sum()).item()) if runs else 0
+        to_ask = int(planned.select(pl.any_horizontal(run.lane.ask for run in runs).sum()).item())
+        owned = int(planned.select(pl.any_horizontal(run.lane.owner for run in runs).sum()).item())
         survey.rows_valid += planned.height
         survey.rows_to_ask += to_ask
         if not planned.height:
@@ -104,7 +106,7 @@ def survey_input(
         if staging is not None:
             path = staging.path("in", number)
             staging.write(planned, path)
-            survey.slices.append(Slice(number, path, planned.height, to_ask))
+            survey.slices.append(Slice(number, path, planned.height, to_ask, owned))
     if survey.rows_rejected:
         cases = pl.concat(shown)
         survey.report = failure_report(cases, survey.rows_in, survey.rows_rejected, source, schema.name)

@@ -114,3 +114,22 @@ def test_dask_local_runs_partitions_on_local_workers_under_the_flow_run(
         )
     # Each slice is a task run of this flow run, whichever worker process ran it.
     assert sorted(r.state_name for r in runs if r.name.startswith("enrich-partition")) == ["Completed"] * 3
+
+
+def test_a_prompt_repeated_across_workers_is_paid_once(
+    dask_cluster: str, fake_llm: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    topics = [f"shared topic {i % 5}" for i in range(60)]  # every slice holds every prompt
+    source = tmp_path / "in.parquet"
+    pl.DataFrame({"id": range(60), "topic": topics}).write_parquet(source)
+    base = {"input_path": str(source), "base_url": fake_llm.base_url, "prompt": "Explain {topic}", "partition_rows": 6}
+    local = enrich_table(EnrichJob(**base, output_path=str(tmp_path / "local" / "out.parquet")))
+    fake_llm.reset()
+    spread = enrich_table(
+        EnrichJob(**base, output_path=str(tmp_path / "dask" / "out.parquet"), dask_address=dask_cluster)
+    )
+    assert fake_llm.stats.requests == spread["requests"] == 5
+    assert spread["rows_deduplicated"] == local["rows_deduplicated"] == 55
+    assert_frame_equal(
+        pl.read_parquet(tmp_path / "dask" / "out.parquet"), pl.read_parquet(tmp_path / "local" / "out.parquet")
+    )

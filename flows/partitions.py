@@ -1,0 +1,175 @@
+"""The partition tasks: each gets a slice descriptor, reads its slice, and writes its own part file.
+
+On one machine, one task per slice does everything: the run-wide memo makes every distinct
+prompt be asked once. On Dask, worker processes do not share a memo, so a run goes in two
+phases: first ``ask_partition`` runs on the slices that *own* a prompt (hold the first row
+needing it) and asks only those rows, writing the answers to the staging area; then every
+worker loads those answers into its memo once, and ``enrich_partition`` fills and writes every
+slice without asking anything twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import polars as pl
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import State
+
+from flows.job import EnrichJob
+from flows.outputs import assemble_slice
+from flows.planning import ROW_INDEX, LaneColumns
+from flows.progress import current_sink
+from flows.reports import failed_rows
+from flows.runtime import Runtime
+from flows.staging import Staging
+from flows.survey import Slice
+from flows.validation import resolve_schema
+from flows.workers import runtime_for, stats_of
+from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, KEY_COLUMN, OUTPUT_TOKENS_COLUMN, bookkeeping_names
+from schemas.errors import UserError
+from transforms.calls import Outcome
+from transforms.enrichment import enrich_frame_async
+from transforms.prompts import parse_template
+
+__all__ = ["ask_partition", "enrich_partition"]
+
+SAMPLE_ROWS = 20
+_LOADED: set[str] = set()  # runtimes (runs) whose memo holds the first phase's answers
+_LOADING = threading.Lock()
+
+
+def _transient_infrastructure(task: Any, task_run: Any, state: State) -> bool:
+    """Retry a partition only for infrastructure hiccups, never for bad input or configuration."""
+    try:
+        state.result()
+    except UserError:
+        return False
+    except (OSError, ConnectionError, TimeoutError):
+        return True  # e.g. the cache directory on a network share blinked
+    except BaseException:  # noqa: BLE001 - anything else is a bug: retrying would not help
+        return False
+    return False
+
+
+_TASK = {
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
+    "retries": 2,
+    "retry_delay_seconds": [2, 10],
+    "retry_condition_fn": _transient_infrastructure,
+}
+
+
+# Rows never fail a task (they carry enrich_error), and answers already obtained are memoised
+# in the run, so a retried partition does not pay again for them.
+@task(name="ask-partition", **_TASK)
+def ask_partition(
+    piece: Slice, columns: list[str], staging_root: str, runtime_key: str, job: EnrichJob, local: bool,
+    served_url: str | None, workers: int = 1,
+) -> dict[str, Any]:  # fmt: skip
+    """First phase on Dask: ask the prompts this slice owns and stage the answers."""
+    rt, remote = runtime_for(runtime_key, job, local=local, served_url=served_url, workers=workers)
+    staging = Staging(staging_root, job.storage())
+    staged = staging.read(piece.path)
+    before = stats_of(rt) if remote else None
+    frames = _ask(rt, staged, columns, lambda lane: pl.col(lane.owner), progress=False)
+    answers = [
+        frame.select(
+            pl.lit(number).alias("lane"), KEY_COLUMN, pl.col(rt.lanes[number].spec.output_column).alias("text"),
+            ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN,
+        ).filter(pl.col(KEY_COLUMN).is_not_null())
+        for number, frame in enumerate(frames) if frame is not None
+    ]  # fmt: skip
+    path = None
+    if answers:
+        path = staging.path("answers", piece.number)
+        staging.write(pl.concat(answers), path)
+    if rt.cache is not None:
+        rt.cache.flush()
+    return {"path": path, "stats": _delta(rt, before) if before is not None else None}
+
+
+@task(name="enrich-partition", **_TASK)
+def enrich_partition(
+    piece: Slice, columns: list[str], staging_root: str, runtime_key: str, job: EnrichJob, local: bool,
+    served_url: str | None, workers: int = 1, answers: list[str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Enrich one staged slice for every output and write its part file; return only the path and counts."""
+    rt, remote = runtime_for(runtime_key, job, local=local, served_url=served_url, workers=workers)
+    staging = Staging(staging_root, job.storage())
+    if answers:
+        _load_answers(rt, runtime_key, staging, answers)
+    staged = staging.read(piece.path)
+    before = stats_of(rt) if remote else None
+    frames = _ask(rt, staged, columns, lambda lane: pl.col(lane.ask), progress=not remote)
+    if answers:
+        # Owner rows were asked in the first phase; here they only read the memo.
+        for number, lane in enumerate(rt.lanes):
+            owned = int(staged.get_column(LaneColumns.of(number).owner).sum())
+            with lane.ctx.stats._lock:
+                lane.ctx.stats.rows_deduplicated -= owned
+    singles = job.output_jobs()
+    specs = [
+        (single, lane.spec, bookkeeping_names(single.output_column, primary=n == 0))
+        for n, (single, lane) in enumerate(zip(singles, rt.lanes, strict=True))
+    ]
+    schema = resolve_schema(job.input_schema, parse_template(job.prompt))
+    enriched, failed = assemble_slice(staged, frames, specs, columns, schema, rt.secret)
+    path = staging.path("out", piece.number)
+    staging.write(enriched, path)
+    if rt.cache is not None:
+        rt.cache.flush()  # the slice's answers are durable before its task reports done
+    errors = [name for _, _, names in specs for key, name in names.items() if key == ERROR_COLUMN]
+    return {
+        "number": piece.number,
+        "path": path,
+        "rows": enriched.height,
+        "failed": failed,
+        "failed_any": int(enriched.select(pl.any_horizontal(pl.col(c).is_not_null() for c in errors).sum()).item()),
+        "sample": enriched.head(SAMPLE_ROWS).to_dicts(),
+        "problems": failed_rows(enriched, job.output_column).to_dicts(),
+        "stats": _delta(rt, before) if before is not None else None,
+    }
+
+
+def _ask(
+    rt: Runtime, staged: pl.DataFrame, columns: list[str], rows: Any, *, progress: bool
+) -> list[pl.DataFrame | None]:
+    """Each output's answers for the rows ``rows(lane columns)`` selects (None where there are none)."""
+    sink = current_sink()
+
+    async def one(number: int) -> pl.DataFrame | None:
+        lane, names = rt.lanes[number], LaneColumns.of(number)
+        asked = staged.filter(rows(names))
+        if not asked.height:
+            return None
+        return await enrich_frame_async(
+            asked.select(ROW_INDEX, *columns), lane.spec, lane.model, ctx=lane.ctx, memo=lane.memo,
+            on_rows_done=sink.advance if number == 0 and progress else None, keys=asked.get_column(names.key),
+        )  # fmt: skip
+
+    async def every() -> list[pl.DataFrame | None]:
+        return list(await asyncio.gather(*(one(n) for n in range(len(rt.lanes)))))
+
+    return rt.loop.run(every())
+
+
+def _load_answers(rt: Runtime, runtime_key: str, staging: Staging, paths: list[str]) -> None:
+    """Put the first phase's answers into this process's memo, once per run."""
+    with _LOADING:
+        if runtime_key in _LOADED:
+            return
+        found = staging.scan(paths).collect()
+        for number, key, text, error, tokens_in, tokens_out in found.iter_rows():
+            outcome = Outcome(text=text, error=error, input_tokens=tokens_in, output_tokens=tokens_out)
+            rt.lanes[number].memo.done.setdefault(key, outcome)
+        _LOADED.add(runtime_key)
+
+
+def _delta(rt: Runtime, before: list[dict[str, int]]) -> list[dict[str, int]]:
+    """This task's share of the counters of a worker's runtime (they live in that process)."""
+    return [{k: a[k] - b[k] for k in a} for a, b in zip(stats_of(rt), before, strict=True)]
