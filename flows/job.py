@@ -109,7 +109,7 @@ class EnrichJob(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature.")
     max_tokens: int = Field(256, ge=1, le=131_072, description="Maximum tokens per answer.")
     partition_rows: int = Field(
-        500,
+        10_000,
         ge=1,
         le=1_000_000,
         description="Rows per partition task (peak memory grows with this, not with the table).",
