@@ -24,7 +24,7 @@ _KNOWN_SCHEMA = {
 
 
 # Distinct template cells remembered across slices; beyond this, slices render their own.
-_RENDER_MEMO = 1_000_000
+_RENDER_MEMO = 250_000
 _LANE_FIELDS = ("key", "prompt", "text", "error", "input_tokens", "output_tokens", "ask", "charge", "owner")
 
 
@@ -147,7 +147,9 @@ def plan_slice(
 ) -> pl.DataFrame:
     """Add output ``lane``'s staging columns to a slice of valid rows and count them in ``tally``."""
     keyed = pl.concat([valid, _keys(valid, spec, tally, lane)], how="horizontal")
-    settled = known.rename(
+    # Probe the (possibly large) known answers with this slice's keys first, so the join's hash
+    # table is built over a slice's worth of rows rather than over every known answer.
+    settled = known.filter(pl.col("key").is_in(keyed.get_column(lane.key).drop_nulls().implode())).rename(
         {"key": lane.key, "text": lane.text, ERROR_COLUMN: lane.error, INPUT_TOKENS_COLUMN: lane.input_tokens,
          OUTPUT_TOKENS_COLUMN: lane.output_tokens}
     )  # fmt: skip
