@@ -159,7 +159,7 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
         output=job.destination,
         rejected_output=rejected_path(job.destination) if survey.rows_rejected else None,
         model=primary.spec.identity.model,
-        endpoint=describe_url(base_url) + (" (bundled local model)" if endpoint.local else ""),
+        endpoint=_describe_endpoint(base_url, local=endpoint.local),
         outputs={
             run.job.output_column: {
                 "rows_failed": sum(r["failed"][i] for r in results),
@@ -174,6 +174,17 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
     problems = pl.DataFrame([row for r in results for row in r["problems"]][:_FAILURE_ROWS], infer_schema_length=None)
     publish_report(summary, sample, problems, rejected)
     return summary
+
+
+def _describe_endpoint(base_url: str | None, *, local: bool) -> str:
+    """Where requests went, for the summary; the bundled model is only started when there is work."""
+    if not local:
+        return describe_url(base_url)
+    return (
+        f"{describe_url(base_url)} (bundled local model)"
+        if base_url
+        else "bundled local model (not started: nothing to ask)"
+    )
 
 
 def _publish(job: EnrichJob, enriched: pl.LazyFrame, spec: EnrichSpec) -> None:
