@@ -14,10 +14,11 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from flows.deployment import deployment_parameters
 from flows.job import EnrichJob
+from flows.local_model import stop_process_group
 from schemas.errors import ConfigError
 from tests.conftest import DATA, REPO
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
-from tests.prefect_server import DEPLOYMENT, api, trigger
+from tests.prefect_server import DEPLOYMENT, api, trigger, wait_for
 
 
 def test_the_deployment_offers_the_job_as_a_form(prefect_server: str, served: Path) -> None:
@@ -102,6 +103,57 @@ def test_enrich_deploy_registers_a_work_pool_deployment(prefect_server: str, tmp
     assert deployment.entrypoint == "flows/pipeline.py:enrich_table"
     assert deployment.parameters["job"]["input_path"] == "data/topics.csv"
     assert deployment.global_concurrency_limit.limit == 1
+
+
+def test_a_process_worker_runs_the_pool_deployment(
+    prefect_server: str, served_llm: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    with api(prefect_server) as client:
+        client.create_work_pool(WorkPoolCreate(name="worker-process", type="process"))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "OPENAI_"))},
+        "PREFECT_API_URL": prefect_server,
+        "PREFECT_HOME": str(tmp_path / "home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "deploy",
+        "--pool",
+        "worker-process",
+        "--name",
+        "on-pool",
+        "--cron",
+        "",
+    ]
+    subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=True)
+    out = tmp_path / "pooled.parquet"
+    job = {"input_path": str(DATA / "topics.csv"), "output_path": str(out), "base_url": served_llm.base_url}
+    with api(prefect_server) as client:
+        deployment = client.read_deployment_by_name("enrich-table/on-pool")
+        run = client.create_flow_run_from_deployment(deployment.id, parameters={"job": job})
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "worker-process", "--type", "process"],
+        cwd=tmp_path, env=env, stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+
+        def finished() -> bool:
+            with api(prefect_server) as client:
+                return client.read_flow_run(run.id).state.is_final()
+
+        wait_for(finished, timeout=300, interval=1, what="the work-pool flow run")
+    finally:
+        stop_process_group(worker)
+    with api(prefect_server) as client:
+        state = client.read_flow_run(run.id).state
+    assert state.is_completed(), (state.message, (tmp_path / "worker.log").read_text()[-3000:])
+    frame = pl.read_parquet(out)
+    assert frame.height == 30
+    assert frame["explanation"][0] == expected_answer("Explain this topic in two sentences: 인공지능")
 
 
 def test_storage_settings_are_stored_in_clear_and_credentials_are_refused() -> None:
