@@ -20,12 +20,11 @@ from typing import Any
 
 import polars as pl
 
+from flows.cache import CACHE_SCHEMA as _SCHEMA
 from schemas.errors import OutputError
 from transforms.calls import Outcome
 
 __all__ = ["ObjectStoreCache"]
-
-_SCHEMA = {"seq": pl.Int64, "key": pl.String, "text": pl.String, "input_tokens": pl.Int64, "output_tokens": pl.Int64}
 
 
 class ObjectStoreCache:

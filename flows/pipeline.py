@@ -22,7 +22,7 @@ from flows.local_model import LOCAL_MODEL_NOTICE, serve_local_model
 from flows.outputs import OutputRun, plan_outputs
 from flows.partitions import SAMPLE_ROWS, ask_partition, enrich_partition
 from flows.progress import current_sink
-from flows.reports import Progress, publish_failure, publish_report
+from flows.reports import FAILURE_ROWS, Progress, publish_failure, publish_report
 from flows.runtime import (
     EventLoopThread,
     Runtime,
@@ -50,7 +50,6 @@ INVALID_STATE = "Invalid"
 # The pool is sized for the largest partition_workers a job may ask for; the flow itself
 # keeps at most job.partition_workers partitions submitted at once.
 _MAX_PARTITION_WORKERS = 64
-_FAILURE_ROWS = 100
 _REPORT_SLICES = 100
 
 
@@ -131,7 +130,7 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
         rejected = pl.DataFrame()
         if survey.rows_rejected:
             publish_parquet(staging.scan(survey.rejected), rejected_path(job.destination), storage=job.storage())
-            rejected = staging.scan(survey.rejected).head(_FAILURE_ROWS).collect()
+            rejected = staging.scan(survey.rejected).head(FAILURE_ROWS).collect()
         elif not is_remote(job.destination):
             Path(rejected_path(job.destination)).unlink(missing_ok=True)
     finally:
@@ -171,7 +170,7 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
     )
     log.info("wrote %s: %d rows ok, %d failed", job.destination, summary.rows_ok, summary.rows_failed)
     sample = pl.DataFrame([row for r in results for row in r["sample"]][:SAMPLE_ROWS], infer_schema_length=None)
-    problems = pl.DataFrame([row for r in results for row in r["problems"]][:_FAILURE_ROWS], infer_schema_length=None)
+    problems = pl.DataFrame([row for r in results for row in r["problems"]][:FAILURE_ROWS], infer_schema_length=None)
     publish_report(summary, sample, problems, rejected)
     return summary
 

@@ -17,10 +17,11 @@ from flows.summary import RunSummary
 from flows.validation import REJECT_REASON
 from schemas.enriched import ERROR_COLUMN
 
-__all__ = ["Progress", "failed_rows", "publish_failure", "publish_report"]
+__all__ = ["FAILURE_ROWS", "Progress", "failed_rows", "publish_failure", "publish_report"]
 
 _SAMPLE_ROWS = 20
-_FAILURE_ROWS = 100
+FAILURE_ROWS = 100
+"""Rows the failures artifact shows at most."""
 _CELL_CHARS = 200
 
 
@@ -80,13 +81,13 @@ def publish_report(summary: RunSummary, sample: pl.DataFrame, failed: pl.DataFra
     total = s.rows_failed + s.rows_rejected
     if problems.height:
         create_table_artifact(
-            _records(problems.head(_FAILURE_ROWS)),
+            _records(problems.head(FAILURE_ROWS)),
             key="enrich-failures",
-            description=f"Failed and rejected rows (first {min(_FAILURE_ROWS, problems.height)} of {total})",
+            description=f"Failed and rejected rows (first {min(FAILURE_ROWS, problems.height)} of {total})",
         )
 
 
-def failed_rows(enriched: pl.DataFrame, output_column: str, limit: int = _FAILURE_ROWS) -> pl.DataFrame:
+def failed_rows(enriched: pl.DataFrame, output_column: str, limit: int = FAILURE_ROWS) -> pl.DataFrame:
     """The first rows whose answer failed, with the reason, for the failures artifact."""
     return (
         enriched.filter(pl.col(ERROR_COLUMN).is_not_null())
