@@ -27,13 +27,11 @@ from flows.reports import failed_rows
 from flows.runtime import Runtime
 from flows.staging import Staging
 from flows.survey import Slice
-from flows.validation import resolve_schema
 from flows.workers import runtime_for, stats_of
 from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, KEY_COLUMN, OUTPUT_TOKENS_COLUMN, bookkeeping_names
 from schemas.errors import UserError
 from transforms.calls import Outcome
 from transforms.enrichment import enrich_frame_async
-from transforms.prompts import parse_template
 
 __all__ = ["ask_partition", "enrich_partition"]
 
@@ -117,8 +115,7 @@ def enrich_partition(
         (single, lane.spec, bookkeeping_names(single.output_column, primary=n == 0))
         for n, (single, lane) in enumerate(zip(singles, rt.lanes, strict=True))
     ]
-    schema = resolve_schema(job.input_schema, parse_template(job.prompt))
-    enriched, failed = assemble_slice(staged, frames, specs, columns, schema, rt.secret)
+    enriched, failed = assemble_slice(staged, frames, specs, columns, rt.schema, rt.secret)
     path = staging.path("out", piece.number)
     staging.write(enriched, path)
     if rt.cache is not None:

@@ -118,7 +118,7 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
                 lanes.append(lane)
             if cache is not None:
                 stack.callback(cache.close)
-            runtime = Runtime(lanes=lanes, loop=loop, secret=secret, cache=cache)
+            runtime = Runtime(lanes=lanes, loop=loop, secret=secret, cache=cache, schema=schema)
             stack.callback(forget_runtime, register_runtime(runtime))
             shared = {
                 "columns": survey.input_columns, "staging_root": staging.root, "runtime_key": runtime.key,

@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import httpx
+import pandera.polars as pa
 from langchain_core.language_models import BaseChatModel
 
 from flows.cache import AnswerStore
@@ -155,6 +156,7 @@ class Runtime:
     loop: EventLoopThread
     secret: str | None = field(default=None, repr=False)  # redacted from error messages
     cache: AnswerStore | None = None
+    schema: pa.DataFrameSchema | None = None  # the input schema, which each slice's output extends
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

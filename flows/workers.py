@@ -19,6 +19,8 @@ from flows.runtime import (
     resolve_price,
     share_limits,
 )
+from flows.validation import resolve_schema
+from transforms.prompts import parse_template
 
 __all__ = ["runtime_for", "stats_of"]
 
@@ -73,4 +75,5 @@ def _build(job: EnrichJob, *, local: bool, served_url: str | None) -> Runtime:
             share_limits(ctx, lanes[0].ctx)
         lane, _ = build_lane(single, spec, ctx, endpoint, base_url=served_url or endpoint.base_url, cache=cache)
         lanes.append(lane)
-    return Runtime(lanes=lanes, loop=loop, secret=secret, cache=cache)
+    schema = resolve_schema(job.input_schema, parse_template(job.prompt))
+    return Runtime(lanes=lanes, loop=loop, secret=secret, cache=cache, schema=schema)
