@@ -644,28 +644,15 @@ def test_a_run_held_to_the_provider_rpm_sees_no_429() -> None:
 
 
 class TightProviderServer(FakeOpenAIServer):
-    """The fake server limited to ``behaviour.rpm`` requests per one-second window (a tighter limit
-    than we were told, with a window short enough for a test), optionally without retry-after."""
+    """A provider enforcing 5 requests per one-second window (tighter than we were told: nothing),
+    optionally without any retry-after or x-ratelimit-reset header."""
 
-    window = 1.0
     send_retry_after = True
-
-    def _rate_limited(self, tokens: int) -> float | None:
-        limit = self.behaviour.rpm
-        assert limit is not None
-        now = time.monotonic()
-        with self._lock:
-            while self._window and now - self._window[0][0] >= self.window:
-                self._window.popleft()
-            if len(self._window) + 1 > limit:
-                return max(0.001, self.window - (now - self._window[0][0]))
-            self._window.append((now, tokens))
-            return None
 
     def handle(self, body: dict[str, Any], auth: str | None) -> tuple[int, dict[str, str], bytes | None]:
         status, headers, payload = super().handle(body, auth)
         if not self.send_retry_after:
-            headers.pop("retry-after-ms", None)
+            headers = {k: v for k, v in headers.items() if not k.startswith(("retry-after", "x-ratelimit"))}
         return status, headers, payload
 
 
@@ -676,7 +663,7 @@ def test_a_provider_tighter_than_we_were_told_is_survived_with_few_429s(send_ret
     # Without retry-after the pause is our own backoff; keep it short so the test stays fast.
     scheduler = Scheduler(max_concurrency=8, base_pause=0.2)
     policy = RetryPolicy(max_retries=retries, base_delay=0.05, classify=classify_openai_error)
-    server = TightProviderServer(Behaviour(latency=0.0, rpm=5))
+    server = TightProviderServer(Behaviour(latency=0.0, rpm=300, window_seconds=1.0))
     server.send_retry_after = send_retry_after
     with server:
         out = enrich_frame(

@@ -1,41 +1,78 @@
-"""A real OpenAI-compatible HTTP server on 127.0.0.1 for tests and benchmarks.
+"""A real OpenAI-compatible HTTP server on 127.0.0.1 for tests and benchmarks, as strict as a provider.
 
 Answers are derived from the prompt (``expected_answer``), so a test can prove every row got
 its own answer. Faults are injected two ways:
 
-* by the prompt: ``FAULT:400``, ``FAULT:401``, ``FAULT:500``, ``FAULT:empty``, ``FAULT:malformed``,
-  ``FAULT:drop`` (close the connection), ``FAULT:slow`` (never answers in time),
-  ``FAULT:echoauth`` (a 400 whose message echoes the Authorization header), and the
-  flaky forms ``FAULT:flaky500:N`` / ``FAULT:flaky429:N`` / ``FAULT:flakyempty:N`` /
-  ``FAULT:flakymalformed:N`` / ``FAULT:flakydrop:N`` that fail the first N attempts;
-* by rates: ``Behaviour.rate_500`` / ``rate_malformed`` / ``rate_empty`` fail that share of
-  attempts, chosen by a hash of (prompt, attempt) so a run is reproducible.
+* by the prompt (``FAULT:kind``, first match wins):
+
+  - status errors: ``400``/``401``/``403``/``404``/``422``/``500`` (``injected`` errors);
+    ``badkey`` (401 ``invalid_api_key``); ``invalid_prompt`` (400 ``invalid_request_error``, the
+    usage-policy refusal, same answer on every attempt); ``quota`` (429 ``insufficient_quota``, no
+    retry headers: waiting never clears it); ``unavailable`` (429 ``resource_unavailable``, the flex
+    tier out of capacity: retryable, no retry headers); ``echoauth`` (a 400 echoing the credentials);
+  - bodies: ``empty``, ``malformed``, ``length`` (200, ``finish_reason`` "length", half the answer),
+    ``content_filter`` (200, ``finish_reason`` "content_filter", partial answer); usage is present;
+  - connections: ``drop`` (FIN without a reply), ``reset`` (TCP RST: SO_LINGER 0), ``slow``
+    (answers after ``slow_seconds``), ``hang`` (reads the request, never answers until the server
+    stops), ``trickle`` (status line and headers at once, then the body one byte every
+    ``trickle_interval`` seconds);
+  - flaky forms failing only the first N attempts of that prompt: ``flaky500:N``, ``flaky429:N``,
+    ``flakyempty:N``, ``flakymalformed:N``, ``flakydrop:N``, ``flakyunavailable:N``;
+
+* by ``Behaviour``: ``rate_500`` / ``rate_malformed`` / ``rate_empty`` fail that share of attempts,
+  chosen by a hash of (prompt, attempt) so a run is reproducible; ``quota_after`` answers every
+  request with the quota 429 once that many completions were served; ``trickle_all`` trickles
+  every reply; ``require_key`` answers 401 to any other key.
 
 Requests with ``tools`` (function calling) or a ``response_format`` of type ``json_schema`` /
 ``json_object`` get a structured answer built from the schema (``expected_object``); ``FAULT:badjson``,
 ``FAULT:wrongtype``, ``FAULT:outofrange`` and ``FAULT:badenum`` (or ``FAULT:flakywrongtype:N``, ...)
 break it.
 
-``Behaviour.rpm`` / ``tpm`` make it a rate-limited provider that answers 429 with
-``retry-after-ms`` once a one-minute sliding window is full.
+Limits, checked when a request arrives (before ``latency``):
+
+* ``rpm`` / ``tpm`` enforced over ``window_seconds`` (the window holds ``rpm * window / 60``
+  requests; OpenAI may enforce a per-minute limit per second) by ``limit_algorithm``: "sliding" (a
+  log of admissions younger than the window) or "token_bucket" (a bucket of one window's budget,
+  refilled continuously at the per-minute rate). TPM is charged as prompt + ``max_tokens`` at
+  admission (``tpm_charge="reserve"``, as OpenAI does) or as the prompt at admission plus the
+  completion when answered (``"usage"``). Over the limit: 429 ``rate_limit_exceeded``, type
+  ``requests`` or ``tokens``, "Please try again in 20ms", ``retry-after-ms``; a request bigger
+  than the whole token window gets a 429 "Request too large" with no retry header.
+* ``max_in_flight``: requests beyond that many in flight get an immediate 429
+  ``too_many_concurrent_requests`` with no retry header (vLLM/gateway style cap).
+* With rpm/tpm set, EVERY response carries ``x-ratelimit-limit-{requests,tokens}`` (the per-minute
+  limits), ``x-ratelimit-remaining-*`` (what the current enforcement window still admits) and
+  ``x-ratelimit-reset-*`` (time until the budget is back to full, as ``1s``, ``20ms``, ``6m0s``).
+
+``Stats.kinds`` counts what was answered per kind (``ok``, ``rate_limit_requests``, ``quota``,
+``hang``, ...) beside ``Stats.statuses``; ``Stats.admissions`` keeps (time, tokens) of every
+request the limits admitted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import socket
+import struct
 import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["Behaviour", "FakeOpenAIServer", "expected_answer", "expected_object"]
+__all__ = ["Behaviour", "FakeOpenAIServer", "Stats", "expected_answer", "expected_object", "format_duration"]
 
-_FAULT = re.compile(r"FAULT:(flaky500|flaky429|flakyempty|flakymalformed|flakydrop):(\d+)|FAULT:(\w+)")
+_FLAKY = "flaky500|flaky429|flakyempty|flakymalformed|flakydrop|flakyunavailable"
+_FAULT = re.compile(rf"FAULT:({_FLAKY}):(\d+)|FAULT:(\w+)")
+# A private header by which ``handle`` tells the HTTP handler how to deliver a reply; never sent.
+_DELIVERY = "x-fake-delivery"
+
+Reply = tuple[int, dict[str, str], bytes | None]
 
 
 def expected_answer(prompt: str, system: str | None = None) -> str:
@@ -49,6 +86,15 @@ def count_tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
 
+def format_duration(seconds: float) -> str:
+    """A duration as OpenAI's reset headers write it: ``20ms``, ``1s``, ``1.5s``, ``6m0s``."""
+    if seconds < 1.0:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60.0)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{int(minutes)}m{text}" if minutes else text
+
+
 @dataclass
 class Behaviour:
     """Switches a test sets; read on every request."""
@@ -59,7 +105,14 @@ class Behaviour:
     rate_empty: float = 0.0
     rpm: int | None = None
     tpm: int | None = None
+    window_seconds: float = 60.0
+    limit_algorithm: Literal["sliding", "token_bucket"] = "sliding"
+    tpm_charge: Literal["reserve", "usage"] = "reserve"
+    max_in_flight: int | None = None
+    quota_after: int | None = None
     slow_seconds: float = 30.0
+    trickle_interval: float = 0.5
+    trickle_all: bool = False
     require_key: str | None = None
 
 
@@ -70,11 +123,86 @@ class Stats:
     requests: int = 0
     completions: int = 0
     statuses: Counter = field(default_factory=Counter)
+    kinds: Counter = field(default_factory=Counter)
     prompts: Counter = field(default_factory=Counter)
     bodies: deque = field(default_factory=lambda: deque(maxlen=200))
     auth_headers: set = field(default_factory=set)
+    admissions: deque = field(default_factory=lambda: deque(maxlen=200_000))
     in_flight: int = 0
     max_in_flight: int = 0
+
+
+class _Meter:
+    """One budget (requests or tokens) enforced over a window by a sliding log or a token bucket."""
+
+    def __init__(self, per_minute: int, window: float, algorithm: str) -> None:
+        self.per_minute = per_minute
+        self.window = window
+        self.sliding = algorithm == "sliding"
+        self.capacity = per_minute * window / 60.0
+        self.rate = per_minute / 60.0
+        self.log: deque[list[float]] = deque()  # [admitted at, amount]
+        self.used = 0.0
+        self.level = self.capacity
+        self.stamp = time.monotonic()
+
+    def _refresh(self, now: float) -> None:
+        if self.sliding:
+            while self.log and now - self.log[0][0] >= self.window:
+                self.used -= self.log.popleft()[1]
+            if not self.log:
+                self.used = 0.0  # no float drift across a long run
+        else:
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+            self.stamp = now
+
+    def remaining(self, now: float) -> float:
+        """What the window admits right now."""
+        self._refresh(now)
+        return max(0.0, self.capacity - self.used if self.sliding else self.level)
+
+    def wait(self, amount: float, now: float) -> float:
+        """Seconds until ``amount`` fits (0 if it fits now); only call with amount <= capacity."""
+        self._refresh(now)
+        if self.sliding:
+            excess = self.used + amount - self.capacity
+            if excess <= 1e-9:
+                return 0.0
+            for admitted, taken in self.log:
+                excess -= taken
+                if excess <= 1e-9:
+                    return admitted + self.window - now
+            return self.window
+        missing = amount - self.level
+        return 0.0 if missing <= 1e-9 else missing / self.rate
+
+    def charge(self, amount: float, now: float) -> list[float]:
+        """Take ``amount``; returns the log entry so a later ``add`` keeps its admission time."""
+        self._refresh(now)
+        entry = [now, amount]
+        if self.sliding:
+            self.log.append(entry)
+            self.used += amount
+        else:
+            self.level -= amount
+        return entry
+
+    def add(self, entry: list[float], amount: float, now: float) -> None:
+        """Charge more to an admitted request (actual usage known after the answer)."""
+        self._refresh(now)
+        if self.sliding:
+            if entry in self.log:
+                entry[1] += amount
+                self.used += amount
+        else:
+            self.level -= amount
+
+    def reset_in(self, now: float) -> float:
+        """Seconds until the budget is back to its initial (full) state."""
+        self._refresh(now)
+        if self.sliding:
+            return self.log[-1][0] + self.window - now if self.log else 0.0
+        return max(0.0, (self.capacity - self.level) / self.rate)
 
 
 class FakeOpenAIServer:
@@ -85,7 +213,8 @@ class FakeOpenAIServer:
         self.stats = Stats()
         self._lock = threading.Lock()
         self._attempts: Counter = Counter()
-        self._window: deque[tuple[float, int]] = deque()
+        self._meters: dict[str, _Meter] = {}
+        self._meter_config: tuple[Any, ...] | None = None
         self._stopping = threading.Event()
         self._httpd = _Server(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
@@ -103,18 +232,19 @@ class FakeOpenAIServer:
         return self
 
     def stop(self) -> None:
-        """Stop serving and release the port."""
+        """Stop serving and release the port (hanging and trickling replies end here)."""
         self._stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
 
     def reset(self) -> None:
-        """Forget counters and attempts (keeps the behaviour)."""
+        """Forget counters, attempts and the limits' state (keeps the behaviour)."""
         with self._lock:
             self.stats = Stats()
             self._attempts.clear()
-            self._window.clear()
+            self._meters.clear()
+            self._meter_config = None
 
     def __enter__(self) -> FakeOpenAIServer:
         return self.start()
@@ -122,29 +252,92 @@ class FakeOpenAIServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- request handling -------------------------------------------------------------
+    # -- limits (call with self._lock held) ---------------------------------------------------
 
-    def _rate_limited(self, tokens: int) -> float | None:
-        """Seconds to wait if the window is full, else None (and the request is counted)."""
+    def _limit_meters(self) -> dict[str, _Meter]:
         b = self.behaviour
-        if b.rpm is None and b.tpm is None:
-            return None
-        now = time.monotonic()
-        with self._lock:
-            while self._window and now - self._window[0][0] >= 60.0:
-                self._window.popleft()
-            used_requests = len(self._window)
-            used_tokens = sum(t for _, t in self._window)
-            full = (b.rpm is not None and used_requests + 1 > b.rpm) or (
-                b.tpm is not None and used_tokens + tokens > b.tpm
-            )
-            if full:
-                return max(0.001, 60.0 - (now - self._window[0][0])) if self._window else 1.0
-            self._window.append((now, tokens))
-            return None
+        config = (b.rpm, b.tpm, b.window_seconds, b.limit_algorithm)
+        if config != self._meter_config:  # a test changed the behaviour: start the limits afresh
+            self._meter_config = config
+            self._meters = {}
+            if b.rpm:
+                self._meters["requests"] = _Meter(b.rpm, b.window_seconds, b.limit_algorithm)
+            if b.tpm:
+                self._meters["tokens"] = _Meter(b.tpm, b.window_seconds, b.limit_algorithm)
+        return self._meters
 
-    def handle(self, body: dict[str, Any], auth: str | None) -> tuple[int, dict[str, str], bytes | None]:
+    def _admit(self, prompt_tokens: int, max_tokens: int) -> tuple[Reply | None, list[float] | None]:
+        """Check and charge the limits: (a 429 or None, the token entry to charge usage to)."""
+        with self._lock:
+            meters = self._limit_meters()
+            if not meters:
+                self.stats.admissions.append((time.monotonic(), prompt_tokens + max_tokens))
+                return None, None
+            now = time.monotonic()
+            reserve = self.behaviour.tpm_charge == "reserve"
+            amounts = {"requests": 1.0, "tokens": float(prompt_tokens + (max_tokens if reserve else 0))}
+            tokens = meters.get("tokens")
+            if tokens is not None and amounts["tokens"] > tokens.capacity:
+                return self._too_large(tokens, int(amounts["tokens"])), None
+            for kind, meter in meters.items():
+                wait = meter.wait(amounts[kind], now)
+                if wait > 0:
+                    return self._over_limit(kind, meter, int(amounts[kind]), wait, now), None
+            entries = {kind: meter.charge(amounts[kind], now) for kind, meter in meters.items()}
+            self.stats.admissions.append((now, int(amounts["tokens"])))
+            return None, entries.get("tokens")
+
+    def _over_limit(self, kind: str, meter: _Meter, requested: int, wait: float, now: float) -> Reply:
+        abbr = "RPM" if kind == "requests" else "TPM"
+        used = round(meter.capacity - meter.remaining(now))
+        message = (
+            f"Rate limit reached for fake in organization org-fake on {kind} per min ({abbr}): "
+            f"Limit {meter.per_minute}, Used {used}, Requested {requested}. "
+            f"Please try again in {format_duration(wait)}. Visit https://platform.openai.com/account/rate-limits."
+        )
+        status, headers, payload = _error(429, message, "rate_limit_exceeded", kind)
+        headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
+        self.stats.kinds[f"rate_limit_{kind}"] += 1
+        return status, headers, payload
+
+    def _too_large(self, meter: _Meter, requested: int) -> Reply:
+        message = (
+            f"Request too large for fake in organization org-fake on tokens per min (TPM): Limit "
+            f"{meter.per_minute}, Requested {requested}. The input or output tokens must be reduced in order to run "
+            "successfully."
+        )
+        self.stats.kinds["request_too_large"] += 1
+        return _error(429, message, "rate_limit_exceeded", "tokens")
+
+    def _charge_usage(self, entry: list[float] | None, completion_tokens: int) -> None:
+        if entry is None or self.behaviour.tpm_charge != "usage":
+            return
+        with self._lock:
+            meter = self._meters.get("tokens")
+            if meter is not None:
+                meter.add(entry, completion_tokens, time.monotonic())
+
+    def _limit_headers(self) -> dict[str, str]:
+        with self._lock:
+            meters = self._limit_meters()
+            now = time.monotonic()
+            headers: dict[str, str] = {}
+            for kind, meter in meters.items():
+                headers[f"x-ratelimit-limit-{kind}"] = str(meter.per_minute)
+                headers[f"x-ratelimit-remaining-{kind}"] = str(math.floor(meter.remaining(now) + 1e-9))
+                headers[f"x-ratelimit-reset-{kind}"] = format_duration(meter.reset_in(now))
+            return headers
+
+    # -- request handling ---------------------------------------------------------------------
+
+    def handle(self, body: dict[str, Any], auth: str | None) -> Reply:
         """Return (status, headers, body); a None body means drop the connection."""
+        status, headers, payload = self._answer(body, auth)
+        if self.behaviour.rpm or self.behaviour.tpm:
+            headers = {**self._limit_headers(), **headers}
+        return status, headers, payload
+
+    def _answer(self, body: dict[str, Any], auth: str | None) -> Reply:
         b = self.behaviour
         messages = body.get("messages", [])
         # The first user message is the row's prompt (later ones are our schema corrections).
@@ -159,38 +352,57 @@ class FakeOpenAIServer:
             self.stats.auth_headers.add(auth)
             self._attempts[prompt] += 1
             attempt = self._attempts[prompt]
-        if b.require_key is not None and auth != f"Bearer {b.require_key}":
+            in_flight = self.stats.in_flight
+            quota_spent = b.quota_after is not None and self.stats.completions >= b.quota_after
+        if (b.require_key is not None and auth != f"Bearer {b.require_key}") or "FAULT:badkey" in prompt:
             # Like some real servers, the message echoes (part of) the key it got.
-            return _error(401, f"Incorrect API key provided: {auth}.", "invalid_api_key")
+            return self._count("badkey", _error(401, f"Incorrect API key provided: {auth}.", "invalid_api_key"))
+        if quota_spent or "FAULT:quota" in prompt:
+            return self._count("quota", _quota())
+        if b.max_in_flight is not None and in_flight > b.max_in_flight:
+            message = f"Too many concurrent requests: this server handles at most {b.max_in_flight} at once."
+            return self._count("concurrency", _error(429, message, "too_many_concurrent_requests", "requests"))
+        max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
+        rejected, entry = self._admit(count_tokens((system or "") + prompt), max_tokens)
+        if rejected is not None:
+            return rejected
         if b.latency:
             self._stopping.wait(b.latency)
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 16
-        wait = self._rate_limited(count_tokens(prompt) + int(max_tokens))
-        if wait is not None:
-            status, headers, payload = _error(429, "Rate limit reached.", "rate_limit_exceeded")
-            headers["retry-after-ms"] = str(int(wait * 1000))
-            return status, headers, payload
-
         if "FAULT:echoauth" in prompt:  # a careless server that echoes the credentials back
-            return _error(400, f"request with header {auth} is not allowed", "echo")
-        fault = self._fault(prompt, attempt)
+            return self._count("echoauth", _error(400, f"request with header {auth} is not allowed", "echo"))
+        fault = self._fault(prompt, system, attempt, max_tokens)
         if fault is not None:
             return fault
         if body.get("tools") or (body.get("response_format") or {}).get("type") in ("json_schema", "json_object"):
-            return self._structured(body, prompt, attempt)
+            return self._structured(body, prompt, attempt, entry)
         answer = expected_answer(prompt, system)
         if _roll(prompt, attempt, "empty") < b.rate_empty:
             answer = ""
+        reply = self._completion(body, system, prompt, answer, "stop", entry)
+        if b.trickle_all:
+            reply[1][_DELIVERY] = "trickle"
+        return self._count("ok" if answer else "empty", reply)
+
+    def _count(self, kind: str, reply: Reply) -> Reply:
+        with self._lock:
+            self.stats.kinds[kind] += 1
+        return reply
+
+    def _completion(
+        self, body: dict[str, Any], system: str | None, prompt: str, answer: str, finish: str,
+        entry: list[float] | None, completion_tokens: int | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
         usage = {
             "prompt_tokens": count_tokens((system or "") + prompt),
-            "completion_tokens": count_tokens(answer),
+            "completion_tokens": completion_tokens if completion_tokens is not None else count_tokens(answer),
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        self._charge_usage(entry, usage["completion_tokens"])
         with self._lock:
             self.stats.completions += 1
-        return 200, {}, json.dumps(_completion(body.get("model", "fake"), answer, usage)).encode()
+        return 200, {}, json.dumps(_completion(body.get("model", "fake"), answer, usage, finish)).encode()
 
-    def _structured(self, body: dict[str, Any], prompt: str, attempt: int) -> tuple[int, dict[str, str], bytes]:
+    def _structured(self, body: dict[str, Any], prompt: str, attempt: int, entry: list[float] | None) -> Reply:
         schema = _schema_of(body)
         obj = expected_object(schema, prompt)
         arguments = json.dumps(obj)
@@ -200,6 +412,7 @@ class FakeOpenAIServer:
                 arguments = '{"summary": "unterminated' if how == "badjson" else json.dumps(_break(obj, schema, how))
         usage = {"prompt_tokens": count_tokens(prompt), "completion_tokens": count_tokens(arguments)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        self._charge_usage(entry, usage["completion_tokens"])
         completion = _completion(body.get("model", "fake"), arguments, usage)
         if body.get("tools"):
             name = body["tools"][0]["function"]["name"]
@@ -211,31 +424,49 @@ class FakeOpenAIServer:
             completion["choices"][0]["finish_reason"] = "tool_calls"
         with self._lock:
             self.stats.completions += 1
-        return 200, {}, json.dumps(completion).encode()
+            self.stats.kinds["structured"] += 1
+        headers = {_DELIVERY: "trickle"} if self.behaviour.trickle_all else {}
+        return 200, headers, json.dumps(completion).encode()
 
-    def _fault(self, prompt: str, attempt: int) -> tuple[int, dict[str, str], bytes | None] | None:
+    def _fault(self, prompt: str, system: str | None, attempt: int, max_tokens: int) -> Reply | None:
         b = self.behaviour
         for m in _FAULT.finditer(prompt):
             if m.group(1):
                 kind, n = m.group(1), int(m.group(2))
                 if attempt <= n:
-                    return _flaky(kind, prompt)
-            else:
-                kind = m.group(3)
-                if kind in ("400", "401", "403", "404", "422", "500"):
-                    return _error(int(kind), f"injected {kind}", "injected")
-                if kind == "empty":
-                    return 200, {}, json.dumps(_completion("fake", "", {})).encode()
-                if kind == "malformed":
-                    return 200, {}, b'{"id": "chatcmpl-broken", "choices": [ {"mess'
-                if kind == "drop":
-                    return 0, {}, None
-                if kind == "slow":
-                    self._stopping.wait(b.slow_seconds)
+                    return self._count(kind, _flaky(kind))
+                continue
+            kind = m.group(3)
+            if kind in ("400", "401", "403", "404", "422", "500"):
+                return self._count(kind, _error(int(kind), f"injected {kind}", "injected"))
+            if kind == "invalid_prompt":
+                message = "Invalid prompt: your prompt was flagged as potentially violating our usage policy."
+                return self._count(kind, _error(400, message, "invalid_prompt", "invalid_request_error"))
+            if kind == "unavailable":
+                return self._count(kind, _unavailable())
+            if kind in ("length", "content_filter"):
+                full = expected_answer(prompt, system)
+                cut = full[: len(full) // 2] if kind == "length" else full[: len(full) // 4]
+                tokens = max_tokens if kind == "length" else None
+                return self._count(kind, self._completion({}, system, prompt, cut, kind, None, tokens))
+            if kind == "empty":
+                return self._count(kind, (200, {}, json.dumps(_completion("fake", "", {})).encode()))
+            if kind == "malformed":
+                return self._count(kind, (200, {}, b'{"id": "chatcmpl-broken", "choices": [ {"mess'))
+            if kind == "drop":
+                return self._count(kind, (0, {}, None))
+            if kind in ("reset", "hang"):
+                return self._count(kind, (0, {_DELIVERY: kind}, b""))
+            if kind == "trickle":
+                answer = expected_answer(prompt, system)
+                status, headers, payload = self._completion({}, system, prompt, answer, "stop", None)
+                return self._count(kind, (status, {**headers, _DELIVERY: "trickle"}, payload))
+            if kind == "slow":
+                self._stopping.wait(b.slow_seconds)
         if _roll(prompt, attempt, "500") < b.rate_500:
-            return _error(500, "injected random 500", "server_error")
+            return self._count("500", _error(500, "injected random 500", "server_error", "server_error"))
         if _roll(prompt, attempt, "malformed") < b.rate_malformed:
-            return 200, {}, b'{"choices": [{"message": {"content": '
+            return self._count("malformed", (200, {}, b'{"choices": [{"message": {"content": '))
         return None
 
 
@@ -299,13 +530,15 @@ def _break(obj: dict[str, Any], schema: dict[str, Any], how: str) -> dict[str, A
     return broken
 
 
-def _flaky(kind: str, prompt: str) -> tuple[int, dict[str, str], bytes | None]:
+def _flaky(kind: str) -> Reply:
     if kind == "flaky500":
-        return _error(500, "injected flaky 500", "server_error")
+        return _error(500, "injected flaky 500", "server_error", "server_error")
     if kind == "flaky429":
-        status, headers, body = _error(429, "Rate limit reached.", "rate_limit_exceeded")
+        status, headers, body = _error(429, "Rate limit reached. Please try again in 20ms.", "rate_limit_exceeded")
         headers["retry-after-ms"] = "20"
         return status, headers, body
+    if kind == "flakyunavailable":
+        return _unavailable()
     if kind == "flakyempty":
         return 200, {}, json.dumps(_completion("fake", "", {})).encode()
     if kind == "flakydrop":
@@ -313,29 +546,33 @@ def _flaky(kind: str, prompt: str) -> tuple[int, dict[str, str], bytes | None]:
     return 200, {}, b"not json at all"
 
 
+def _quota() -> Reply:
+    message = "You exceeded your current quota, please check your plan and billing details."
+    return _error(429, message, "insufficient_quota", "insufficient_quota")
+
+
+def _unavailable() -> Reply:
+    message = "Resource unavailable: the flex processing tier has no capacity right now. Please retry later."
+    return _error(429, message, "resource_unavailable", "resource_unavailable")
+
+
 def _roll(prompt: str, attempt: int, salt: str) -> float:
     digest = hashlib.sha256(f"{salt}\x00{attempt}\x00{prompt}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _error(status: int, message: str, code: str) -> tuple[int, dict[str, str], bytes]:
-    payload = {"error": {"message": message, "type": "injected", "param": None, "code": code}}
+def _error(status: int, message: str, code: str, kind: str = "injected") -> tuple[int, dict[str, str], bytes]:
+    payload = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return status, {}, json.dumps(payload).encode()
 
 
-def _completion(model: str, answer: str, usage: dict[str, int]) -> dict[str, Any]:
+def _completion(model: str, answer: str, usage: dict[str, int], finish: str = "stop") -> dict[str, Any]:
     return {
         "id": "chatcmpl-fake",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": answer},
-                "finish_reason": "stop",
-            }
-        ],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish}],
         "usage": usage or {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1},
     }
 
@@ -364,24 +601,51 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                     self._send(*_error(400, "request body is not JSON", "bad_json"))
                     return
                 status, headers, payload = server.handle(body, self.headers.get("authorization"))
+                delivery = headers.pop(_DELIVERY, None)
                 with server._lock:
-                    server.stats.statuses[status or "drop"] += 1
+                    server.stats.statuses[status or delivery or "drop"] += 1
                 if payload is None:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                self._send(status, headers, payload)
+                elif delivery == "hang":
+                    server._stopping.wait()
+                    self.close_connection = True
+                elif delivery == "reset":
+                    # SO_LINGER 0 makes close() send a RST instead of a FIN.
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    self.connection.close()
+                elif delivery == "trickle":
+                    self._trickle(status, headers, payload)
+                else:
+                    self._send(status, headers, payload)
             finally:
                 with server._lock:
                     server.stats.in_flight -= 1
 
-        def _send(self, status: int, headers: dict[str, str], payload: bytes) -> None:
+        def _head(self, status: int, headers: dict[str, str], length: int) -> None:
             self.send_response(status)
             self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(payload)))
+            self.send_header("content-length", str(length))
             for key, value in headers.items():
                 self.send_header(key, value)
             self.end_headers()
+
+        def _send(self, status: int, headers: dict[str, str], payload: bytes) -> None:
+            self._head(status, headers, len(payload))
             self.wfile.write(payload)
+
+        def _trickle(self, status: int, headers: dict[str, str], payload: bytes) -> None:
+            self._head(status, headers, len(payload))
+            self.wfile.flush()
+            for i in range(len(payload)):
+                if server._stopping.wait(server.behaviour.trickle_interval):
+                    self.close_connection = True
+                    return
+                try:
+                    self.wfile.write(payload[i : i + 1])
+                except OSError:  # the client gave up (its deadline): stop writing
+                    self.close_connection = True
+                    return
 
     return Handler
