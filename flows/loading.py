@@ -1,4 +1,7 @@
-"""Read the input table (CSV, Parquet, NDJSON) with polars; every failure becomes an InputError."""
+"""Read the input table (CSV, Parquet, NDJSON) with polars; every failure becomes an InputError.
+
+A CSV or NDJSON file polars cannot parse is scanned again (flows/parse_errors.py) to name the bad line.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
+from flows.parse_errors import locate_problem
 from flows.storage import is_remote, suffix_of
 from schemas.errors import InputError
 
@@ -109,8 +113,17 @@ def _scan(path: str, fmt: str, storage: dict[str, str] | None = None) -> pl.Lazy
 
 
 def read_error(path: str, fmt: str, exc: BaseException) -> InputError:
-    """The InputError for a table polars could not read."""
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """The InputError for a table polars could not read, naming the bad line of a local CSV or NDJSON file."""
+    message = str(exc).strip()
+    detail = message.splitlines()[0] if message else type(exc).__name__
+    if fmt in ("csv", "ndjson") and is_remote(path):
+        # Scanning an object again line by line would mean downloading it: say so instead of guessing.
+        detail += (
+            " (the line is not named for object-storage inputs; copy the file to a local disk and run on it "
+            "to have the bad line named)"
+        )
+    elif (problem := locate_problem(path, fmt, message)) is not None:
+        detail = problem.describe()
     return InputError(
         f"could not read '{path}' as {fmt}: {detail}. Check that the file is valid {fmt} "
         "(UTF-8 for text formats), or pass --format if the extension is misleading."

@@ -19,7 +19,7 @@ from flows.planning import ROW_INDEX, plan_slice
 from flows.preparation import output_columns
 from flows.staging import Staging
 from flows.validation import check_rows, failure_report, refusal, unique_columns
-from schemas.errors import ConfigError, InputError, ValidationFailed
+from schemas.errors import ConfigError, ValidationFailed
 from transforms.prompts import PromptTemplate
 
 __all__ = ["Slice", "Survey", "read_columns", "survey_input"]
@@ -70,7 +70,7 @@ def survey_input(
     scan, columns = _scan_input(job)
     fmt = format_of(source, job.input_format)
     template.check_columns(columns, source=f"'{source}'")
-    duplicates = _duplicates(scan, schema, columns, source)
+    duplicates = _duplicates(scan, schema, columns, source, fmt)
     survey = Survey(input_columns=columns)
     quarantine = job.on_invalid == "quarantine"
     shown: list[pl.DataFrame] = []
@@ -139,7 +139,7 @@ def _scan_input(job: EnrichJob) -> tuple[pl.LazyFrame, list[str]]:
 
 
 def _duplicates(
-    scan: pl.LazyFrame, schema: pa.DataFrameSchema, columns: list[str], source: str
+    scan: pl.LazyFrame, schema: pa.DataFrameSchema, columns: list[str], source: str, fmt: str
 ) -> dict[str, pl.Series]:
     """Per unique column, the values that occur more than once anywhere in the table (streamed).
 
@@ -164,5 +164,5 @@ def _duplicates(
             if repeated.len():
                 found[name] = repeated
     except (pl.exceptions.PolarsError, OSError, ValueError, RuntimeError) as exc:
-        raise InputError(f"could not read the unique columns {names} of '{source}': {exc}") from exc
+        raise read_error(source, fmt, exc) from exc
     return found
