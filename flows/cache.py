@@ -8,8 +8,13 @@ time in nanoseconds, which orders entries across segments) keyed by
 * several processes and machines can write at once with no server and no locks: each writes
   only its own file, and a file name is never reused;
 * answers are appended and flushed as they arrive, so a run killed with SIGKILL keeps every
-  answer it got (resume), and only a torn last line can be lost, which ``load`` skips;
+  answer it got (resume), and only a torn last line can be lost;
 * it works on shared storage (NFS, a mounted bucket) because nothing is ever rewritten.
+
+Damage costs only what is damaged: a segment is read record by record, so a torn last line,
+garbage bytes, an undecodable or half-written line, or a zero-length file loses only that
+record or file (``flows.cache_check`` reads the records and logs each damaged segment once as
+a WARNING naming the file); ``enrich cache verify --repair`` rewrites it.
 
 An entry is never invalid by age: the key covers model, endpoint family, system message,
 rendered prompt, temperature, max tokens and output schema, so changing any of them simply
@@ -19,7 +24,6 @@ deleting the directory empties the cache.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import socket
@@ -31,19 +35,12 @@ from typing import Protocol
 
 import polars as pl
 
+from flows.cache_check import CACHE_SCHEMA, good_lines, read_segment, report_damage, segment_files
 from flows.storage import is_remote, sibling
 from schemas.errors import OutputError
 from transforms.calls import Outcome
 
 __all__ = ["CACHE_SCHEMA", "AnswerStore", "ResponseCache", "default_cache_dir", "open_cache"]
-
-CACHE_SCHEMA = {
-    "seq": pl.Int64,
-    "key": pl.String,
-    "text": pl.String,
-    "input_tokens": pl.Int64,
-    "output_tokens": pl.Int64,
-}
 
 
 class AnswerStore(Protocol):
@@ -93,12 +90,26 @@ class ResponseCache:
         self._lock = threading.Lock()
         self.written = 0
 
-    def load(self) -> pl.DataFrame:
-        """Every cached answer, newest entry per key winning."""
+    def segments(self) -> list[Path]:
+        """This cache's segment files, oldest first."""
         if not self.directory.is_dir():
-            return pl.DataFrame(schema=CACHE_SCHEMA)
-        segments = sorted(self.directory.glob("seg-*.jsonl"), key=lambda p: (p.stat().st_mtime, p.name))
-        frames = [frame for path in segments if (frame := _read_segment(path)) is not None]
+            return []
+        found = []
+        for path in self.directory.glob("seg-*.jsonl"):
+            try:
+                found.append((path.stat().st_mtime, path.name, path))
+            except FileNotFoundError:
+                continue  # removed by a concurrent `cache verify --repair`
+        return [path for *_, path in sorted(found)]
+
+    def load(self) -> pl.DataFrame:
+        """Every cached answer, newest entry per key winning; damaged records are skipped and logged."""
+        frames = []
+        for path in segment_files(self.directory):
+            frame, health = read_segment(path)
+            report_damage(health, version=_version(path))
+            if frame.height:
+                frames.append(frame)
         if not frames:
             return pl.DataFrame(schema=CACHE_SCHEMA)
         # Order by when each entry was written (not by file), so a refreshed answer always wins
@@ -125,8 +136,19 @@ class ResponseCache:
             fd = self._open()
             # Whole lines with O_APPEND: a crash leaves at most a torn last line.
             view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            try:
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError as exc:
+                # The segment may now end in half a line (disk full, I/O error): never append to
+                # it again, or the next record would be glued onto the torn one. The next answer
+                # opens a fresh segment.
+                self._fd = None
+                os.close(fd)
+                raise OutputError(
+                    f"cannot write the response cache in '{self.directory}': {exc}. "
+                    "Free some space, pass --cache-dir somewhere writable, or --no-cache."
+                ) from exc
             self.written += 1
 
     def flush(self) -> None:
@@ -140,10 +162,39 @@ class ResponseCache:
                 os.close(self._fd)
                 self._fd = None
 
+    def replace_segment(self, path: Path) -> None:
+        """Keep only the good records of a segment file, atomically; remove it when none is left."""
+        try:
+            data = path.read_bytes()
+            keep = good_lines(data[: data.rfind(b"\n") + 1])
+            if not keep:
+                path.unlink(missing_ok=True)
+            else:
+                # Not named seg-*.jsonl, so no reader ever loads the temporary file.
+                temporary = path.with_name(f".{path.name}.repair-{uuid.uuid4().hex[:8]}.tmp")
+                try:
+                    with temporary.open("wb") as f:
+                        f.write(b"\n".join(keep) + b"\n")
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(temporary, path)
+                finally:
+                    temporary.unlink(missing_ok=True)
+            # The rename (or the removal) is durable only once the directory is synced.
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except OSError as exc:
+            raise OutputError(f"cannot rewrite the cache segment '{path}': {exc}.") from exc
+
     def _open(self) -> int:
         if self._fd is None:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
+                # A new name every time: this process never appends to a file that another
+                # process (or a crashed earlier write of its own) may have left torn.
                 name = f"seg-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}.jsonl"
                 self._fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             except OSError as exc:
@@ -154,12 +205,9 @@ class ResponseCache:
         return self._fd
 
 
-def _read_segment(path: Path) -> pl.DataFrame | None:
-    data = path.read_bytes()
-    end = data.rfind(b"\n")
-    if end < 0:
-        return None
+def _version(path: Path) -> str:
     try:
-        return pl.read_ndjson(io.BytesIO(data[: end + 1]), schema=CACHE_SCHEMA)
-    except pl.exceptions.PolarsError:
-        return None  # an unreadable segment only costs its answers being asked again
+        stat = path.stat()
+    except OSError:
+        return ""
+    return f"{stat.st_size}:{stat.st_mtime_ns}"

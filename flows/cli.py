@@ -331,5 +331,37 @@ def _print_summary(s: dict[str, Any]) -> None:
     )
 
 
+cache_app = typer.Typer(help="Check and repair the persistent response cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("verify")
+def cache_verify(
+    output: Annotated[
+        Optional[str], typer.Argument(help="A run's output: check the .enrich-cache beside it.", show_default=False)
+    ] = None,
+    cache_dir: Annotated[
+        Optional[str], typer.Option(help="The cache directory or s3://, gs://, az:// prefix to check.")
+    ] = None,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Rewrite damaged segments keeping only their good records.")
+    ] = False,
+    storage_option: Annotated[
+        Optional[list[str]], typer.Option(help="Object-store setting KEY=VALUE (repeatable), as for `run`.")
+    ] = None,
+) -> None:
+    """Read every cache record; exit 0 when all are intact, 1 when damage was found (and, with --repair, removed)."""
+    from flows.cache_check import cache_location, render_report, verify_cache
+
+    try:
+        storage = _pairs(storage_option) if storage_option else None
+        report = verify_cache(cache_location(output=output, cache_dir=cache_dir), storage, repair=repair)
+    except EnrichError as err:
+        _fail(err.message, err.exit_code)
+    for line in render_report(report):
+        out_console.print(line, markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if report.clean else 1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -7,24 +7,37 @@ rewritten, so any number of processes and machines can share one prefix. Compare
 file-system cache, a process killed with SIGKILL loses the answers of its last unflushed
 batch (at most ``flush_every`` answers or ``flush_seconds`` seconds of them); a rerun asks for
 those again.
+
+A zero-length or corrupt object costs only its own answers, and a record without a key, text
+or token counts only itself: loading reads object by object when the one-scan fast path
+fails, and logs each damaged object once as a WARNING naming it.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from fnmatch import fnmatchcase
 from typing import Any
 
 import polars as pl
 
-from flows.cache import CACHE_SCHEMA as _SCHEMA
+from flows.cache_check import CACHE_SCHEMA as _SCHEMA
+from flows.cache_check import REQUIRED, SegmentHealth, report_damage
 from schemas.errors import OutputError
 from transforms.calls import Outcome
 
-__all__ = ["ObjectStoreCache"]
+__all__ = ["ObjectStoreCache", "parse_parquet"]
+
+# object_store client settings (not credentials or endpoints), which obstore takes apart
+# (the same split as flows/staging.py).
+_CLIENT_KEYS = {"allow_http", "allow_invalid_certificates", "timeout", "connect_timeout", "proxy_url"}
+_READERS = 8  # objects fetched at once when reading object by object
 
 
 class ObjectStoreCache:
@@ -45,18 +58,68 @@ class ObjectStoreCache:
         self._segments = 0
 
     def load(self) -> pl.DataFrame:
-        """Every cached answer, newest entry per key winning."""
+        """Every cached answer, newest entry per key winning; damaged objects are skipped and logged."""
         try:
             merged = pl.scan_parquet(f"{self.prefix}/seg-*.parquet", storage_options=self.storage).collect()
-        except (pl.exceptions.PolarsError, OSError) as exc:
-            if "expanded paths were empty" in str(exc) or "not found" in str(exc).lower():
-                return pl.DataFrame(schema=_SCHEMA)
+            merged = merged.select(list(_SCHEMA))
+        except (pl.exceptions.PolarsError, OSError):
+            merged = None  # an empty prefix, or one damaged object: find out object by object
+        if merged is None or dict(merged.schema) != _SCHEMA or _has_holes(merged):
+            listed = self.segments()
+            frames = []
+            for (_, version), (frame, health) in zip(listed, self._read_all([n for n, _ in listed]), strict=True):
+                report_damage(health, version=version)
+                frames.append(frame)
+            merged = pl.concat(frames) if frames else pl.DataFrame(schema=_SCHEMA)
+        merged = merged.sort("seq", nulls_last=False, maintain_order=True)
+        return merged.unique("key", keep="last", maintain_order=True)
+
+    def segments(self) -> list[tuple[str, str]]:
+        """This cache's segment objects as (name under the prefix, version), oldest first."""
+        import obstore
+
+        try:
+            found = [meta for batch in obstore.list(self._store(), chunk_size=1_000) for meta in batch]
+        except Exception as exc:  # obstore's errors have no common base besides Exception
             raise OutputError(
                 f"cannot read the response cache at '{self.prefix}': {exc}. Check the credentials "
                 "(environment or --storage-option), pass another --cache-dir, or --no-cache."
             ) from exc
-        merged = merged.select(list(_SCHEMA)).sort("seq", maintain_order=True)
-        return merged.unique("key", keep="last", maintain_order=True)
+        found = [m for m in found if "/" not in m["path"] and fnmatchcase(m["path"], "seg-*.parquet")]
+        found.sort(key=lambda m: (m["last_modified"], m["path"]))
+        return [(m["path"], f"{m['size']}:{m.get('e_tag') or m['last_modified']}") for m in found]
+
+    def read_segment(self, name: str) -> tuple[pl.DataFrame, SegmentHealth]:
+        """The good records of one segment object and what was lost; never raises for a damaged object."""
+        import obstore
+
+        location = f"{self.prefix}/{name}"
+        try:
+            data = bytes(obstore.get(self._store(), name).bytes())
+        except FileNotFoundError:
+            return pl.DataFrame(schema=_SCHEMA), SegmentHealth(location)  # removed since it was listed
+        except Exception as exc:  # noqa: BLE001 - one object that cannot be fetched costs only its answers
+            return pl.DataFrame(schema=_SCHEMA), SegmentHealth(location, unreadable=f"cannot fetch it: {exc}")
+        return parse_parquet(data, location)
+
+    def replace_segment(self, name: str, frame: pl.DataFrame) -> str | None:
+        """Write ``frame`` as a new segment object, then delete ``name``; returns the new name (None if empty)."""
+        import obstore
+
+        store = self._store()
+        new = None
+        try:
+            # New object first, then the delete: a crash in between leaves the good records twice
+            # (harmless, same answers), never zero times.
+            if frame.height:
+                new = f"seg-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}-repaired.parquet"
+                buffer = io.BytesIO()
+                frame.select(list(_SCHEMA)).write_parquet(buffer)
+                obstore.put(store, new, buffer.getvalue())
+            obstore.delete(store, name)
+        except Exception as exc:
+            raise OutputError(f"cannot rewrite the cache segment '{self.prefix}/{name}': {exc}.") from exc
+        return new
 
     def append(self, key: str, outcome: Outcome, *, model: str) -> None:
         """Buffer one answer; write a segment object when the batch is full or old enough."""
@@ -83,6 +146,18 @@ class ObjectStoreCache:
         with self._lock:
             self._flush()
 
+    def _read_all(self, names: list[str]) -> list[tuple[pl.DataFrame, SegmentHealth]]:
+        with ThreadPoolExecutor(max_workers=_READERS) as pool:
+            return list(pool.map(self.read_segment, names))
+
+    def _store(self) -> Any:
+        from obstore.store import from_url
+
+        options = self.storage or {}
+        client = {k.split("_", 1)[1]: v for k, v in options.items() if k.split("_", 1)[-1] in _CLIENT_KEYS}
+        config = {k: v for k, v in options.items() if k.split("_", 1)[-1] not in _CLIENT_KEYS}
+        return from_url(self.prefix, config=config or None, client_options=client or None)
+
     def _flush(self) -> None:
         self._last = time.monotonic()
         if not self._rows:
@@ -97,3 +172,32 @@ class ObjectStoreCache:
                 f"cannot write the response cache at '{target}': {exc}. Pass --cache-dir somewhere "
                 "writable, or --no-cache."
             ) from exc
+
+
+def parse_parquet(data: bytes, location: str) -> tuple[pl.DataFrame, SegmentHealth]:
+    """The good records of one Parquet segment's bytes and what was lost."""
+    empty = pl.DataFrame(schema=_SCHEMA)
+    if not data:
+        return empty, SegmentHealth(location, unreadable="empty object")
+    try:
+        frame = pl.read_parquet(io.BytesIO(data))
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        return empty, SegmentHealth(location, unreadable=f"not a readable Parquet file: {_first_line(exc)}")
+    missing = [name for name in REQUIRED if name not in frame.columns]
+    if missing:
+        return empty, SegmentHealth(location, unreadable=f"not a cache segment: no column {', '.join(missing)}")
+    if "seq" not in frame.columns:
+        frame = frame.with_columns(seq=pl.lit(None, pl.Int64))
+    # A value of the wrong type becomes null and costs only its record.
+    frame = frame.select(pl.col(name).cast(dtype, strict=False) for name, dtype in _SCHEMA.items())
+    holes = frame.select(pl.any_horizontal(pl.col(REQUIRED).is_null())).to_series()
+    good = frame.filter(~holes)
+    return good, SegmentHealth(location, ok=good.height, damaged=frame.height - good.height)
+
+
+def _has_holes(frame: pl.DataFrame) -> bool:
+    return bool(frame.select(pl.any_horizontal(pl.col(REQUIRED).is_null()).any()).item())
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
