@@ -122,8 +122,9 @@ def read_error(path: str, fmt: str, exc: BaseException) -> InputError:
             " (the line is not named for object-storage inputs; copy the file to a local disk and run on it "
             "to have the bad line named)"
         )
-    elif (problem := locate_problem(path, fmt, message)) is not None:
-        detail = problem.describe()
+    elif fmt in ("csv", "ndjson"):
+        problem = locate_problem(path, fmt, message)
+        detail = problem.describe() if problem else f"{detail} (reading the file again did not find the bad line)"
     return InputError(
         f"could not read '{path}' as {fmt}: {detail}. Check that the file is valid {fmt} "
         "(UTF-8 for text formats), or pass --format if the extension is misleading."

@@ -37,10 +37,10 @@ def test_format_option_overrides_the_extension(tmp_path: Path) -> None:
         ("missing.csv", None, "does not exist"),
         ("empty.csv", b"", "is empty (0 bytes)"),
         ("header_only.csv", b"id,topic\n", "has no data rows"),
-        ("ragged.csv", b"id,topic\n1,a\n2,b,c,d\n", "could not read"),
-        ("latin1.csv", "id,topic\n1,caf\xe9\n".encode("latin-1"), "UTF-8"),
+        ("ragged.csv", b"id,topic\n1,a\n2,b,c,d\n", "line 3: expected 2 fields"),
+        ("latin1.csv", "id,topic\n1,caf\xe9\n".encode("latin-1"), "line 2 (byte offset 14"),
         ("corrupt.parquet", b"PAR1 this is not parquet at all", "could not read"),
-        ("broken.ndjson", b'{"id": 1, "topic": "a"}\n{"id": 2, "topic": \n', "could not read"),
+        ("broken.ndjson", b'{"id": 1, "topic": "a"}\n{"id": 2, "topic": \n', "line 2: expected a JSON object"),
         ("table.xlsx", b"PK\x03\x04", "cannot tell the format"),
     ],
 )

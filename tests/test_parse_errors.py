@@ -161,6 +161,13 @@ def test_object_storage_inputs_say_the_line_is_not_named() -> None:
     assert "found more fields than defined (the line is not named for object-storage inputs" in error.message
 
 
+def test_when_the_scan_finds_nothing_polars_words_stay(tmp_path: Path) -> None:
+    path = tmp_path / "fine.csv"
+    path.write_bytes(b"id,topic\n1,a\n")
+    error = read_error(str(path), "csv", pl.exceptions.ComputeError("something else\nmore"))
+    assert "as csv: something else (reading the file again did not find the bad line)." in error.message
+
+
 def test_a_file_that_parses_gives_no_problem(tmp_path: Path) -> None:
     path = tmp_path / "fine.csv"
     path.write_bytes(b'id,topic\n1,"multi\nline"\n\n2,"say ""hi"""\n')
