@@ -56,6 +56,8 @@ _FIELD_OF = {
     "staging_dir": "staging_dir",
     "rpm": "rpm",
     "tpm": "tpm",
+    "wait": "wait",
+    "wait_timeout": "wait_timeout",
     "cache": "cache",
     "cache_dir": "cache_dir",
     "refresh_cache": "refresh_cache",
@@ -135,6 +137,13 @@ def run(
     ] = None,
     rpm: Annotated[Optional[int], typer.Option(help="Provider limit, requests per minute (held run-wide).")] = None,
     tpm: Annotated[Optional[int], typer.Option(help="Provider limit, tokens per minute (held run-wide).")] = None,
+    wait: Annotated[
+        Optional[bool],
+        typer.Option("--wait/--no-wait", help="Wait for another run writing the same output (default), or refuse."),
+    ] = None,
+    wait_timeout: Annotated[
+        Optional[float], typer.Option(help="Longest wait (s) for another run on the same output (default 6 h).")
+    ] = None,
     cache: Annotated[
         Optional[bool], typer.Option("--cache/--no-cache", help="Use the persistent response cache (default on).")
     ] = None,
@@ -171,6 +180,8 @@ def run(
         if storage_option:
             values["storage_options"] = {**values.get("storage_options", {}), **_pairs(storage_option)}
         job = make_job(values, source=str(config) if config else "the options")
+        if summary_json is not None:
+            _check_summary_path(job, str(summary_json))
     except EnrichError as err:
         _fail(err.message, err.exit_code)
     if dry_run:
@@ -183,6 +194,17 @@ def run(
         from flows.writing import write_json_atomic
 
         write_json_atomic(summary, str(summary_json))
+
+
+def _check_summary_path(job: EnrichJob, path: str) -> None:
+    """--summary-json must not overwrite the input or the output."""
+    from flows.destination import same_location
+
+    if same_location(path, job.input_path) or same_location(path, job.destination):
+        raise ConfigError(
+            f"--summary-json '{path}' is the input or the output file; give the summary its own .json path. "
+            "Nothing was sent or written."
+        )
 
 
 def _pairs(items: list[str]) -> dict[str, str]:
@@ -293,6 +315,7 @@ def _run_flow(job: EnrichJob, *, verbose: bool) -> dict[str, Any]:
     from flows.cli_progress import RichProgress
     from flows.pipeline import INVALID_STATE, enrich_table
     from flows.progress import reporting_to
+    from flows.stopping import received_signal
 
     sink = RichProgress(out_console) if interactive else None
     try:
@@ -307,9 +330,11 @@ def _run_flow(job: EnrichJob, *, verbose: bool) -> dict[str, Any]:
         _fail(err.message, err.exit_code)
     if state.is_completed():
         return state.result()
+    if state.is_cancelled():
+        _fail(state.message or "interrupted; the output was not written.", 128 + (received_signal() or 2))
     if state.name == INVALID_STATE:
         _fail(state.message or "the job was rejected", 2)
-    _fail(f"the run ended {state.name}: {state.message}", 1)
+    _fail(state.message or f"the run ended {state.name}", 1)
 
 
 def _fail(message: str, code: int) -> None:

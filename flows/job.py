@@ -121,6 +121,14 @@ class EnrichJob(BaseModel):
         "fail",
         description="Rows failing the input schema: stop the run, or set them aside and go on.",
     )
+    wait: bool = Field(
+        True,
+        description="When another run is writing the same output, wait for it (then reuse its answers); "
+        "false refuses at once.",
+    )
+    wait_timeout: float = Field(
+        21_600, gt=0, le=604_800, description="Longest wait, in seconds, for another run writing the same output."
+    )
     cache: bool = Field(True, description="Reuse and store answers in the persistent response cache.")
     cache_dir: str | None = Field(
         None, max_length=2_000, description="Response cache directory; default .enrich-cache beside the output."

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flows.job import EnrichJob
 from schemas.errors import ConfigError, UserError
-from transforms.calls import EmptyReply, Failure
+from transforms.calls import AttemptDeadline, EmptyReply, Failure
 
 __all__ = [
     "DEFAULT_REMOTE_MODEL",
@@ -129,8 +129,10 @@ def classify_openai_error(exc: BaseException) -> Failure:
         return Failure("retry", "the model returned an empty reply")
     if isinstance(exc, UserError):  # e.g. a missing Prefect rate limit: every row would fail
         return Failure("fatal", exc.message)
+    if isinstance(exc, AttemptDeadline):
+        return Failure("retry", f"{exc} (raise --timeout for slow models)", timed_out=True)
     if isinstance(exc, openai.APITimeoutError):
-        return Failure("retry", "the request timed out (raise --timeout for slow models)")
+        return Failure("retry", "the request timed out (raise --timeout for slow models)", timed_out=True)
     if isinstance(exc, openai.APIConnectionError):
         return Failure("retry", f"connection failed: {_short(exc.__cause__ or exc)}", unreachable=True)
     if isinstance(exc, openai.APIStatusError):
@@ -138,6 +140,20 @@ def classify_openai_error(exc: BaseException) -> Failure:
         detail = _server_message(exc)
         if status in (401, 403, 404):
             return Failure("fatal", f"HTTP {status}: {detail}")
+        code = _error_code(exc)
+        if status == 429 and code == "insufficient_quota":
+            # A billing or quota problem: unlike a rate limit it never clears by waiting.
+            return Failure(
+                "fatal",
+                f"the provider says the quota or billing of this API key is exhausted (HTTP 429 "
+                f"insufficient_quota: {detail}). Waiting will not help: add credit or raise the limit in the "
+                "provider's billing settings, then rerun the same command. The answers received so far are kept "
+                "in the cache and will not be paid for again.",
+                explained=True,
+            )
+        if status == 429 and code in _CAPACITY_CODES:
+            # Capacity (e.g. the flex tier) is not our rate: back off this request, do not pause the run.
+            return Failure("retry", f"HTTP 429 {code}: {detail}", _retry_after(exc.response))
         if status == 429:
             return Failure("retry", f"HTTP 429 rate limited: {detail}", _retry_after(exc.response), rate_limited=True)
         if status in (408, 409) or status >= 500:
@@ -146,6 +162,22 @@ def classify_openai_error(exc: BaseException) -> Failure:
     if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, KeyError, TypeError)):
         return Failure("retry", f"malformed response body ({_short(exc)})")
     return Failure("retry", f"{type(exc).__name__}: {_short(exc)}")
+
+
+_CAPACITY_CODES = ("resource_unavailable", "capacity_exceeded", "overloaded")
+
+
+def _error_code(exc: openai.APIStatusError) -> str | None:
+    """The error's ``code`` (or ``type``) from the body: what a status alone cannot say."""
+    body = exc.body
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    if not isinstance(inner, dict):
+        return getattr(exc, "code", None)
+    for name in ("code", "type"):
+        value = inner.get(name)
+        if isinstance(value, str) and value in ("insufficient_quota", *_CAPACITY_CODES):
+            return value
+    return inner.get("code") if isinstance(inner.get("code"), str) else None
 
 
 def _server_message(exc: openai.APIStatusError) -> str:

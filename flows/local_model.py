@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flows.stopping import forget_child, remember_child
 from schemas.errors import LocalModelError
 
 __all__ = ["LOCAL_MODEL_NAME", "find_bundled_model", "serve_local_model", "stop_process_group"]
@@ -71,12 +72,14 @@ def serve_local_model(*, startup_timeout: float = 180.0, context_size: int = 204
     process = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
     )
+    remember_child(process)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         _wait_healthy(process, base_url, startup_timeout, Path(log.name))
         yield base_url
     finally:
         stop_process_group(process)
+        forget_child(process)
         log.close()
         Path(log.name).unlink(missing_ok=True)
 

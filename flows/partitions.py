@@ -11,6 +11,7 @@ slice without asking anything twice.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from typing import Any
 
@@ -152,7 +153,12 @@ def _ask(
     async def every() -> list[pl.DataFrame | None]:
         return list(await asyncio.gather(*(one(n) for n in range(len(rt.lanes)))))
 
-    return rt.loop.run(every())
+    try:
+        return rt.loop.run(every())
+    except (asyncio.CancelledError, concurrent.futures.CancelledError):
+        # The run's stop drained and cancelled the loop: say why, not "cancelled".
+        rt.lanes[0].ctx.stop.check()
+        raise
 
 
 def _load_answers(rt: Runtime, runtime_key: str, staging: Staging, paths: list[str]) -> None:

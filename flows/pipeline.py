@@ -2,7 +2,6 @@
 
 # No `from __future__ import annotations` here: Prefect builds the parameter model from this
 # module's real annotations when a deployment loads the flow.
-import json
 import time
 from collections import deque
 from collections.abc import Callable
@@ -13,15 +12,18 @@ from typing import Any
 import polars as pl
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture, as_completed
-from prefect.states import Failed, State
+from prefect.states import Cancelled, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.destination import check_destination
 from flows.job import EnrichJob
 from flows.llm import describe_url, resolve_endpoint
 from flows.local_model import LOCAL_MODEL_NOTICE, serve_local_model
+from flows.lock import hold_lock, sweep_debris
 from flows.outputs import OutputRun, plan_outputs
 from flows.partitions import SAMPLE_ROWS, ask_partition, enrich_partition
 from flows.progress import current_sink
+from flows.provenance import footer_metadata
 from flows.reports import FAILURE_ROWS, Progress, publish_failure, publish_report
 from flows.runtime import (
     EventLoopThread,
@@ -32,14 +34,15 @@ from flows.runtime import (
 )
 from flows.scaling import count_workers, dask_runner, workers_report_here
 from flows.staging import open_staging
+from flows.stopping import drain_on_stop, stop_on_signals
 from flows.storage import is_remote
 from flows.summary import RunSummary
 from flows.survey import Slice, Survey, read_columns, survey_input
 from flows.validation import resolve_schema
 from flows.writing import publish_parquet, rejected_path, write_parquet_dataset_atomic
-from schemas.errors import ConfigError, UserError
+from schemas.errors import ConfigError, EnrichError, RunInterrupted, UserError
+from transforms.calls import StopSignal
 from transforms.enrichment import EnrichSpec
-from transforms.keys import KEY_VERSION
 from transforms.prompts import parse_template
 
 __all__ = ["INVALID_STATE", "enrich_partition", "enrich_table", "run_enrichment"]
@@ -63,21 +66,47 @@ def enrich_table(job: EnrichJob = EnrichJob()) -> dict[str, Any] | State:
     """Enrich a table with an LLM column; bad input fails the run with a clear message."""
     try:
         return run_enrichment(job).model_dump()
-    except UserError as err:
+    except RunInterrupted as err:
+        get_run_logger().warning(err.message)
+        return Cancelled(message=err.message)
+    except EnrichError as err:
+        # A returned Failed state fails the run with our message and no traceback.
         get_run_logger().error(err.message)
         publish_failure(err.message)
-        # A returned Failed state fails the run with our message and no traceback.
-        return Failed(name=INVALID_STATE, message=err.message)
+        return Failed(name=INVALID_STATE if isinstance(err, UserError) else "Failed", message=err.message)
 
 
 def run_enrichment(job: EnrichJob) -> RunSummary:
-    """The body of the flow, callable inside any flow run."""
+    """The body of the flow, callable inside any flow run: check, lock, then enrich."""
     log = get_run_logger()
     started = time.perf_counter()
-    template = parse_template(job.prompt)
-    schema = resolve_schema(job.input_schema, template)
-    endpoint = resolve_endpoint(job)
+    stop = StopSignal()
+    with stop_on_signals(stop), ExitStack() as held:
+        template = parse_template(job.prompt)
+        schema = resolve_schema(job.input_schema, template)
+        check_destination(job)
+        endpoint = resolve_endpoint(job)
+        if not is_remote(job.destination):
+            held.enter_context(
+                hold_lock(
+                    job.destination, wait=job.wait, timeout=job.wait_timeout, on_wait=log.warning,
+                    check_stop=stop.check,
+                )
+            )  # fmt: skip
+            local_staging = job.staging_dir if job.staging_dir and not is_remote(job.staging_dir) else None
+            if removed := sweep_debris(job.destination, local_staging):
+                log.warning("removed what runs that died left behind: %s", ", ".join(removed))
+        return _enrich(job, template, schema, endpoint, stop, started)
+
+
+def _enrich(
+    job: EnrichJob, template: Any, schema: Any, endpoint: Any, stop: StopSignal, started: float
+) -> RunSummary:  # fmt: skip
+    """Survey, enrich the partitions, publish; a stop keeps the answers and publishes nothing."""
+    log = get_run_logger()
     runs, cache = plan_outputs(job, read_columns(job), endpoint)
+    for run in runs:
+        run.ctx.stop = stop
     primary = runs[0]
     staging = open_staging(job.destination, job.staging_dir, shared=bool(job.dask_address), storage=job.storage())
     try:
@@ -107,6 +136,7 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
                 base_url = stack.enter_context(serve_local_model())
             loop = EventLoopThread()
             stack.callback(loop.close)
+            drain_on_stop(stop, loop, [run.ctx.stats for run in runs])
             lanes = []
             for run in runs:
                 if run.tally.rows_to_ask:
@@ -125,14 +155,17 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
                 "job": job, "local": endpoint.local, "served_url": base_url,
             }  # fmt: skip
             results = _enrich_partitions(survey, job, progress, runs, shared)
+        stop.check()  # a stop that came as the last answers landed still publishes nothing
         enriched = staging.scan([r["path"] for r in results])
-        _publish(job, enriched, primary.spec)
+        _publish(job, enriched, primary.spec, survey.input_columns)
         rejected = pl.DataFrame()
         if survey.rows_rejected:
             publish_parquet(staging.scan(survey.rejected), rejected_path(job.destination), storage=job.storage())
             rejected = staging.scan(survey.rejected).head(FAILURE_ROWS).collect()
         elif not is_remote(job.destination):
             Path(rejected_path(job.destination)).unlink(missing_ok=True)
+    except RunInterrupted as err:
+        raise RunInterrupted(_interrupted(err, runs, cache is not None), signal_number=err.signal_number) from err
     finally:
         staging.remove()
 
@@ -175,6 +208,18 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
     return summary
 
 
+def _interrupted(err: RunInterrupted, runs: list[OutputRun], cached: bool) -> str:
+    """One line: what was answered before the stop, where it is kept, and how to finish."""
+    answered = sum(run.ctx.stats.answered for run in runs)
+    asked = sum(run.tally.unique_todo for run in runs)
+    kept = "kept in the cache" if cached else "not kept (--no-cache)"
+    return (
+        f"{err.message}: {answered:,} of {asked:,} prompts to ask were answered and are {kept}; the output was not "
+        "written (a previous one is untouched). Rerun the same command to finish"
+        + (" without paying for them again." if cached else ".")
+    )
+
+
 def _describe_endpoint(base_url: str | None, *, local: bool) -> str:
     """Where requests went, for the summary; the bundled model is only started when there is work."""
     if not local:
@@ -186,9 +231,10 @@ def _describe_endpoint(base_url: str | None, *, local: bool) -> str:
     )
 
 
-def _publish(job: EnrichJob, enriched: pl.LazyFrame, spec: EnrichSpec) -> None:
+def _publish(job: EnrichJob, enriched: pl.LazyFrame, spec: EnrichSpec, input_columns: list[str]) -> None:
     """Write the finished parts as the output, published whole."""
-    metadata = _metadata(job, spec)
+    added = [c for c in enriched.collect_schema().names() if c not in input_columns]
+    metadata = footer_metadata(job, spec, added)
     if not job.output_partition_by:
         publish_parquet(enriched, job.destination, metadata=metadata, storage=job.storage())
         return
@@ -233,7 +279,12 @@ def _run_tasks(
     waiting = deque(pieces)
     running: dict[PrefectFuture[dict[str, Any]], Slice] = {}
     first_error: BaseException | None = None
+    stop = runs[0].ctx.stop
     while waiting or running:
+        if stop.is_set:
+            waiting.clear()  # nothing new starts; the running tasks end on their own
+            if not running:
+                stop.check()
         while waiting and first_error is None and len(running) < job.partition_workers:
             piece = waiting.popleft()
             if runner is None:
@@ -264,19 +315,3 @@ def _run_tasks(
     if first_error is not None:
         raise first_error
     return [results[number] for number in sorted(results)]
-
-
-def _metadata(job: EnrichJob, spec: EnrichSpec) -> dict[str, str]:
-    """Provenance stored in the Parquet footer; never credentials."""
-    info = {
-        "model": spec.identity.model,
-        "endpoint": spec.identity.endpoint,
-        "prompt": job.prompt,
-        "system": job.system,
-        "output_column": job.output_column,
-        "temperature": job.temperature,
-        "max_tokens": job.max_tokens,
-        "key_version": KEY_VERSION,
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    return {"llm_enrich": json.dumps(info, ensure_ascii=False)}

@@ -25,6 +25,7 @@ __all__ = [
     "build_spec",
     "check_structured_fields",
     "output_columns",
+    "planned_columns",
     "resolve_structured",
 ]
 
@@ -106,6 +107,22 @@ def _import_model(ref: str) -> type[BaseModel]:
     if not (isinstance(found, type) and issubclass(found, BaseModel)):
         raise ConfigError(f"--output-schema {ref!r} is not a pydantic model class.")
     return found
+
+
+def planned_columns(job: EnrichJob) -> dict[str, str]:
+    """Every column the job writes, mapped to the option that names it (for clash messages)."""
+    planned: dict[str, str] = {}
+    offline = Endpoint(base_url=None, api_key=None, local=False)  # field names do not depend on the endpoint
+    for number, single in enumerate(job.output_jobs()):
+        option = "--output-column" if number == 0 else "the extra output's output_column"
+        planned.setdefault(single.output_column, option)
+        for name in bookkeeping_names(single.output_column, primary=number == 0).values():
+            planned.setdefault(name, "the bookkeeping column")
+        structured = resolve_structured(single, offline)
+        if structured is not None:
+            for field_name in structured.model.model_fields:
+                planned.setdefault(f"{structured.prefix}{field_name}", "--output-schema field")
+    return planned
 
 
 def output_columns(job: EnrichJob) -> list[str]:

@@ -87,6 +87,7 @@ def build_context(
         policy=RetryPolicy(
             max_retries=job.max_retries,
             base_delay=job.retry_base_delay,
+            attempt_timeout=job.timeout,
             classify=redacting(classify_openai_error, secret),
         ),
         scheduler=Scheduler(
@@ -120,8 +121,9 @@ def _prefect_rate_limit(name: str) -> Callable[[], Awaitable[None]]:
 
 
 def share_limits(ctx: CallContext, first: CallContext) -> None:
-    """Outputs in one process share the first one's scheduler, budget and reachability; counters stay apart."""
+    """Outputs in one process share the first one's scheduler, budget, reachability and stop; counters stay apart."""
     ctx.scheduler, ctx.budget, ctx.reachability = first.scheduler, first.budget, first.reachability
+    ctx.stop = first.stop
 
 
 def build_lane(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
+from flows.lock import staging_tag
 from flows.storage import is_remote, sibling
 from schemas.errors import OutputError
 
@@ -84,7 +85,8 @@ class Staging:
 def open_staging(destination: str, staging_dir: str | None, *, shared: bool, storage: dict[str, str] | None) -> Staging:
     """A fresh staging area for one run: in staging_dir, beside the output, or in a temp dir."""
     name = Path(destination.rstrip("/")).name or "output"
-    leaf = f".{name}.staging-{uuid.uuid4().hex[:12]}"
+    # The tag tells outputs of the same name apart in a shared --staging-dir (see flows.lock.sweep_debris).
+    leaf = f".{name}.staging-{staging_tag(destination)}-{uuid.uuid4().hex[:12]}"
     if staging_dir is not None and is_remote(staging_dir):
         return Staging(f"{staging_dir.rstrip('/')}/{leaf}", storage)
     if staging_dir is None and is_remote(destination):

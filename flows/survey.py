@@ -16,7 +16,8 @@ from flows.job import EnrichJob
 from flows.loading import detect_format, format_of, iter_partitions, read_error, scan_table
 from flows.outputs import OutputRun
 from flows.planning import ROW_INDEX, plan_slice
-from flows.preparation import output_columns
+from flows.preparation import planned_columns
+from flows.provenance import check_column_clashes, read_provenance
 from flows.staging import Staging
 from flows.validation import check_rows, failure_report, refusal, unique_columns
 from schemas.errors import ConfigError, ValidationFailed
@@ -77,6 +78,8 @@ def survey_input(
     shown_rows = 0
     empty: pl.DataFrame | None = None
     for number, frame in enumerate(iter_partitions(scan, job.partition_rows, source=source, fmt=fmt)):
+        for run in runs[:1]:
+            run.ctx.stop.check()  # a signal during a long survey stops it between slices
         offset = survey.rows_in
         survey.rows_in += frame.height
         checked = check_rows(frame, schema, source=source, offset=offset, duplicates=duplicates)
@@ -131,8 +134,13 @@ def _scan_input(job: EnrichJob) -> tuple[pl.LazyFrame, list[str]]:
         columns = scan.collect_schema().names()
     except (pl.exceptions.PolarsError, OSError, ValueError, RuntimeError) as exc:
         raise read_error(job.input_path, format_of(job.input_path, job.input_format), exc) from exc
-    # A rerun over an enriched file replaces the old answer columns rather than nesting them.
-    stale = [c for c in output_columns(job) if c in columns]
+    # A rerun over our own enriched file replaces the old answer columns rather than nesting
+    # them; any other clash with an input column is refused.
+    planned = planned_columns(job)
+    provenance = None
+    if any(c in planned for c in columns) and format_of(job.input_path, job.input_format) in ("parquet", "dataset"):
+        provenance = read_provenance(job.input_path, job.storage())
+    stale = check_column_clashes(job, columns, planned, provenance)
     if stale:
         scan, columns = scan.drop(stale), [c for c in columns if c not in stale]
     return scan, columns

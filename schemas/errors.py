@@ -12,10 +12,16 @@ Hierarchy::
           - TemplateError         the prompt template is malformed or names a missing column
         - InputError              the input file is missing, empty, unreadable or of unknown format
         - ValidationFailed        rows fail the input schema (carries the report)
-        - EndpointRejected        the LLM endpoint refused the whole job (401/403/404)
+        - DestinationError        the output, staging or cache location is unusable or would
+                                  overwrite the input (checked before the first request)
+        - DestinationBusy         another run holds the output's lock (``--no-wait``)
+        - EndpointRejected        the LLM endpoint refused the whole job (401/403/404, exhausted quota)
+        - RunAborted              the run stopped early on purpose (too many failures, a budget)
       x RuntimeFailure            the environment failed us: exit code 1
         - LocalModelError         the bundled local model server did not start
         - OutputError             the output could not be written
+          - DiskFull              the file system holding staging, cache or output is full
+      x RunInterrupted            stopped on request (Ctrl-C, SIGTERM, a cancel): exit 130 / 143
 
 Per-row failures (a 500, a malformed or empty reply, a 400 for one prompt) are not raised
 past the transform: they become the row's ``enrich_error`` value.
@@ -25,11 +31,16 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "DestinationBusy",
+    "DestinationError",
+    "DiskFull",
     "EndpointRejected",
     "EnrichError",
     "InputError",
     "LocalModelError",
     "OutputError",
+    "RunAborted",
+    "RunInterrupted",
     "RuntimeFailure",
     "TemplateError",
     "UserError",
@@ -78,6 +89,31 @@ class EndpointRejected(UserError):
     """The endpoint refused the job as a whole (bad key, no access, unknown model)."""
 
 
+class DestinationError(ConfigError):
+    """The output, staging or cache location cannot be used, or would overwrite the input."""
+
+
+class DestinationBusy(UserError):
+    """Another run is writing the same output and the caller chose not to wait."""
+
+
+class RunAborted(UserError):
+    """The run stopped sending on purpose (error rate, budget); answers so far are kept."""
+
+
+class RunInterrupted(EnrichError):
+    """The run was asked to stop (a signal or a cancel); answers so far are kept."""
+
+    def __init__(self, message: str, *, signal_number: int | None = None) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        """128 + the signal's number, as shells report a process ended by it (130 for Ctrl-C)."""
+        return 128 + (self.signal_number or 2)
+
+
 class RuntimeFailure(EnrichError):
     """The environment failed us; retrying later may help."""
 
@@ -88,3 +124,7 @@ class LocalModelError(RuntimeFailure):
 
 class OutputError(RuntimeFailure):
     """The output file could not be written."""
+
+
+class DiskFull(OutputError):
+    """No space left where staging, cache or output are written."""

@@ -56,12 +56,13 @@ def test_the_sample_is_enriched_in_partitions_in_input_order(fake_llm: FakeOpenA
 def test_bad_input_fails_the_run_with_the_report_and_writes_nothing(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
     out = tmp_path / "out" / "enriched.parquet"
     out.parent.mkdir()
-    out.write_bytes(b"previous output")
+    pl.DataFrame({"previous": ["output"]}).write_parquet(out)
+    previous = out.read_bytes()
     state = enrich_table(job(fake_llm, tmp_path, input_path=str(DATA / "topics_bad.csv")), return_state=True)
     assert state.is_failed() and state.name == INVALID_STATE
     assert "7 of 9 rows fail the input schema" in state.message
     assert "row 4: column 'id' fails convertible to Int64" in state.message
-    assert out.read_bytes() == b"previous output"
+    assert out.read_bytes() == previous
     assert sorted(p.name for p in out.parent.iterdir()) == ["enriched.parquet"]
     assert fake_llm.stats.requests == 0
 

@@ -10,7 +10,13 @@ Who owns which failure (so attempts never multiply silently):
 * A 429 also pauses the whole run's Scheduler (transforms.scheduling), so in-flight
   neighbours do not each discover the limit on their own.
 * A 400/422 (bad request, context too long) fails its row at once with the server's message.
-* A 401/403/404 (bad key, no access, unknown model) aborts the job: every row would fail.
+* A 401/403/404 (bad key, no access, unknown model) or an exhausted quota aborts the job:
+  every row would fail. It sets the run's ``StopSignal``, so nothing else is sent.
+* ``RetryPolicy.attempt_timeout`` is a deadline for a whole attempt (connect, headers and the
+  whole body): the HTTP client's own timeouts apply per read, and a body that trickles in a
+  byte at a time would otherwise keep a request open forever.
+* A ``StopSignal`` (Ctrl-C, SIGTERM, a cancel, a fatal failure) is checked before every
+  attempt: once it is set nothing more is sent, and replies in flight are still kept.
 * Prefect task retries (flows/) only cover infrastructure failures around a partition,
   never rows: a row that carries an error is a finished row.
 """
@@ -30,11 +36,12 @@ from langchain_core.messages import BaseMessage, HumanMessage
 from langchain_core.runnables import Runnable
 from pydantic import BaseModel
 
-from schemas.errors import EndpointRejected, UserError
+from schemas.errors import EndpointRejected, RunInterrupted, UserError
 from transforms.costs import Budget, Price
 from transforms.scheduling import Scheduler, estimate_tokens
 
 __all__ = [
+    "AttemptDeadline",
     "CallContext",
     "CallStats",
     "EmptyReply",
@@ -43,6 +50,7 @@ __all__ = [
     "Outcome",
     "Reachability",
     "RetryPolicy",
+    "StopSignal",
     "ask_model",
     "classify_generic",
 ]
@@ -56,6 +64,59 @@ class InvalidStructuredReply(Exception):
     """A structured reply did not parse or did not match the schema; asked again once, with the error."""
 
 
+class AttemptDeadline(Exception):
+    """One attempt (connect, headers and the whole body) took longer than the policy allows."""
+
+
+class StopSignal:
+    """Set once (a signal, a cancel, a fatal failure); every call checks it before sending.
+
+    Callbacks registered with ``on_set`` run in the thread that sets it, so the flow can
+    drain and cancel work on its event loop.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.signal_number: int | None = None
+        self.fatal = False
+        self._event = threading.Event()
+        self._callbacks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def is_set(self) -> bool:
+        """True once a stop was requested."""
+        return self._event.is_set()
+
+    def set(self, reason: str, *, signal_number: int | None = None, fatal: bool = False) -> bool:
+        """Request a stop; only the first request counts. True if this call set it."""
+        with self._lock:
+            if self._event.is_set():
+                return False
+            self.reason, self.signal_number, self.fatal = reason, signal_number, fatal
+            self._event.set()
+            callbacks = list(self._callbacks)
+        for callback in callbacks:
+            callback()
+        return True
+
+    def check(self) -> None:
+        """Raise once a stop was requested: EndpointRejected for a fatal failure, else RunInterrupted."""
+        if not self._event.is_set():
+            return
+        if self.fatal:
+            raise EndpointRejected(self.reason or "the endpoint refused the job")
+        raise RunInterrupted(self.reason or "stopped", signal_number=self.signal_number)
+
+    def on_set(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the stop is requested (at once if it already was)."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+
 @dataclass(frozen=True)
 class Failure:
     """How one failed attempt is handled: retried, failed for its row, or fatal for the job."""
@@ -65,6 +126,8 @@ class Failure:
     retry_after: float | None = None
     rate_limited: bool = False
     unreachable: bool = False
+    timed_out: bool = False
+    explained: bool = False  # a fatal message that already says what happened and what to do
 
 
 Classifier = Callable[[BaseException], Failure]
@@ -74,6 +137,8 @@ def classify_generic(exc: BaseException) -> Failure:
     """Classify by HTTP status where the exception carries one; anything else is retried."""
     if isinstance(exc, EmptyReply):
         return Failure("retry", "the model returned an empty reply")
+    if isinstance(exc, AttemptDeadline):
+        return Failure("retry", str(exc), timed_out=True)
     status = getattr(exc, "status_code", None)
     if status in (401, 403, 404):
         return Failure("fatal", f"HTTP {status}: {exc}")
@@ -91,6 +156,7 @@ class RetryPolicy:
     max_retries: int = 6
     base_delay: float = 1.0
     max_delay: float = 60.0
+    attempt_timeout: float | None = None
     classify: Classifier = classify_generic
 
     def delay(self, retry_number: int, retry_after: float | None) -> float:
@@ -120,7 +186,10 @@ class CallStats:
     input_tokens: int = 0
     output_tokens: int = 0
     rate_limited: int = 0
+    timeouts: int = 0
     rows_deduplicated: int = 0
+    in_flight: int = 0
+    answered: int = 0
     aborted: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -165,6 +234,7 @@ class CallContext:
     price: Price | None = None
     max_tokens: int = 0
     reachability: Reachability = field(default_factory=Reachability)
+    stop: StopSignal = field(default_factory=StopSignal)
 
 
 async def ask_model(
@@ -181,8 +251,7 @@ async def ask_model(
     text_for_estimate = "\n".join(str(m.content) for m in messages)
     outcome = Outcome()
     for attempt in range(policy.max_retries + 1):
-        if stats.aborted:
-            raise EndpointRejected(stats.aborted)
+        ctx.stop.check()
         reserved = _reserve(ctx, text_for_estimate)
         if reserved is None:
             assert ctx.budget is not None
@@ -197,11 +266,12 @@ async def ask_model(
         try:
             try:
                 if ctx.scheduler is None:
-                    reply = await model.ainvoke(messages)
+                    reply = await _invoke(model, messages, ctx)
                     tokens = _usage(reply["raw"] if structured else reply)
                 else:
                     async with ctx.scheduler.admit(text_for_estimate) as admission:
-                        reply = await model.ainvoke(messages)
+                        ctx.stop.check()  # the stop may have come while waiting for a slot
+                        reply = await _invoke(model, messages, ctx)
                         tokens = _usage(reply["raw"] if structured else reply)
                         admission.settle(tokens[0] or None)
             finally:
@@ -214,8 +284,10 @@ async def ask_model(
                 await ctx.scheduler.succeeded()
             ctx.reachability.record(ok=True)
             outcome.text, outcome.error = text, None
+            with stats._lock:
+                stats.answered += 1
             return outcome
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, RunInterrupted, EndpointRejected):
             raise
         except InvalidStructuredReply as exc:
             outcome.error = f"the reply does not match the output schema: {exc}"
@@ -226,13 +298,17 @@ async def ask_model(
             continue
         except Exception as exc:
             failure = policy.classify(exc)
+            if failure.timed_out:
+                with stats._lock:
+                    stats.timeouts += 1
             if failure.kind == "fatal":
                 stats.aborted = (
                     failure.message
-                    if isinstance(exc, UserError)
+                    if isinstance(exc, UserError) or failure.explained
                     else f"the LLM endpoint refused the request ({failure.message}); check the API key, "
                     "the model name (--model) and the base URL (--base-url)."
                 )
+                ctx.stop.set(stats.aborted, fatal=True)
                 raise EndpointRejected(stats.aborted) from exc
             if ctx.reachability.record(ok=False, unreachable=failure.unreachable):
                 stats.aborted = (
@@ -240,6 +316,7 @@ async def ask_model(
                     f"failed and none has ever succeeded ({failure.message}). Check --base-url / "
                     "OPENAI_BASE_URL and that the server is running."
                 )
+                ctx.stop.set(stats.aborted, fatal=True)
                 raise EndpointRejected(stats.aborted) from exc
             if failure.rate_limited:
                 with stats._lock:
@@ -253,6 +330,21 @@ async def ask_model(
     tries = f"after {outcome.attempts} attempt{'s' if outcome.attempts > 1 else ''}"
     outcome.error = f"{outcome.error} ({tries})"
     return outcome
+
+
+async def _invoke(model: Runnable[Any, Any], messages: list[BaseMessage], ctx: CallContext) -> Any:
+    """One HTTP attempt under the whole-attempt deadline, counted while in flight."""
+    stats, limit = ctx.stats, ctx.policy.attempt_timeout
+    with stats._lock:
+        stats.in_flight += 1
+    try:
+        async with asyncio.timeout(limit):
+            return await model.ainvoke(messages)
+    except TimeoutError as exc:
+        raise AttemptDeadline(f"no complete reply within --timeout {limit:g} s") from exc
+    finally:
+        with stats._lock:
+            stats.in_flight -= 1
 
 
 _CORRECTION = (
