@@ -60,6 +60,14 @@ def test_newlines_inside_quoted_fields_count_as_lines(tmp_path: Path) -> None:
     assert "line 7: expected 2 fields" in message_for(path)
 
 
+def test_a_record_that_a_quote_stretches_over_lines_names_them_all(tmp_path: Path) -> None:
+    path = tmp_path / "stretched.csv"
+    path.write_bytes(b'id,topic\n1,"a\n2,b\n3,c",x\n4,d\n')
+    message = message_for(path)
+    assert "the record on lines 2-4: expected 2 fields, as in the header on line 1, found 3 fields" in message
+    assert "a quoted field runs from line 2 to line 4: is a closing quote missing?" in message
+
+
 def test_windows_line_endings_and_a_byte_order_mark(tmp_path: Path) -> None:
     path = tmp_path / "crlf.csv"
     path.write_bytes(b"\xef\xbb\xbfid,topic\r\n1,a\r\n2,b,c\r\n")
