@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import subprocess
 import sys
 import urllib.error
@@ -21,6 +23,7 @@ from flows.local_model import stop_process_group
 from flows.object_cache import ObjectStoreCache
 from flows.pipeline import INVALID_STATE, enrich_table
 from flows.staging import Staging
+from tests.conftest import REPO
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 from tests.prefect_server import free_port, wait_for
 from transforms.calls import Outcome
@@ -187,3 +190,103 @@ def test_staging_can_live_in_the_bucket_and_is_emptied(fake_llm: FakeOpenAIServe
     assert len(seen) == 6 and all(p.startswith("s3://data/staging/.out.parquet.staging-") for p in seen)
     store = from_url("s3://data/staging")
     assert [meta["path"] for batch in obstore.list(store) for meta in batch] == []
+
+
+def _put_objects(prefix: str, objects: dict[str, bytes], storage: dict[str, str] | None = None) -> None:
+    """Write raw bytes as objects under a prefix, as a crash or a broken uploader could leave them."""
+    store = from_url(prefix, config=storage)
+    for name, data in objects.items():
+        obstore.put(store, name, data)
+
+
+def _damaged_bucket_cache(prefix: str) -> tuple[set[str], dict[str, str]]:
+    """Three segment objects of 10 answers, then damage; returns the keys that survive and the damage."""
+    cache = ObjectStoreCache(prefix, flush_every=10, flush_seconds=3600)
+    for n in range(30):
+        cache.append(f"k{n}", Outcome(text=f"answer {n}", input_tokens=1, output_tokens=1), model="m")
+    cache.close()
+    names = [name for name, _ in cache.segments()]
+    assert len(names) == 3
+    half = pl.DataFrame(
+        {
+            "seq": [1, 2],
+            "key": ["half0", "half1"],
+            "text": ["kept", None],
+            "input_tokens": [1, 1],
+            "output_tokens": [1, 1],
+        }
+    )
+    buffer = io.BytesIO()
+    half.write_parquet(buffer)
+    damage = {
+        names[1]: b"PAR1\x00\x01garbage, not a Parquet file",  # a corrupt object: its 10 answers are lost
+        "seg-otherhost-1-000000000000-000001.parquet": b"",  # a zero-length object
+        "seg-otherhost-2-000000000000-000001.parquet": buffer.getvalue(),  # one half-written record
+    }
+    _put_objects(f"{prefix}/v1", damage)
+    lost = {f"k{n}" for n in range(10, 20)}
+    return {f"k{n}" for n in range(30)} - lost | {"half0"}, damage
+
+
+@pytest.mark.usefixtures("s3_env")
+def test_a_corrupt_empty_or_half_written_cache_object_costs_only_itself(caplog: pytest.LogCaptureFixture) -> None:
+    survivors, damage = _damaged_bucket_cache("s3://data/damaged-cache")
+    caplog.set_level(logging.WARNING)
+    assert set(ObjectStoreCache("s3://data/damaged-cache").load()["key"]) == survivors
+    assert set(ObjectStoreCache("s3://data/damaged-cache").load()["key"]) == survivors  # warned once, not twice
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for name in damage:
+        assert sum(f"s3://data/damaged-cache/v1/{name}'" in message for message in warned) == 1, warned
+    assert any("not a readable Parquet file" in m for m in warned) and any("(empty object)" in m for m in warned)
+    assert any("1 damaged record(s), skipped; 1 good record(s) kept" in m for m in warned)
+
+
+def test_cache_verify_repairs_a_bucket_cache(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    options = {
+        "aws_endpoint_url": s3_endpoint, "aws_access_key_id": "test", "aws_secret_access_key": "test",
+        "aws_region": "us-east-1", "aws_allow_http": "true",
+    }  # fmt: skip
+    for name, value in options.items():
+        monkeypatch.setenv(name.upper(), value)
+    survivors, _ = _damaged_bucket_cache("s3://data/verified-cache")
+    for name in options:
+        monkeypatch.delenv(name.upper())  # the command gets everything from --storage-option
+    flags = [f"--storage-option={name}={value}" for name, value in options.items()]
+    command = [sys.executable, "-m", "flows.cli", "cache", "verify", "--cache-dir", "s3://data/verified-cache", *flags]
+
+    def verify(*extra: str) -> tuple[int, str]:
+        done = subprocess.run([*command, *extra], capture_output=True, text=True, cwd=REPO, timeout=300)
+        return done.returncode, done.stdout + done.stderr
+
+    code, output = verify()
+    assert code == 1 and "21 records ok, 1 records damaged, 2 files unreadable" in output, output
+    code, output = verify("--repair")
+    assert code == 1 and output.count(": removed") == 2 and output.count("damaged: repaired") == 1, output
+    code, output = verify()
+    assert code == 0 and "clean; 3 segments, 21 records ok, 0 records damaged, 0 files unreadable" in output, output
+    assert set(ObjectStoreCache("s3://data/verified-cache", options).load()["key"]) == survivors
+
+
+@pytest.mark.usefixtures("s3_env")
+def test_a_rerun_pays_only_for_a_corrupt_cache_object(fake_llm: FakeOpenAIServer) -> None:
+    topics = [f"bucket topic {i}" for i in range(30)]
+    pl.DataFrame({"id": range(30), "topic": topics}).write_parquet("s3://data/in/damaged.parquet")
+    job = EnrichJob(
+        input_path="s3://data/in/damaged.parquet", output_path="s3://data/dmg1/enriched.parquet",
+        base_url=fake_llm.base_url, prompt="Explain {topic}", partition_rows=10,
+    )  # fmt: skip
+    assert enrich_table(job)["requests"] == 30
+    cache = ObjectStoreCache("s3://data/dmg1/.enrich-cache")
+    name, _ = cache.segments()[0]
+    lost, _ = cache.read_segment(name)
+    assert 0 < lost.height < 30
+    _put_objects("s3://data/dmg1/.enrich-cache/v1", {name: b"\x00" * 100})
+    fake_llm.stats.prompts.clear()
+    again = enrich_table(
+        job.model_copy(
+            update={"output_path": "s3://data/dmg2/enriched.parquet", "cache_dir": "s3://data/dmg1/.enrich-cache"}
+        )
+    )
+    assert again["requests"] == lost.height and again["rows_ok"] == 30
+    answers = {expected_answer(f"Explain {t}"): t for t in topics}
+    assert set(fake_llm.stats.prompts) == {f"Explain {answers[text]}" for text in lost["text"]}
