@@ -28,6 +28,10 @@ _QUOTE = '"'
 # polars' messages for a value that does not fit the type inferred from the first rows.
 _CSV_VALUE = re.compile(r"could not parse `(?P<value>.*?)` as dtype `(?P<dtype>[^`]+)` at column '(?P<column>.*?)' "
                         r"\(column number (?P<number>\d+)\)", re.DOTALL)  # fmt: skip
+_KINDS = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array", dict: "an object"}
+# How polars names a JSON value's kind in "cannot parse '1.5' (f64) as Int64".
+_POLARS_KINDS = {"string": "a string", "i64": "an integer", "u64": "an integer", "f64": "a float", "bool": "a boolean",
+                 "array": "an array", "object": "an object"}  # fmt: skip
 _NDJSON_VALUE = re.compile(r"cannot parse '(?P<value>.*?)' \((?P<kind>\w+)\) as (?P<dtype>\w+)", re.DOTALL)
 
 
@@ -188,6 +192,9 @@ def _matches(record: list[str], index: int, value: str) -> bool:
 def _ndjson_problem(file: BufferedReader, detail: str) -> ParseProblem | None:
     position = _Position()
     value = _NDJSON_VALUE.search(detail)
+    # polars' words when an array or object meets a number or boolean in one field.
+    shapes_clash = "supertype" in detail or "while building Series" in detail
+    first_kinds: dict[str, tuple[str, int]] = {}
     for text in _lines(file, position):
         if not text.strip():
             continue  # polars skips blank lines
@@ -199,21 +206,42 @@ def _ndjson_problem(file: BufferedReader, detail: str) -> ParseProblem | None:
             )
         if not isinstance(row, dict):
             return ParseProblem(position.line, "a JSON object", f"{_kind(row)}: {_shown(text)}")
-        if value:
-            for key, item in row.items():
-                if str(item) == value["value"] and _kind(item) == f"a {value['kind']}":
-                    return ParseProblem(
-                        position.line,
-                        f"a value of type {value['dtype']} in field '{key}' "
-                        "(the type polars inferred from the first lines)",
-                        f"{_kind(item)} {item!r}",
-                    )
+        for key, item in row.items():
+            kind = _kind(item)
+            first, seen_on = first_kinds.setdefault(key, (kind, position.line))
+            if kind == first or kind == "null":
+                continue
+            if first == "null":
+                first_kinds[key] = (kind, position.line)
+            elif value and _is_polars_value(item, kind, value):
+                return ParseProblem(
+                    position.line,
+                    f"a value of type {value['dtype']} in field '{key}' "
+                    "(the type polars inferred from the first lines)",
+                    f"{kind}: {_shown(text)}",
+                )
+            elif shapes_clash and _clash(first, kind):
+                return ParseProblem(
+                    position.line, f"{first} in field '{key}', as on line {seen_on}", f"{kind}: {_shown(text)}"
+                )
     return None
 
 
+def _is_polars_value(item: object, kind: str, value: re.Match[str]) -> bool:
+    """Whether ``item`` is the value polars' "cannot parse" message names (arrays and objects by kind alone)."""
+    if _POLARS_KINDS.get(value["kind"]) != kind:
+        return False
+    return kind in ("an array", "an object") or value["value"] in (str(item), json.dumps(item))
+
+
 def _kind(value: object) -> str:
-    names = {list: "an array", dict: "an object", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")
+    return "null" if value is None else _KINDS.get(type(value), "a value")
+
+
+def _clash(first: str, kind: str) -> bool:
+    """Whether polars cannot hold both kinds in one column (a string column takes arrays and objects as text)."""
+    nested = ("an array", "an object")
+    return (first in nested or kind in nested) and first != kind and "a string" not in (first, kind)
 
 
 def _shown(text: str) -> str:

@@ -149,6 +149,32 @@ def test_ndjson_value_that_breaks_the_inferred_type(tmp_path: Path) -> None:
     assert "line 20001: expected a value of type Int64 in field 'id'" in message_for(path)
 
 
+@pytest.mark.parametrize(
+    ("late", "expected"),
+    [
+        (b'{"id": 1.5}\n', "line 20001: expected a value of type Int64 in field 'id'"),
+        (b'{"id": [1]}\n', "found an array: '{\"id\": [1]}'"),
+    ],
+)
+def test_ndjson_kinds_that_break_the_inferred_type(tmp_path: Path, late: bytes, expected: str) -> None:
+    path = tmp_path / "late.ndjson"
+    path.write_bytes("".join(f'{{"id": {i}}}\n' for i in range(20_000)).encode() + late)
+    assert expected in message_for(path)
+
+
+def test_ndjson_shapes_that_clash_in_the_first_lines(tmp_path: Path) -> None:
+    path = tmp_path / "clash.ndjson"
+    # An array where a string was is kept as text by polars; an array where numbers were is the clash.
+    path.write_bytes(b'{"n": "a", "m": null}\n{"n": ["a"], "m": 2}\n{"n": "b", "m": [3]}\n')
+    assert "line 3: expected an integer in field 'm', as on line 2, found an array" in message_for(path)
+
+
+def test_ndjson_object_where_numbers_were(tmp_path: Path) -> None:
+    path = tmp_path / "clash.ndjson"
+    path.write_bytes(b'{"id": 1, "n": {"a": 1}}\n{"id": 2, "n": 5}\n')
+    assert "line 2: expected an object in field 'n', as on line 1, found an integer" in message_for(path)
+
+
 def test_the_format_option_decides_how_the_file_is_scanned(tmp_path: Path) -> None:
     path = tmp_path / "export.txt"
     path.write_bytes(b"id,topic\n1,a\n2,b,c\n")
