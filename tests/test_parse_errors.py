@@ -89,6 +89,12 @@ def test_short_rows_alone_are_read_with_nulls(tmp_path: Path) -> None:
     assert load_table(str(path)).rows() == [(1, "a"), (2, None)]
 
 
+def test_a_long_quoted_text_before_the_bad_line_is_no_open_quote(tmp_path: Path) -> None:
+    path = tmp_path / "long_text.csv"
+    path.write_bytes(b'id,topic\n1,"' + b"word " * 60_000 + b'\nmore"\n2,b,c\n')
+    assert "line 4: expected 2 fields" in message_for(path)
+
+
 def test_an_unterminated_quote_names_the_line_it_opens_on(tmp_path: Path) -> None:
     path = tmp_path / "open_quote.csv"
     path.write_bytes(b'id,topic\n1,a\n2,"never closed\n3,c\n4,d\n')
