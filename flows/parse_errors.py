@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from codecs import BOM_UTF8
 from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BufferedReader
@@ -96,27 +97,29 @@ def _lines(file: BufferedReader, position: _Position) -> Iterator[str]:
         if len(raw) > LINE_CAP:
             expected = f"a line of at most {LINE_CAP} bytes (the search for the bad line stops there)"
             raise _Stop(ParseProblem(position.line, expected, "a longer one", byte_offset=offset))
+        # A byte order mark is skipped by hand: the utf-8-sig codec would shift the offsets of bad bytes.
+        skip = len(BOM_UTF8) if offset == 0 and raw.startswith(BOM_UTF8) else 0
         try:
             # "\n" never occurs inside a multi-byte UTF-8 sequence, so splitting before decoding is safe.
-            text = raw.decode("utf-8-sig" if offset == 0 else "utf-8")
+            text = raw[skip:].decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise _Stop(_bad_utf8(raw, exc, position.line, offset)) from exc
+            raise _Stop(_bad_utf8(raw, exc.start + skip, exc.end + skip, position.line, offset)) from exc
         position.quotes += text.count(_QUOTE)
         position.text = text
         offset += len(raw)
         yield text
 
 
-def _bad_utf8(raw: bytes, exc: UnicodeDecodeError, line: int, offset: int) -> ParseProblem:
-    bad = raw[exc.start : exc.end]
-    column = len(raw[: exc.start].decode("utf-8", errors="replace")) + 1
+def _bad_utf8(raw: bytes, start: int, end: int, line: int, offset: int) -> ParseProblem:
+    bad = raw[start:end]
+    column = len(raw[:start].decode("utf-8-sig", errors="replace")) + 1
     shown = " ".join(f"0x{byte:02X}" for byte in bad[:4])
     return ParseProblem(
         line,
         "UTF-8 text",
         f"the byte {shown} at column {column}, which is not UTF-8 "
         "(was the file saved as Latin-1 or Windows-1252? Re-save it as UTF-8)",
-        byte_offset=offset + exc.start,
+        byte_offset=offset + start,
     )
 
 

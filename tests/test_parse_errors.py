@@ -127,6 +127,16 @@ def test_invalid_utf8_names_the_line_and_the_byte_offset(tmp_path: Path) -> None
     assert "expected UTF-8 text, found the byte 0xE9 at column 6" in message
 
 
+def test_invalid_utf8_after_a_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbfid,topic\n1,caf\xe9\n")
+    assert "line 2 (byte offset 17 from the start" in message_for(path)
+    path.write_bytes(b"\xef\xbb\xbfid,t\xe9\n1,a\n")
+    message = message_for(path)
+    assert "line 1 (byte offset 7 from the start of the file, counting from 0)" in message
+    assert "found the byte 0xE9 at column 5" in message
+
+
 def test_a_value_that_breaks_the_inferred_type_far_down(tmp_path: Path) -> None:
     path = tmp_path / "late.csv"
     path.write_bytes(b"id,topic\n" + good_lines(20_000) + b"abc,x\n")
