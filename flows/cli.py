@@ -182,6 +182,10 @@ def run(
         job = make_job(values, source=str(config) if config else "the options")
         if summary_json is not None:
             _check_summary_path(job, str(summary_json))
+        if not dry_run:
+            from flows.destination import check_destination
+
+            check_destination(job)  # at once, before Prefect starts; the flow checks again (deployments)
     except EnrichError as err:
         _fail(err.message, err.exit_code)
     if dry_run:

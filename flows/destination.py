@@ -44,18 +44,18 @@ def check_destination(job: EnrichJob) -> None:
     """Everything about where this run writes, checked before anything is read, sent or written."""
     source, dest = job.input_path, job.destination
     if not job.in_place:
+        if same_location(source, dest) or _contains(source, dest) or _contains(dest, source):
+            raise DestinationError(
+                f"--output '{dest}' is the input '{source}' (or holds it, or is held by it): writing there would "
+                "destroy the input. Give another --output path, or use --in-place to rewrite a Parquet input "
+                "on purpose. Nothing was sent or written."
+            )
         suffix = posixpath.splitext(dest.rstrip("/"))[1].lower()
         if suffix in OTHER_FORMATS:
             raise DestinationError(
                 f"--output '{dest}' names a {OTHER_FORMATS[suffix]} file, but the output is always Parquet; "
                 f"give a .parquet name instead (for example '{posixpath.splitext(dest)[0]}.parquet'). "
                 "Nothing was sent or written."
-            )
-        if same_location(source, dest) or _contains(source, dest) or _contains(dest, source):
-            raise DestinationError(
-                f"--output '{dest}' is the input '{source}' (or holds it, or is held by it): writing there would "
-                "destroy the input. Give another --output path, or use --in-place to rewrite a Parquet input "
-                "on purpose. Nothing was sent or written."
             )
     if same_location(source, rejected_path(dest)):
         raise DestinationError(
