@@ -1,0 +1,144 @@
+"""Stop when asked, never pay twice: real signals to real CLI processes, quota, two runs on one output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from flows.lock import hold_lock, lock_path
+from tests.conftest import REPO
+from tests.fakes.openai_server import Behaviour, FakeOpenAIServer, expected_answer
+
+pytestmark = pytest.mark.usefixtures("prefect_backend")
+
+ROWS = 120
+
+
+@pytest.fixture(autouse=True)
+def _prefect_url(prefect_backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", prefect_backend)
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def topics(folder: Path, rows: int = ROWS) -> Path:
+    source = folder / "in.csv"
+    pl.DataFrame({"id": list(range(rows)), "topic": [f"subject {i}" for i in range(rows)]}).write_csv(source)
+    return source
+
+
+def start(server: FakeOpenAIServer, source: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
+    """The real command in its own process, reporting to the session's Prefect server."""
+    command = [
+        sys.executable, "-m", "flows.cli", "run", str(source), "--output", str(out), "--base-url", server.base_url,
+        "--max-concurrency", "4", "--partition-rows", "30", "--retry-base-delay", "0.05", *extra,
+    ]  # fmt: skip
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_completions(server: FakeOpenAIServer, count: int, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 120
+    while server.stats.completions < count:
+        assert process.poll() is None, process.communicate()[0]
+        assert time.monotonic() < deadline, "the run never got going"
+        time.sleep(0.05)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Anything a run may leave beside its output: staging, temp files, the lock."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != ".enrich-cache")
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_the_run_keeps_the_answers_and_a_rerun_pays_only_for_the_rest(
+    sig: signal.Signals, code: int, tmp_path: Path
+) -> None:
+    source, out = topics(tmp_path), tmp_path / "out" / "enriched.parquet"
+    out.parent.mkdir()
+    pl.DataFrame({"previous": [1]}).write_parquet(out)
+    previous = out.read_bytes()
+    with FakeOpenAIServer(Behaviour(latency=0.25)) as server:
+        process = start(server, source, out)
+        wait_for_completions(server, 12, process)
+        sent = time.monotonic()
+        process.send_signal(sig)
+        output, _ = process.communicate(timeout=60)
+        stopped_in = time.monotonic() - sent
+        answered = server.stats.completions
+        assert process.returncode == code, output
+        assert stopped_in < 15, f"took {stopped_in:.1f} s to stop"
+        assert f"interrupted by {sig.name}" in output and "Traceback" not in output
+        assert answered < ROWS
+        assert out.read_bytes() == previous
+        assert leftovers(out.parent) == []
+        server.reset()
+        process = start(server, source, out)
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output
+        # Every answer that came back before the stop was kept: the rerun asks only for the rest.
+        assert server.stats.requests == ROWS - answered
+    result = pl.read_parquet(out)
+    assert result["explanation"].to_list() == [expected_answer(f"Explain this topic in two sentences: {t}")
+                                               for t in result["topic"]]  # fmt: skip
+
+
+def test_an_exhausted_quota_stops_the_run_at_once_and_keeps_what_was_answered(tmp_path: Path) -> None:
+    source, out = topics(tmp_path), tmp_path / "enriched.parquet"
+    with FakeOpenAIServer(Behaviour(quota_after=20)) as server:
+        began = time.monotonic()
+        process = start(server, source, out, "--max-retries", "6", "--retry-base-delay", "1")
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 2, output
+        assert "quota" in output and "kept" in output and "Traceback" not in output
+        assert time.monotonic() - began < 60
+        assert not out.exists()
+        # Quota 429s are not retried: a handful were in flight when it ran out, no more.
+        assert server.stats.requests - server.stats.completions <= 8
+        server.behaviour.quota_after = None
+        server.reset()
+        process = start(server, source, out)
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output
+        assert server.stats.requests == ROWS - 20
+
+
+def test_two_runs_on_one_output_take_turns_and_pay_once(tmp_path: Path) -> None:
+    source, out = topics(tmp_path), tmp_path / "enriched.parquet"
+    with FakeOpenAIServer(Behaviour(latency=0.05)) as server:
+        first = start(server, source, out)
+        second = start(server, source, out)
+        outputs = [p.communicate(timeout=300)[0] for p in (first, second)]
+        assert [first.returncode, second.returncode] == [0, 0], outputs
+        assert server.stats.completions == ROWS
+        assert sum("waiting for another run" in o for o in outputs) <= 1
+    assert pl.read_parquet(out).height == ROWS
+    assert leftovers(tmp_path) == []
+
+
+def test_no_wait_refuses_naming_the_run_that_holds_the_output(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
+    source, out = topics(tmp_path, rows=5), tmp_path / "enriched.parquet"
+    with hold_lock(str(out), wait=False, timeout=1, on_wait=print, check_stop=lambda: None):
+        process = start(fake_llm, source, out, "--no-wait")
+        output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, output
+    assert f"pid {os.getpid()}" in " ".join(output.split()) and "Traceback" not in output
+    assert fake_llm.stats.requests == 0
+    assert not lock_path(str(out)).exists()
+
+
+def test_debris_of_a_killed_run_is_swept_by_the_next(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
+    source, out = topics(tmp_path, rows=5), tmp_path / "enriched.parquet"
+    dead = tmp_path / ".enriched.parquet.staging-0123abcd-deadbeef0000"
+    (dead / "in").mkdir(parents=True)
+    (dead / "in" / "part-000000.parquet").write_bytes(b"a copy of the table")
+    (tmp_path / ".enriched.parquet.x1y2.tmp").write_bytes(b"half a file")
+    process = start(fake_llm, source, out)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert leftovers(tmp_path) == []
