@@ -298,6 +298,8 @@ def _run_tasks(
         except BaseException as exc:  # noqa: BLE001 - keep draining, re-raise the first
             first_error = first_error or exc
             waiting.clear()
+            # The run is lost: the other partitions stop sending instead of finishing their slices.
+            stop.set(f"stopped after an error in another partition ({type(exc).__name__})")
             continue
         results[piece.number] = result
         # Only the first rows make the sample and failures artifacts; keep little per slice.

@@ -18,6 +18,7 @@ import polars as pl
 
 from flows.lock import staging_tag
 from flows.storage import is_remote, sibling
+from flows.writing import write_failure
 from schemas.errors import OutputError
 
 __all__ = ["Staging", "open_staging"]
@@ -44,9 +45,10 @@ class Staging:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             frame.write_parquet(path, compression="lz4", statistics=False, storage_options=self.storage)
         except (OSError, pl.exceptions.PolarsError) as exc:
-            raise OutputError(
-                f"cannot write the staging file '{path}': {exc}. Pass --staging-dir somewhere writable "
-                "(on shared storage when Dask workers run on other machines)."
+            if not is_remote(path):
+                Path(path).unlink(missing_ok=True)
+            raise write_failure(
+                exc, "staging file", path, "point --staging-dir somewhere with space (shared storage for Dask workers)"
             ) from exc
 
     def read(self, path: str) -> pl.DataFrame:

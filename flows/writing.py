@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
@@ -13,9 +14,11 @@ from typing import Any
 import polars as pl
 
 from flows.storage import is_remote, sibling
-from schemas.errors import OutputError
+from schemas.errors import DiskFull, OutputError
 
 __all__ = [
+    "is_disk_full",
+    "write_failure",
     "publish_parquet",
     "rejected_path",
     "write_json_atomic",
@@ -25,6 +28,31 @@ __all__ = [
 
 # Row groups of this size keep the final streaming write's memory small and readers' scans selective.
 _ROW_GROUP = 100_000
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when a write failed because the file system (or the user's quota) is full."""
+    for error in (exc, exc.__cause__, exc.__context__):
+        if isinstance(error, OSError) and error.errno in _FULL_ERRNOS:
+            return True
+        if error is not None and any(text in str(error).lower() for text in _FULL_TEXT):
+            return True
+    return False
+
+
+def write_failure(exc: BaseException, what: str, location: str, advice: str) -> OutputError:
+    """The one translation of a failed write: DiskFull (what filled up, where) or OutputError."""
+    if is_disk_full(exc):
+        return DiskFull(
+            f"the disk holding the {what} '{location}' is full. The previous output, if any, is intact and the "
+            f"partial file was removed. Free some space, or {advice}, then rerun the same command: answers "
+            "already in the cache are not paid for again."
+        )
+    return OutputError(f"cannot write the {what} '{location}': {exc}. {advice[0].upper()}{advice[1:]}.")
 
 
 def rejected_path(destination: str) -> str:
@@ -48,7 +76,7 @@ def publish_parquet(
         try:
             table.sink_parquet(destination, storage_options=storage, **options)
         except (OSError, pl.exceptions.PolarsError) as exc:
-            raise OutputError(f"cannot write '{destination}': {exc}. Nothing was published there.") from exc
+            raise write_failure(exc, "output", destination, "check the bucket and its credentials") from exc
         return
     _replace_atomically(destination, lambda tmp: table.sink_parquet(tmp, **options))
 
@@ -82,7 +110,7 @@ def write_parquet_dataset_atomic(
         if old.exists() and not dest.exists():
             os.replace(old, dest)
         if isinstance(exc, (OSError, pl.exceptions.PolarsError)):
-            raise OutputError(f"cannot write '{destination}': {exc}. The previous dataset is intact.") from exc
+            raise write_failure(exc, "output dataset", destination, "write the output elsewhere") from exc
         raise
     shutil.rmtree(old, ignore_errors=True)
 
@@ -109,5 +137,5 @@ def _replace_atomically(destination: str, write: Any) -> None:
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, (OSError, pl.exceptions.PolarsError)):
-            raise OutputError(f"cannot write '{destination}': {exc}. The previous file, if any, is intact.") from exc
+            raise write_failure(exc, "output", destination, "write the output elsewhere (--output)") from exc
         raise

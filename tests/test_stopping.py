@@ -142,3 +142,39 @@ def test_debris_of_a_killed_run_is_swept_by_the_next(fake_llm: FakeOpenAIServer,
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
     assert leftovers(tmp_path) == []
+
+
+def _small_disk(folder: Path) -> Path:
+    """A 1 MB tmpfs mounted for the test (needs root, as CI has); skipped elsewhere."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = folder / "small"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    return disk
+
+
+@pytest.mark.parametrize("fills", ["staging", "output"])
+def test_a_full_disk_is_one_message_and_leaves_no_debris(fills: str, tmp_path: Path) -> None:
+    disk = _small_disk(tmp_path)
+    try:
+        source = tmp_path / "wide.csv"
+        # Incompressible values: the staged slices and the output are each bigger than the disk.
+        values = [os.urandom(1_500).hex() for _ in range(1_000)]
+        pl.DataFrame({"id": list(range(1_000)), "topic": values}).write_csv(source)
+        out = disk / "enriched.parquet"
+        elsewhere = ["--staging-dir", str(tmp_path / "staging"), "--cache-dir", str(tmp_path / "cache")]
+        with FakeOpenAIServer() as server:
+            process = start(server, source, out, "--max-concurrency", "16", *(elsewhere if fills == "output" else []))
+            output, _ = process.communicate(timeout=300)
+            assert process.returncode == 1, output
+            assert f"the disk holding the {fills}" in " ".join(output.split()) and "is full" in output
+            assert "Traceback" not in output
+            if fills == "staging":
+                assert server.stats.requests == 0  # staging fills during the survey, before any request
+        assert sorted(p.name for p in disk.iterdir() if p.name != ".enrich-cache") == []
+        assert not list((tmp_path / "staging").glob("*")) if fills == "output" else True
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
