@@ -163,3 +163,37 @@ def test_storage_settings_are_stored_in_clear_and_credentials_are_refused() -> N
     with pytest.raises(ConfigError, match="worker's environment") as caught:
         deployment_parameters(with_key)
     assert "s3cr3t-value" not in str(caught.value)
+
+
+def test_a_cancel_from_the_ui_ends_the_run_cancelled_and_writes_nothing(
+    prefect_server: str, served: Path, served_llm: FakeOpenAIServer
+) -> None:
+    import time
+
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    source, out = served / "many.csv", served / "cancelled" / "out.parquet"
+    pl.DataFrame({"id": list(range(150)), "topic": [f"cancel me {i}" for i in range(150)]}).write_csv(source)
+    served_llm.reset()
+    served_llm.behaviour.latency = 0.3
+    try:
+        job = {"input_path": str(source), "output_path": str(out), "max_concurrency": 2, "partition_rows": 50}
+        with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+            run = run_deployment(DEPLOYMENT, parameters={"job": job}, timeout=0)
+        wait_for(lambda: served_llm.stats.completions >= 5, timeout=120, what="the run to start answering")
+        with api(prefect_server) as client:
+            client.set_flow_run_state(run.id, Cancelling(), force=True)
+            began = time.monotonic()
+            final = wait_for(
+                lambda: (s := client.read_flow_run(run.id).state) is not None and s.is_final() and s,
+                timeout=90, what="the run to end",
+            )  # fmt: skip
+        assert final.is_cancelled(), final
+        assert time.monotonic() - began < 60
+        assert served_llm.stats.completions < 150
+        assert not out.exists()
+        assert [p.name for p in out.parent.iterdir() if p.name != ".enrich-cache"] == []
+    finally:
+        served_llm.behaviour.latency = 0.0
