@@ -353,7 +353,8 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"[bold green]Enriched[/] {s['rows_valid']} of {s['rows_in']} rows into [bold]{s['output']}[/]: "
         f"{s['rows_ok']} ok, {s['rows_failed']} failed{rejected}.\n"
         f"{s['rows_cached']} from the cache, {s['rows_deduplicated']} deduplicated; {s['requests']} requests "
-        f"({s['retries']} retries, {s['rate_limited']} rate-limited), tokens {s['input_tokens']:,} in / "
+        f"({s['retries']} retries, {s['rate_limited']} rate-limited, {s.get('timeouts', 0)} timed out), "
+        f"tokens {s['input_tokens']:,} in / "
         f"{s['output_tokens']:,} out{cost}, {s['wall_seconds']:.1f} s, model {s['model']} at {s['endpoint']}.",
         highlight=False,
         soft_wrap=True,

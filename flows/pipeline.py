@@ -184,6 +184,7 @@ def _enrich(
         requests=sum(s.requests for s in stats),
         retries=sum(s.retries for s in stats),
         rate_limited=sum(s.rate_limited for s in stats),
+        timeouts=sum(s.timeouts for s in stats),
         input_tokens=sum(s.input_tokens for s in stats),
         output_tokens=sum(s.output_tokens for s in stats),
         cost_usd=None if any(c is None for c in costs) else round(sum(c or 0.0 for c in costs), 6),
@@ -311,6 +312,7 @@ def _run_tasks(
                 tokens=(delta["input_tokens"], delta["output_tokens"]),
             )  # fmt: skip
             run.ctx.stats.rate_limited += delta["rate_limited"]
+            run.ctx.stats.timeouts += delta.get("timeouts", 0)
             run.ctx.stats.rows_deduplicated += delta["rows_deduplicated"]
         finished(piece)
         log.info("%s %d/%d done", task.name, len(results), len(pieces))

@@ -21,6 +21,7 @@ class RunSummary(BaseModel):
     requests: int
     retries: int
     rate_limited: int
+    timeouts: int = 0
     input_tokens: int
     output_tokens: int
     cost_usd: float | None

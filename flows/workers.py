@@ -27,7 +27,7 @@ __all__ = ["runtime_for", "stats_of"]
 _BUILT: OrderedDict[str, Runtime] = OrderedDict()
 _LOCK = threading.Lock()
 _KEEP = 4  # runtimes of recent runs a long-lived worker keeps
-_COUNTERS = ("requests", "retries", "input_tokens", "output_tokens", "rate_limited", "rows_deduplicated")
+_COUNTERS = ("requests", "retries", "input_tokens", "output_tokens", "rate_limited", "timeouts", "rows_deduplicated")
 
 
 def runtime_for(

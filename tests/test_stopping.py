@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -178,3 +179,19 @@ def test_a_full_disk_is_one_message_and_leaves_no_debris(fills: str, tmp_path: P
         assert not list((tmp_path / "staging").glob("*")) if fills == "output" else True
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_reply_that_trickles_is_cut_at_the_timeout_and_counted(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
+    source = tmp_path / "in.csv"
+    pl.DataFrame({"id": [1, 2, 3], "topic": ["fine", "FAULT:trickle", "also fine"]}).write_csv(source)
+    fake_llm.behaviour.trickle_interval = 0.5  # a 300-byte body would take minutes
+    out, summary = tmp_path / "out.parquet", tmp_path / "run.json"
+    began = time.monotonic()
+    process = start(fake_llm, source, out, "--timeout", "2", "--max-retries", "1", "--summary-json", str(summary))
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert time.monotonic() - began < 90
+    result = pl.read_parquet(out)
+    assert result["enrich_error"].to_list()[0] is None and result["enrich_error"].to_list()[2] is None
+    assert "no complete reply within --timeout 2 s" in result["enrich_error"][1]
+    assert json.loads(summary.read_text())["timeouts"] == 2
