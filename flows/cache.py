@@ -35,7 +35,7 @@ from typing import Protocol
 
 import polars as pl
 
-from flows.cache_check import CACHE_SCHEMA, good_lines, read_segment, report_damage, segment_files
+from flows.cache_check import CACHE_SCHEMA, good_lines, read_segment, report_damage
 from flows.storage import is_remote, sibling
 from schemas.errors import OutputError
 from transforms.calls import Outcome
@@ -51,6 +51,18 @@ class AnswerStore(Protocol):
     def load(self) -> pl.DataFrame:
         """Every cached answer, newest entry per key winning."""
         ...
+
+    def segments(self) -> list[Path]:
+        """This cache's segment files, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.glob("seg-*.jsonl"):
+            try:
+                found.append((path.stat().st_mtime, path.name, path))
+            except FileNotFoundError:
+                continue  # removed by a concurrent repair
+        return [path for *_, path in sorted(found)]
 
     def append(self, key: str, outcome: Outcome, *, model: str) -> None:
         """Keep one answer."""
@@ -105,7 +117,7 @@ class ResponseCache:
     def load(self) -> pl.DataFrame:
         """Every cached answer, newest entry per key winning; damaged records are skipped and logged."""
         frames = []
-        for path in segment_files(self.directory):
+        for path in self.segments():
             frame, health = read_segment(path)
             report_damage(health, version=_version(path))
             if frame.height:

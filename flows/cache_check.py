@@ -11,7 +11,6 @@ to the replaced file).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import threading
@@ -33,7 +32,6 @@ __all__ = [
     "read_segment",
     "render_report",
     "report_damage",
-    "segment_files",
     "verify_cache",
 ]
 
@@ -47,6 +45,7 @@ CACHE_SCHEMA = {
 # A record without any of these is half-written: it cannot serve an answer.
 REQUIRED = ("key", "text", "input_tokens", "output_tokens")
 _INT64 = (-(2**63), 2**63)
+_CHUNK = 1 << 20  # bytes of a damaged segment that polars re-reads at once
 
 log = logging.getLogger(__name__)
 _reported: set[tuple[str, str]] = set()
@@ -69,7 +68,7 @@ class SegmentHealth:
         return self.damaged == 0 and self.unreadable is None
 
 
-def read_segment(path: Path) -> tuple[pl.DataFrame, SegmentHealth]:
+def read_segment(path: Path, *, exact: bool = False) -> tuple[pl.DataFrame, SegmentHealth]:
     """The good records of one segment file and what was lost; never raises for a damaged file."""
     try:
         data = path.read_bytes()
@@ -77,31 +76,37 @@ def read_segment(path: Path) -> tuple[pl.DataFrame, SegmentHealth]:
         return pl.DataFrame(schema=CACHE_SCHEMA), SegmentHealth(str(path), unreadable=exc.strerror or str(exc))
     if not data:
         return pl.DataFrame(schema=CACHE_SCHEMA), SegmentHealth(str(path), unreadable="empty file")
-    frame, damaged_lines = parse_segment(data)
+    frame, damaged_lines = parse_segment(data, exact=exact)
     return frame, SegmentHealth(str(path), frame.height, len(damaged_lines), damaged_lines)
 
 
-def parse_segment(data: bytes) -> tuple[pl.DataFrame, tuple[int, ...]]:
+def parse_segment(data: bytes, *, exact: bool = False) -> tuple[pl.DataFrame, tuple[int, ...]]:
     """The good records of JSONL segment bytes, and the line numbers (from 1) of the damaged ones."""
+    # ``exact`` (cache verify) checks every line instead of trusting polars where it parses.
     end = data.rfind(b"\n") + 1
     body, tail = data[:end], data[end:]
     # Bytes after the last newline are a record whose append never finished.
     torn = (body.count(b"\n") + 1,) if tail.strip() else ()
-    if not body.strip():
+    if not body or body.isspace():
         return pl.DataFrame(schema=CACHE_SCHEMA), torn
-    lines = body.count(b"\n")
-    if _plainly_typed(body, lines):
-        try:
-            frame = pl.read_ndjson(io.BytesIO(body), schema=CACHE_SCHEMA)
-        except pl.exceptions.PolarsError:
-            pass  # some line is undecodable: find which, below
-        else:
-            if frame.height == lines and not frame.select(pl.any_horizontal(pl.col(REQUIRED).is_null()).any()).item():
-                return frame, torn
-    # Line by line is exact about which records are good; polars would coerce a wrong type, or
-    # give up on the whole segment for one bad line.
-    good, bad = parse_lines(body)
-    return pl.DataFrame(good, schema=CACHE_SCHEMA, orient="row"), (*bad, *torn)
+    frame = None if exact else _parse_intact(body)
+    if frame is not None:
+        return frame, torn
+    # Some record is bad. Re-read in chunks so that polars still parses the intact ones, and
+    # go line by line (exact, but ten times slower) only through a chunk that holds damage.
+    frames, bad, start, line = [], [], 0, 0
+    while start < len(body):
+        stop = body.find(b"\n", min(start + _CHUNK, len(body) - 1)) + 1
+        chunk = body[start:stop]
+        frame = None if exact else _parse_intact(chunk)
+        if frame is None:
+            good, numbers = parse_lines(chunk)
+            frame = pl.DataFrame(good, schema=CACHE_SCHEMA, orient="row")
+            bad += [line + n for n in numbers]
+        frames.append(frame)
+        line += chunk.count(b"\n")
+        start = stop
+    return pl.concat(frames), (*bad, *torn)
 
 
 def parse_lines(body: bytes) -> tuple[list[tuple[Any, ...]], tuple[int, ...]]:
@@ -142,19 +147,6 @@ def report_damage(health: SegmentHealth, *, version: str = "") -> None:
         "cache segment '%s' has %d damaged record(s)%s, skipped; %d good record(s) kept; %s.",
         health.location, health.damaged, where, health.ok, remedy,
     )  # fmt: skip
-
-
-def segment_files(directory: Path) -> list[Path]:
-    """The segment files of a cache's ``v1/`` directory, oldest first."""
-    if not directory.is_dir():
-        return []
-    found = []
-    for path in directory.glob("seg-*.jsonl"):
-        try:
-            found.append((path.stat().st_mtime, path.name, path))
-        except FileNotFoundError:
-            continue  # removed by a concurrent repair
-    return [path for *_, path in sorted(found)]
 
 
 @dataclass(frozen=True)
@@ -212,8 +204,8 @@ def verify_cache(location: str, storage: dict[str, str] | None = None, *, repair
         )
     found: list[SegmentHealth] = []
     repaired: set[str] = set()
-    for path in segment_files(cache.directory):
-        _, health = read_segment(path)
+    for path in cache.segments():
+        _, health = read_segment(path, exact=True)
         found.append(health)
         if repair and not health.clean:
             cache.replace_segment(path)
@@ -282,11 +274,23 @@ def _decode(raw: bytes) -> dict[str, Any] | None:
     return record
 
 
-def _plainly_typed(body: bytes, lines: int) -> bool:
-    # polars silently turns a number or an object into a string column, and a lone surrogate
-    # escape into NUL; our writer always writes both fields as JSON strings, so counting their
-    # string form per line rules the first out cheaply; a surrogate escape takes the slow path.
-    return body.count(b'"key": "') == lines and body.count(b'"text": "') == lines and b"\\ud" not in body
+def _parse_intact(body: bytes) -> pl.DataFrame | None:
+    """polars' parse of JSONL whose every record can serve an answer, or None when some cannot."""
+    try:
+        frame = pl.read_ndjson(body, schema=CACHE_SCHEMA)
+    except pl.exceptions.PolarsError:
+        return None
+    # polars turns a lone surrogate escape into NUL, and a JSON object or array into a string
+    # without complaint. Our writer writes the text as a JSON string, so when it looks converted
+    # the raw bytes decide. (A key of the wrong type is harmless here: it matches no lookup.)
+    nul = pl.col("text").str.contains("\x00", literal=True)
+    if frame.select((pl.any_horizontal(pl.col(REQUIRED).is_null()) | nul).any()).item():
+        return None
+    text = pl.col("text")
+    if frame.select((text.str.starts_with("{") | text.str.starts_with("[")).any()).item():
+        if body.count(b'"text": "') != body.count(b"\n"):
+            return None
+    return frame
 
 
 def _numbers(numbers: tuple[int, ...], most: int) -> str:

@@ -63,7 +63,6 @@ LINE = '{{"seq": 1, "key": "k{n}", "text": "t", "input_tokens": 1, "output_token
 BAD_LINES = {
     "bad-json": b'{"seq": 1, "key": "k9", "text": "t",,}',
     "invalid-utf8": b'{"seq": 1, "key": "k9", "text": "\xff\xfe", "input_tokens": 1, "output_tokens": 2}',
-    "key-not-a-string": b'{"seq": 1, "key": 9, "text": "t", "input_tokens": 1, "output_tokens": 2}',
     "text-an-object": b'{"seq": 1, "key": "k9", "text": {"a": 1}, "input_tokens": 1, "output_tokens": 2}',
     "tokens-a-string": b'{"seq": 1, "key": "k9", "text": "t", "input_tokens": "1", "output_tokens": 2}',
     "tokens-a-bool": b'{"seq": 1, "key": "k9", "text": "t", "input_tokens": true, "output_tokens": 2}',
@@ -75,14 +74,24 @@ BAD_LINES = {
 }
 
 
+@pytest.mark.parametrize("exact", [False, True], ids=["load", "verify"])
 @pytest.mark.parametrize("bad", BAD_LINES.values(), ids=BAD_LINES.keys())
-def test_one_bad_line_costs_only_that_record(bad: bytes) -> None:
+def test_one_bad_line_costs_only_that_record(bad: bytes, exact: bool) -> None:
     lines = [LINE.format(n=n).encode() for n in range(20)]
     lines[9] = bad
-    frame, damaged = parse_segment(b"\n".join(lines) + b"\n")
+    frame, damaged = parse_segment(b"\n".join(lines) + b"\n", exact=exact)
     assert damaged == (10,)
     assert set(frame["key"]) == {f"k{n}" for n in range(20)} - {"k9"}
     assert frame.filter(pl.col("key") == "k3").row(0) == (1, "k3", "t", 1, 2)
+
+
+def test_a_key_of_the_wrong_type_is_damage_to_verify_and_harmless_to_load() -> None:
+    lines = [LINE.format(n=n).encode() for n in range(3)]
+    lines[1] = b'{"seq": 1, "key": 9, "text": "t", "input_tokens": 1, "output_tokens": 2}'
+    body = b"\n".join(lines) + b"\n"
+    assert parse_segment(body, exact=True)[1] == (2,)
+    frame, damaged = parse_segment(body)  # polars reads 9 as "9": a key that no prompt hashes to
+    assert damaged == () and set(frame["key"]) == {"k0", "9", "k2"}
 
 
 def test_a_clean_segment_is_read_by_polars_in_one_go(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,8 +100,30 @@ def test_a_clean_segment_is_read_by_polars_in_one_go(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(cache_check, "parse_lines", slow_path)
     body = b"".join(LINE.format(n=n).encode() + b"\n" for n in range(1000))
+    typed = json.dumps({"seq": 2, "key": "typed", "text": '{"a": 1}', "input_tokens": 1, "output_tokens": 2})
+    body += typed.encode() + b"\n"  # a typed answer is JSON text in a string, not an object
     frame, damaged = parse_segment(body + b'{"seq": 1, "key": "torn')  # a torn tail alone keeps the fast path
-    assert frame.height == 1000 and damaged == (1001,)
+    assert frame.height == 1001 and damaged == (1002,)
+    assert frame.filter(pl.col("key") == "typed")["text"].item() == '{"a": 1}'
+
+
+def test_only_the_chunks_that_hold_damage_are_read_line_by_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_check, "_CHUNK", 4096)
+    slow: list[int] = []
+    real = cache_check.parse_lines
+
+    def counted(body: bytes) -> tuple[list[tuple[object, ...]], tuple[int, ...]]:
+        slow.append(body.count(b"\n"))
+        return real(body)
+
+    monkeypatch.setattr(cache_check, "parse_lines", counted)
+    lines = [LINE.format(n=n).encode() for n in range(3000)]
+    for number in (7, 1500, 1501, 2999):
+        lines[number - 1] = b"\x00garbage"
+    frame, damaged = parse_segment(b"\n".join(lines) + b"\n")
+    assert damaged == (7, 1500, 1501, 2999)
+    assert frame.height == 2996 and frame["key"].n_unique() == 2996
+    assert len(slow) <= 4 and sum(slow) < 600  # three or four chunks of ~55 lines, not 3,000 lines
 
 
 def test_a_torn_last_record_with_garbage_costs_one_record_and_warns_once(
