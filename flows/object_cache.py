@@ -38,6 +38,8 @@ __all__ = ["ObjectStoreCache", "parse_parquet"]
 # (the same split as flows/staging.py).
 _CLIENT_KEYS = {"allow_http", "allow_invalid_certificates", "timeout", "connect_timeout", "proxy_url"}
 _READERS = 8  # objects fetched at once when reading object by object
+# polars panics (rather than raising) on some corrupt Parquet footers and pages.
+_UNREADABLE = (pl.exceptions.PolarsError, pl.exceptions.PanicException, OSError)
 
 
 class ObjectStoreCache:
@@ -62,7 +64,7 @@ class ObjectStoreCache:
         try:
             merged = pl.scan_parquet(f"{self.prefix}/seg-*.parquet", storage_options=self.storage).collect()
             merged = merged.select(list(_SCHEMA))
-        except (pl.exceptions.PolarsError, OSError):
+        except _UNREADABLE:
             merged = None  # an empty prefix, or one damaged object: find out object by object
         if merged is None or dict(merged.schema) != _SCHEMA or _has_holes(merged):
             listed = self.segments()
@@ -181,7 +183,7 @@ def parse_parquet(data: bytes, location: str) -> tuple[pl.DataFrame, SegmentHeal
         return empty, SegmentHealth(location, unreadable="empty object")
     try:
         frame = pl.read_parquet(io.BytesIO(data))
-    except (pl.exceptions.PolarsError, OSError) as exc:
+    except _UNREADABLE as exc:
         return empty, SegmentHealth(location, unreadable=f"not a readable Parquet file: {_first_line(exc)}")
     missing = [name for name in REQUIRED if name not in frame.columns]
     if missing:

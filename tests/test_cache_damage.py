@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -16,6 +18,7 @@ import flows.cache
 from flows import cache_check
 from flows.cache import ResponseCache
 from flows.cache_check import parse_segment, verify_cache
+from flows.object_cache import parse_parquet
 from schemas.errors import ConfigError, OutputError
 from tests.conftest import REPO
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
@@ -270,3 +273,23 @@ def test_a_rerun_pays_only_for_the_damaged_records(
     assert output.count(str(empty)) == 1 and "could not be read (empty file)" in output
     out = pl.read_parquet(tmp_path / "two" / "out.parquet")
     assert out["explanation"].to_list() == [expected_answer(f"Explain {t}") for t in topics]
+
+
+def _parquet_segment(rows: int = 50) -> bytes:
+    buffer = io.BytesIO()
+    pl.DataFrame(
+        {"seq": range(rows), "key": [f"k{i}" for i in range(rows)], "text": [f"answer {i}" for i in range(rows)],
+         "input_tokens": [1] * rows, "output_tokens": [2] * rows},
+    ).write_parquet(buffer)  # fmt: skip
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda b: b[: len(b) // 2], lambda b: b[:100] + bytes(512) + b[612:], lambda b: b + b"\x00garbage", lambda b: b""],
+    ids=["truncated", "zeroed-block", "trailing-garbage", "empty"],
+)
+def test_a_corrupt_parquet_segment_is_unreadable_not_fatal(damage: Callable[[bytes], bytes]) -> None:
+    frame, health = parse_parquet(damage(_parquet_segment()), "s3://bucket/cache/v1/seg-x.parquet")
+    assert frame.height == 0 and health.unreadable and not health.clean
+    assert parse_parquet(_parquet_segment(), "s3://b/seg-y.parquet")[1].ok == 50
