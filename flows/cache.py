@@ -52,18 +52,6 @@ class AnswerStore(Protocol):
         """Every cached answer, newest entry per key winning."""
         ...
 
-    def segments(self) -> list[Path]:
-        """This cache's segment files, oldest first."""
-        if not self.directory.is_dir():
-            return []
-        found = []
-        for path in self.directory.glob("seg-*.jsonl"):
-            try:
-                found.append((path.stat().st_mtime, path.name, path))
-            except FileNotFoundError:
-                continue  # removed by a concurrent repair
-        return [path for *_, path in sorted(found)]
-
     def append(self, key: str, outcome: Outcome, *, model: str) -> None:
         """Keep one answer."""
         ...
