@@ -46,6 +46,12 @@ class Load:
     concurrency: int = 32
     max_tokens: int = 16
     ratio_target: float | None = None
+    # How the server enforces: over which window, by which algorithm, charging TPM how, capping what.
+    window_seconds: float = 60.0
+    limit_algorithm: str = "sliding"
+    tpm_charge: str = "reserve"
+    max_in_flight: int | None = None
+    tell_limits: bool = True  # give our scheduler the rpm/tpm (--rpm/--tpm), or nothing
 
     def behaviour(self) -> dict[str, Any]:
         return {
@@ -54,6 +60,10 @@ class Load:
             "tpm": self.tpm,
             "rate_500": self.rate_500,
             "rate_malformed": self.rate_malformed,
+            "window_seconds": self.window_seconds,
+            "limit_algorithm": self.limit_algorithm,
+            "tpm_charge": self.tpm_charge,
+            "max_in_flight": self.max_in_flight,
         }
 
 
@@ -72,7 +82,8 @@ def theoretical_limit(unique_prompts: list[str], load: Load) -> Limit:
     """max(U*L/C, U/(RPM/60), T/(TPM/60)) with T as the server counts tokens."""
     u = len(unique_prompts)
     tokens = sum(count_tokens(p) + load.max_tokens for p in unique_prompts)
-    terms = {"latency": u * load.latency / load.concurrency}
+    concurrency = min(load.concurrency, load.max_in_flight or load.concurrency)
+    terms = {"latency": u * load.latency / concurrency}
     if load.rpm:
         terms["rpm"] = u / (load.rpm / 60)
     if load.tpm:
@@ -121,8 +132,8 @@ def run_ours(load: Load, topics: list[str], limit: Limit, retry_base_delay: floa
     spec = EnrichSpec(template=parse_template(TEMPLATE), output_column="answer", max_concurrency=load.concurrency)
     scheduler = Scheduler(
         max_concurrency=load.concurrency,
-        rpm=load.rpm,
-        tpm=load.tpm,
+        rpm=load.rpm if load.tell_limits else None,
+        tpm=load.tpm if load.tell_limits else None,
         max_tokens=load.max_tokens,
         base_pause=max(retry_base_delay, 0.05),
     )
@@ -145,6 +156,8 @@ def run_ours(load: Load, topics: list[str], limit: Limit, retry_base_delay: floa
         client = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=load.concurrency, max_keepalive_connections=load.concurrency),
             timeout=30,
+            # As flows/runtime.py wires it: the scheduler reads rate-limit headers and 429 bodies.
+            event_hooks={"response": [scheduler.on_response]},
         )
         try:
             model = ChatOpenAI(
@@ -177,6 +190,9 @@ def run_ours(load: Load, topics: list[str], limit: Limit, retry_base_delay: floa
         "scheduler_rate_limited": scheduler.rate_limited,
         "scheduler_peak_in_flight": scheduler.peak_in_flight,
         "scheduler_final_limit": scheduler.limit,
+        "scheduler_rpm_tpm_in_force": (scheduler.rpm, scheduler.tpm),
+        "scheduler_rejections": dict(scheduler.rejections),
+        "scheduler_pace": scheduler._pace,
         "scheduler_token_ratio": scheduler._token_ratio,
         # What one request reserves in our TPM bucket at the end vs what the server counts.
         "tpm_reserved_per_request": scheduler.estimate(sample) if load.tpm else None,

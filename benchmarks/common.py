@@ -59,6 +59,7 @@ for line in sys.stdin:
                 "requests": s.requests,
                 "completions": s.completions,
                 "statuses": {str(k): v for k, v in s.statuses.items()},
+                "kinds": dict(s.kinds),
                 "prompts": dict(s.prompts),
                 "max_in_flight": s.max_in_flight,
                 "first": span["first"],

@@ -208,6 +208,10 @@ def _retry_after(response: httpx.Response | None) -> float | None:
             waits.append(float(secs))
         except ValueError:
             pass
+    if waits:
+        # The reset headers say when the whole budget is back (up to a minute on a 60 s window),
+        # not when one request fits: only without an explicit retry time are they the wait.
+        return max(waits)
     for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
         if (value := headers.get(name)) and (parsed := _parse_duration(value)) is not None:
             waits.append(parsed)

@@ -134,6 +134,9 @@ def build_lane(
     model, http = build_chat_model(
         job, endpoint, base_url=base_url, model_name=spec.identity.model, max_concurrency=spec.max_concurrency
     )
+    if ctx.scheduler is not None:
+        # The scheduler reads every response's x-ratelimit-* headers and why a 429 came.
+        http.event_hooks["response"].append(ctx.scheduler.on_response)
     memo = AnswerMemo()
     if cache is not None:
         memo.on_answer = partial(cache.append, model=spec.identity.model)

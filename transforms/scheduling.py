@@ -1,41 +1,65 @@
-"""Admission control for one run's requests: concurrency, RPM/TPM budgets and a shared backoff.
+"""Admission control for one run's requests: pacing, concurrency, a shared pause, and what the server says.
 
-aiolimiter does the bucket arithmetic. What no library does is written here:
+* **Pacing** (GCRA: a leaky bucket with no burst). With an RPM or TPM limit each request is let
+  through one emission interval after the previous one (for tokens, its reservation's share), at
+  ``PACE`` of the limit. Providers may enforce a per-minute limit over one second (OpenAI: 60,000
+  RPM as 1,000 a second): a client holding a second of budget and spending it at once draws 429s
+  there, while an even pace a little under the limit fills no window, short or long. A late
+  event loop never catches up in a burst: the next slot counts from the late admission.
+* **Headroom the server reports.** Each response's ``x-ratelimit-remaining-*``, minus what was sent
+  since that request, is credit that admits at once: a server enforcing over 60 seconds lets a
+  short run go as fast as its concurrency. ``x-ratelimit-limit-*`` below what we were told wins,
+  and without ``--rpm/--tpm`` the limits are learned from it. A 429 on a request the credit let
+  through stops trusting the credit for a minute.
+* **Concurrency** (AIMD with a slow start, ``+1`` per success until the first 429). A 429 about
+  concurrency (no retry time, no rate-limit code: a server capping requests in flight) sets the
+  limit just below the number in flight when that request went, so the server's cap is learned
+  rather than halved past; a probe one above it goes after a doubling number of successes.
+* **One shared pause.** A 429 about rate pauses everybody until the server's ``retry-after`` (or
+  our backoff), so one 429 does not become hundreds; paced, it slows the pace a little instead
+  of halving concurrency, which is not what is limited.
+* Token estimates are corrected by the prompt tokens the server reports.
 
-* one pause shared by every request: after a 429 nobody sends until the server's
-  ``retry-after`` (or our backoff) has passed, so one 429 does not become hundreds;
-* adaptive concurrency (AIMD with a slow start): the in-flight limit grows while replies come
-  back and halves on a 429, at most once per pause, never above ``max_concurrency``;
-* token estimates corrected by what the server reports, so TPM budgets track real usage.
+Responses reach the scheduler through ``Scheduler.on_response`` (an HTTP client's response hook);
+without it everything but the header-driven parts still works.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
 
-from aiolimiter import AsyncLimiter
+__all__ = ["PACE", "Admission", "Scheduler", "estimate_tokens"]
 
-__all__ = ["Admission", "Scheduler", "estimate_tokens"]
+# Share of the limit we pace at, at most: the slack absorbs arrival jitter at a per-second window
+# (50 a second at 99% leaves 10 ms per window). Each 429 takes 1% off; each success gives back
+# _PACE_RECOVERY, so the pace settles where jitter costs about 0.3% of requests in 429s.
+PACE = 0.995
+_PACE_START, _PACE_FLOOR, _PACE_RECOVERY = 0.99, 0.8, 0.00003
+# Requests and reservations kept in hand when spending the server's reported headroom.
+_CREDIT_MARGIN = 2
+# Successes between probes one above a learned concurrency cap; doubles per failed probe.
+_PROBE_EVERY, _PROBE_MAX = 200, 1600
+# In slow start one more request in flight than ever before goes at most this often, so the 429
+# of a server capping requests in flight (answered at once) stops the ramp one over the cap.
+_RAMP_GAP = 0.01
+_DISTRUST_SECONDS = 60.0
+_CATCH_UP = 0.005
+_OTHER_429_CODES = ("insufficient_quota", "resource_unavailable", "capacity_exceeded", "overloaded")
 
-# A bucket holds one second of budget; the drip is slowed by that much so that no sliding
-# 60-second window ever sees more than the limit (burst + 60 s of drip == limit).
-_BURST_SECONDS = 1.0
+_CURRENT: ContextVar[Admission | None] = ContextVar("llm_enrich_admission", default=None)
+_HANDLED: ContextVar[bool] = ContextVar("llm_enrich_429_handled", default=False)
 
 
 def estimate_tokens(text: str) -> int:
     """A provider-independent prompt token estimate: about four characters a token."""
     return max(1, math.ceil(len(text) / 4)) + 4
-
-
-def _bucket(per_minute: int) -> AsyncLimiter:
-    burst = max(1.0, per_minute * _BURST_SECONDS / 60.0)
-    rate_per_second = max(per_minute - burst, 1.0) / 60.0
-    return AsyncLimiter(burst, burst / rate_per_second)
 
 
 @dataclass
@@ -44,6 +68,11 @@ class Admission:
 
     estimated_prompt_tokens: int
     reserved: int
+    seq: int = 0  # requests admitted so far, this one included
+    tokens_seq: float = 0.0  # tokens reserved so far, this one included
+    in_flight: int = 0  # requests in flight when this one went, itself included
+    via_credit: bool = False
+    rejected: str | None = field(default=None, repr=False)  # "rate" / "concurrency" once a hook saw a 429
 
     def __post_init__(self) -> None:
         self.actual_prompt_tokens: int | None = None
@@ -51,6 +80,13 @@ class Admission:
     def settle(self, prompt_tokens: int | None) -> None:
         """Record the prompt tokens the server counted."""
         self.actual_prompt_tokens = prompt_tokens
+
+
+@dataclass
+class _Waiter:
+    future: asyncio.Future[Admission]
+    estimated: int
+    reserved: int
 
 
 class Scheduler:
@@ -69,31 +105,41 @@ class Scheduler:
     ) -> None:
         self.max_concurrency = max_concurrency
         self.max_tokens = max_tokens
-        self.rpm, self.tpm = rpm, tpm
+        self.rpm, self.tpm = rpm, tpm  # in force: what we were told, lowered by the server's headers
         # An outside limit shared with other processes (e.g. a Prefect global rate limit).
         self._before_send = before_send
-        self._rpm = _bucket(rpm) if rpm else None
-        self._tpm = _bucket(tpm) if tpm else None
-        # With explicit limits the buckets pace the run; without, start small and probe.
+        # With explicit limits the pacing shapes the run; without, start small and probe.
         start = max_concurrency if (rpm or tpm) else min(max_concurrency, 4)
         self.limit = float(min(initial_concurrency or start, max_concurrency))
         self._slow_start = not (rpm or tpm)
-        self._in_flight = 0
-        self._changed: asyncio.Condition | None = None
-        self._paused_until = 0.0
-        self._last_decrease = 0.0
         self._base_pause = base_pause
+        self._pace = _PACE_START
+        self._queue: deque[_Waiter] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._in_flight = 0
+        self._high = 0  # the most requests ever in flight at once
+        self._ramp_at = -math.inf
+        self._seq = 0
+        self._tokens_seq = 0.0
+        self._next_request = -math.inf  # GCRA theoretical arrival times
+        self._next_tokens = -math.inf
+        self._paused_until = -math.inf
+        self._last_decrease = -math.inf
         self._consecutive_429 = 0
+        self._credit: dict[str, tuple[float, float]] = {}  # kind -> (remaining, our seq when it was sent)
+        self._credit_seq: dict[str, int] = {}
+        self._distrust_until = -math.inf
+        self._cap: int | None = None  # a concurrency cap learned from 429s
+        self._since_probe = 0
+        self._probe_every = _PROBE_EVERY
+        self._probing = False
         self._token_ratio = 1.0
         self.rate_limited = 0
+        self.rejections: Counter[str] = Counter()  # the 429s a response hook saw, by cause
         self.peak_in_flight = 0
 
-    @property
-    def _cond(self) -> asyncio.Condition:
-        # Created lazily so it binds to the loop that runs the requests.
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        return self._changed
+    # -- estimates ----------------------------------------------------------------------------
 
     def estimate(self, prompt: str) -> int:
         """Tokens to reserve for a prompt: corrected prompt estimate plus max_tokens."""
@@ -103,82 +149,245 @@ class Scheduler:
         # The epsilon keeps a learned 4.0000000001 from rounding up to 5 tokens.
         return max(1, math.ceil(raw * self._token_ratio - 1e-6))
 
-    @asynccontextmanager
-    async def admit(self, prompt: str) -> AsyncIterator[Admission]:
-        """Wait for the pause, a concurrency slot and the RPM/TPM budget; then send."""
-        raw = estimate_tokens(prompt)
-        estimated = self._corrected(raw)
-        reserved = estimated + self.max_tokens
-        async with self._cond:
-            while True:
-                wait = self._paused_until - time.monotonic()
-                if wait > 0:
-                    try:
-                        await asyncio.wait_for(self._cond.wait(), timeout=wait)
-                    except TimeoutError:
-                        pass
-                    continue
-                if self._in_flight < int(self.limit):
-                    break
-                await self._cond.wait()
-            self._in_flight += 1
-            self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
-        try:
-            if self._rpm is not None:
-                await self._rpm.acquire(1)
-            if self._tpm is not None:
-                await self._acquire_tokens(reserved)
-            if self._before_send is not None:
-                await self._before_send()
-            # A pause may have started while we waited for the buckets.
-            while (wait := self._paused_until - time.monotonic()) > 0:
-                await asyncio.sleep(wait)
-            admission = Admission(estimated, reserved)
-            yield admission
-            if admission.actual_prompt_tokens:
-                # Learn against the raw estimate, or the ratio would correct its own correction.
-                self._learn_ratio(raw, admission.actual_prompt_tokens)
-        finally:
-            async with self._cond:
-                self._in_flight -= 1
-                self._cond.notify_all()
-
-    async def _acquire_tokens(self, amount: int) -> None:
-        assert self._tpm is not None
-        # A request larger than the bucket is taken in bucket-sized pieces.
-        remaining = float(amount)
-        while remaining > 0:
-            piece = min(remaining, self._tpm.max_rate)
-            await self._tpm.acquire(piece)
-            remaining -= piece
-
     def _learn_ratio(self, estimated: int, actual: int) -> None:
         ratio = actual / max(estimated, 1)
         self._token_ratio = min(4.0, max(0.25, 0.9 * self._token_ratio + 0.1 * ratio))
 
-    async def succeeded(self) -> None:
-        """A reply came back: grow the limit (doubling in slow start, else +1 per window)."""
-        self._consecutive_429 = 0
-        if self.limit >= self.max_concurrency:
-            return
-        step = 1.0 if self._slow_start else 1.0 / max(self.limit, 1.0)
-        async with self._cond:
-            self.limit = min(float(self.max_concurrency), self.limit + step)
-            self._cond.notify_all()
+    # -- admission ----------------------------------------------------------------------------
 
-    async def rate_limited_by_server(self, retry_after: float | None) -> None:
-        """A 429: everybody pauses; the limit halves at most once per pause."""
-        now = time.monotonic()
+    @asynccontextmanager
+    async def admit(self, prompt: str) -> AsyncIterator[Admission]:
+        """Wait for the pause, a concurrency slot and the pacing (or the server's headroom); then send."""
+        raw = estimate_tokens(prompt)
+        estimated = self._corrected(raw)
+        self._loop = asyncio.get_running_loop()
+        waiter = _Waiter(self._loop.create_future(), estimated, estimated + self.max_tokens)
+        self._queue.append(waiter)
+        self._pump()
+        try:
+            admission = await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                self._release()  # granted in the same instant as the cancel
+            raise
+        token = _CURRENT.set(admission)
+        try:
+            if self._before_send is not None:
+                await self._before_send()
+            # A pause may have started while we waited for the outside limit.
+            while (wait := self._paused_until - self._loop.time()) > 0:
+                await asyncio.sleep(wait)
+            yield admission
+            if self._probing and self._cap is not None and admission.in_flight >= self._cap:
+                self._probing, self._probe_every = False, _PROBE_EVERY  # the probe held: a new cap
+            if admission.actual_prompt_tokens:
+                # Learn against the raw estimate, or the ratio would correct its own correction.
+                self._learn_ratio(raw, admission.actual_prompt_tokens)
+        finally:
+            _CURRENT.reset(token)
+            # Tell rate_limited_by_server (same task, next) that a hook already handled this 429.
+            _HANDLED.set(admission.rejected is not None)
+            self._release()
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        self._pump()
+
+    def _pump(self) -> None:
+        """Admit waiters from the head of the queue while everything allows; else set a timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        loop = self._loop
+        while self._queue and loop is not None:
+            waiter = self._queue[0]
+            if waiter.future.done():  # cancelled while waiting
+                self._queue.popleft()
+                continue
+            if self._in_flight >= max(1, int(self.limit)):
+                return  # a release pumps again
+            now = loop.time()
+            if self._slow_start and self._in_flight >= self._high and now < self._ramp_at:
+                self._timer = loop.call_at(self._ramp_at, self._pump)
+                return
+            credit = self._credit_allows(waiter.reserved, now)
+            ready = self._paused_until if credit else max(self._paused_until, self._pacing_ready())
+            if ready > now:
+                self._timer = loop.call_at(ready, self._pump)
+                return
+            self._queue.popleft()
+            waiter.future.set_result(self._grant(waiter, now, credit))
+
+    def _pacing_ready(self) -> float:
+        ready = -math.inf
+        if self.rpm:
+            ready = max(ready, self._next_request)
+        if self.tpm:
+            ready = max(ready, self._next_tokens)
+        return ready
+
+    def _grant(self, waiter: _Waiter, now: float, credit: bool) -> Admission:
+        self._in_flight += 1
+        if self._in_flight > self._high:
+            self._high, self._ramp_at = self._in_flight, now + _RAMP_GAP
+        self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+        self._seq += 1
+        self._tokens_seq += waiter.reserved
+        # Credit-admitted requests advance the pace too, so the two never add up past a window.
+        if self.rpm:
+            self._next_request = _next_slot(self._next_request, now, 60.0 / (self.rpm * self._pace))
+        if self.tpm:
+            self._next_tokens = _next_slot(self._next_tokens, now, waiter.reserved * 60.0 / (self.tpm * self._pace))
+        return Admission(
+            waiter.estimated, waiter.reserved, self._seq, self._tokens_seq, self._in_flight, via_credit=credit
+        )
+
+    def _credit_allows(self, reserved: int, now: float) -> bool:
+        """True when the server's last reported headroom, less what we sent since, covers this request."""
+        if now < self._distrust_until or not (self.rpm or self.tpm):
+            return False
+        needs = {"requests": (self.rpm, 1.0, float(self._seq)), "tokens": (self.tpm, float(reserved), self._tokens_seq)}
+        for kind, (limited, amount, sent) in needs.items():
+            if not limited:
+                continue
+            if kind not in self._credit:
+                return False
+            remaining, sent_then = self._credit[kind]
+            if remaining - (sent - sent_then) < amount + _CREDIT_MARGIN * amount:
+                return False
+        return True
+
+    # -- what the server says -----------------------------------------------------------------
+
+    async def on_response(self, response: Any) -> None:
+        """An HTTP client response hook (httpx ``event_hooks``): pass headers and a 429's error to ``observe``."""
+        error = None
+        if response.status_code == 429:
+            try:
+                await response.aread()
+                body = response.json()
+                error = body.get("error") if isinstance(body, dict) else None
+            except ValueError:
+                error = None
+        self.observe(response.status_code, response.headers, error if isinstance(error, dict) else None)
+
+    def observe(self, status: int, headers: Mapping[str, str], error: Mapping[str, Any] | None = None) -> None:
+        """Learn from one response of the current admission: limits, headroom, and why a 429 came."""
+        admission = _CURRENT.get()
+        self._learn_limits(headers)
+        if admission is not None:
+            for kind, sent in (("requests", admission.seq), ("tokens", admission.tokens_seq)):
+                remaining = _number(headers.get(f"x-ratelimit-remaining-{kind}"))
+                if remaining is not None and admission.seq >= self._credit_seq.get(kind, 0):
+                    self._credit[kind] = (remaining, sent)
+                    self._credit_seq[kind] = admission.seq
+        if status == 429 and admission is not None:
+            self._server_said_429(admission, headers, error or {})
+        if self._loop is not None:
+            self._pump()
+
+    def _learn_limits(self, headers: Mapping[str, str]) -> None:
+        for kind, attr in (("requests", "rpm"), ("tokens", "tpm")):
+            told = _number(headers.get(f"x-ratelimit-limit-{kind}"))
+            if told is not None and told >= 1 and (getattr(self, attr) is None or told < getattr(self, attr)):
+                setattr(self, attr, int(told))
+
+    def _server_said_429(self, admission: Admission, headers: Mapping[str, str], error: Mapping[str, Any]) -> None:
+        code = str(error.get("code") or error.get("type") or "")
+        if code in _OTHER_429_CODES:
+            return  # quota and capacity are not our pace: the retry layer owns them
+        wait = _retry_after(headers)
+        assert self._loop is not None
+        now = self._loop.time()
         self.rate_limited += 1
-        async with self._cond:
-            fresh = now >= self._last_decrease  # not one of the same burst's in-flight 429s
-            if fresh:
-                self._consecutive_429 += 1
-            backoff = self._base_pause * 2 ** min(max(self._consecutive_429, 1) - 1, 6)
-            pause = retry_after if retry_after is not None else backoff
-            self._paused_until = max(self._paused_until, now + pause)
-            if fresh:
+        if error.get("code") == "rate_limit_exceeded" or wait is not None:
+            admission.rejected = "rate"
+            if admission.via_credit:  # the headroom misled us, not the pace: stop trusting it for a while
+                self.rejections["rate, sent on the server's headroom"] += 1
+                self._distrust_until = now + _DISTRUST_SECONDS
+                self._paused_until = max(self._paused_until, now + (wait or 0.0))
+            else:
+                self.rejections["rate, paced"] += 1
+                self._rate_pause(wait, now)
+            return
+        admission.rejected = "concurrency"
+        self.rejections["concurrency"] += 1
+        # More than the server takes were in flight: its cap is below this request's count.
+        cap = max(1, admission.in_flight - 1)
+        if self._probing:  # the probe above the cap failed: wait twice as long for the next
+            self._probing = False
+            self._probe_every = min(_PROBE_MAX, self._probe_every * 2)
+        self._cap = cap if self._cap is None else min(self._cap, cap)
+        self.limit = float(max(1, min(int(self.limit), self._cap)))
+        self._slow_start = False
+        self._since_probe = 0
+
+    def _rate_pause(self, wait: float | None, now: float) -> None:
+        fresh = now >= self._last_decrease  # not one of the same burst's in-flight 429s
+        if fresh:
+            self._consecutive_429 += 1
+        backoff = self._base_pause * 2 ** min(max(self._consecutive_429, 1) - 1, 6)
+        self._paused_until = max(self._paused_until, now + (wait if wait is not None else backoff))
+        if fresh:
+            self._last_decrease = self._paused_until
+            if self.rpm or self.tpm:
+                self._pace = max(_PACE_FLOOR, self._pace * 0.99)  # paced: send a little slower, keep concurrency
+            else:
                 self._slow_start = False
                 self.limit = max(1.0, self.limit / 2)
-                self._last_decrease = self._paused_until
-            self._cond.notify_all()
+
+    # -- what the retry layer reports ---------------------------------------------------------
+
+    async def succeeded(self) -> None:
+        """A reply came back: grow the limit (+1 per success in slow start, else +1 per window)."""
+        self._consecutive_429 = 0
+        self._pace = min(PACE, self._pace + _PACE_RECOVERY)  # creep back up after a slowdown
+        if self.limit >= self.max_concurrency:
+            return
+        if self._cap is not None and self.limit >= self._cap:
+            self._since_probe += 1
+            if self._since_probe < self._probe_every:
+                return
+            self._since_probe = 0
+            self._cap += 1  # probe one above; a 429 there sets it back and doubles the wait
+            self._probing = True
+            self.limit = float(min(self.max_concurrency, self._cap))
+        else:
+            step = 1.0 if self._slow_start else 1.0 / max(self.limit, 1.0)
+            self.limit = min(float(self.max_concurrency), self.limit + step)
+        self._pump()
+
+    async def rate_limited_by_server(self, retry_after: float | None) -> None:
+        """A 429: everybody pauses; unpaced, the limit halves at most once per pause."""
+        if _HANDLED.get():
+            _HANDLED.set(False)  # the response hook already acted on this one
+            return
+        self._loop = self._loop or asyncio.get_running_loop()
+        self.rate_limited += 1
+        self._rate_pause(retry_after, self._loop.time())
+        self._pump()
+
+
+def _next_slot(due: float, now: float, interval: float) -> float:
+    """The pace's next slot after an admission at ``now`` of one that was due at ``due``.
+
+    A timer fires up to a millisecond late (epoll rounds up) and a busy loop later still: a
+    lateness up to _CATCH_UP keeps the schedule, or 1 ms per 20 ms would cost 5% of the rate;
+    after an idle spell the schedule restarts from now, so there is no burst and no early slot.
+    """
+    return (due if now - due <= min(_CATCH_UP, interval / 2) else now) + interval
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """The server's explicit retry time: retry-after-ms, else retry-after in seconds."""
+    ms = _number(headers.get("retry-after-ms"))
+    if ms is not None:
+        return ms / 1000
+    return _number(headers.get("retry-after"))

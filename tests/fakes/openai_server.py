@@ -581,6 +581,12 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
+        def setup(self) -> None:
+            super().setup()
+            # Headers and body go out in two writes: with Nagle's algorithm the second waits for the
+            # client's delayed ACK, adding 40 ms to every reply, which no real provider does.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             pass
 
@@ -594,6 +600,7 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             with server._lock:
                 server.stats.in_flight += 1
                 server.stats.max_in_flight = max(server.stats.max_in_flight, server.stats.in_flight)
+            busy = True
             try:
                 try:
                     body = json.loads(raw)
@@ -604,6 +611,10 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 delivery = headers.pop(_DELIVERY, None)
                 with server._lock:
                     server.stats.statuses[status or delivery or "drop"] += 1
+                    if delivery not in ("hang", "trickle"):
+                        # Like a model server, the slot frees when the answer is ready, before it is sent.
+                        server.stats.in_flight -= 1
+                        busy = False
                 if payload is None:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -620,8 +631,9 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 else:
                     self._send(status, headers, payload)
             finally:
-                with server._lock:
-                    server.stats.in_flight -= 1
+                if busy:
+                    with server._lock:
+                        server.stats.in_flight -= 1
 
         def _head(self, status: int, headers: dict[str, str], length: int) -> None:
             self.send_response(status)
