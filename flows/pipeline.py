@@ -17,6 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.destination import check_destination
 from flows.job import EnrichJob
+from flows.lease import hold_lease
 from flows.llm import describe_url, resolve_endpoint
 from flows.local_model import LOCAL_MODEL_NOTICE, serve_local_model
 from flows.lock import hold_lock, sweep_debris
@@ -96,6 +97,13 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
             local_staging = job.staging_dir if job.staging_dir and not is_remote(job.staging_dir) else None
             if removed := sweep_debris(job.destination, local_staging):
                 log.warning("removed what runs that died left behind: %s", ", ".join(removed))
+        else:
+            held.enter_context(
+                hold_lease(
+                    job.destination, wait=job.wait, timeout=job.wait_timeout, on_wait=log.warning,
+                    check_stop=stop.check, storage=job.storage(),
+                )
+            )  # fmt: skip
         return _enrich(job, template, schema, endpoint, stop, started)
 
 
