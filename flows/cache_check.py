@@ -227,8 +227,8 @@ def render_report(report: CacheReport) -> list[str]:
         lines.append(line)
     verdict = "clean" if report.clean else ("repaired" if report.repaired else "damaged")
     lines.append(
-        f"cache {report.location}: {verdict}; {len(report.segments)} segments, {report.records_ok} records ok, "
-        f"{report.records_damaged} records damaged, {report.files_unreadable} files unreadable."
+        f"cache {report.location}: {verdict}; segments {len(report.segments)}, records ok {report.records_ok}, "
+        f"records damaged {report.records_damaged}, files unreadable {report.files_unreadable}."
     )
     if not report.clean and not report.repaired:
         lines.append("Run again with --repair (while no run writes to this cache) to keep only the good records.")

@@ -368,7 +368,8 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("verify")
 def cache_verify(
     output: Annotated[
-        Optional[str], typer.Argument(help="A run's output: check the .enrich-cache beside it.", show_default=False)
+        Optional[str],
+        typer.Argument(metavar="OUTPUT", help="A run's output: check the .enrich-cache beside it.", show_default=False),
     ] = None,
     cache_dir: Annotated[
         Optional[str], typer.Option(help="The cache directory or s3://, gs://, az:// prefix to check.")

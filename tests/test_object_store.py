@@ -259,11 +259,11 @@ def test_cache_verify_repairs_a_bucket_cache(s3_endpoint: str, monkeypatch: pyte
         return done.returncode, done.stdout + done.stderr
 
     code, output = verify()
-    assert code == 1 and "21 records ok, 1 records damaged, 2 files unreadable" in output, output
+    assert code == 1 and "records ok 21, records damaged 1, files unreadable 2" in output, output
     code, output = verify("--repair")
     assert code == 1 and output.count(": removed") == 2 and output.count("damaged: repaired") == 1, output
     code, output = verify()
-    assert code == 0 and "clean; 3 segments, 21 records ok, 0 records damaged, 0 files unreadable" in output, output
+    assert code == 0 and "clean; segments 3, records ok 21, records damaged 0, files unreadable 0" in output, output
     assert set(ObjectStoreCache("s3://data/verified-cache", options).load()["key"]) == survivors
 
 
