@@ -16,10 +16,12 @@ import polars as pl
 import pytest
 from obstore.exceptions import PreconditionError
 
+from flows.job import EnrichJob
 from flows.lease import _Lease, hold_lease, lease_location, open_store
+from flows.pipeline import enrich_table
 from schemas.errors import DestinationBusy, RunInterrupted
 from tests.conftest import REPO
-from tests.fakes.openai_server import FakeOpenAIServer
+from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 from tests.test_object_store import s3_endpoint, s3_env  # noqa: F401 - the moto_server fixtures
 
 pytestmark = pytest.mark.usefixtures("s3_env")
@@ -176,6 +178,30 @@ def test_without_conditional_writes_the_lease_is_best_effort_and_says_so(
                 pass
     assert "does not support conditional writes" in caplog.text
     assert _lease_object(destination, storage) is None
+
+
+@pytest.mark.usefixtures("prefect_backend")
+def test_a_run_on_a_bucket_output_holds_the_lease_and_gives_it_back(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
+    source = tmp_path / "in.csv"
+    pl.DataFrame({"id": range(4), "topic": [f"t{i}" for i in range(4)]}).write_csv(source)
+    destination = "s3://data/full/enriched.parquet"
+    seen: list[dict[str, object] | None] = []
+    original = _Lease.start_renewing
+
+    def spy(self: _Lease) -> None:
+        seen.append(_lease_object(destination))
+        original(self)
+
+    job = EnrichJob(
+        input_path=str(source), output_path=destination, base_url=fake_llm.base_url, prompt="Explain {topic}",
+        cache=False,
+    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_Lease, "start_renewing", spy)
+        assert enrich_table(job)["rows_ok"] == 4
+    assert len(seen) == 1 and seen[0] is not None and seen[0]["pid"] == os.getpid()
+    assert _lease_object(destination) is None
+    assert pl.read_parquet(destination)["explanation"].to_list() == [expected_answer(f"Explain t{i}") for i in range(4)]
 
 
 @pytest.mark.usefixtures("prefect_backend")
