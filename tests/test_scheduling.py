@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import httpx
 import polars as pl
 import pytest
 from hypothesis import given, settings
@@ -573,11 +574,97 @@ def test_before_send_gates_every_request_after_the_buckets() -> None:
     assert events.count("asked") == 3 and sum(e.startswith("sent") for e in events) == 3
 
 
+# -- (g) what the server says: headroom, limits, and why a 429 came --------------------------
+
+HEADROOM = {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "20"}
+
+
+def test_headroom_the_server_reports_is_spent_at_once_and_no_further() -> None:
+    async def main() -> list[float]:
+        scheduler = Scheduler(max_concurrency=100, rpm=60)  # paced: one a second
+        loop = asyncio.get_running_loop()
+        async with scheduler.admit("first"):
+            scheduler.observe(200, HEADROOM)  # what the response hook passes on
+        t0 = loop.time()
+        return [t - t0 for t in await admit_all(scheduler, ["p"] * 20)]
+
+    starts = run_virtual(main)
+    # 20 left after the first request; 18 of them are spent at once, a margin of 2 kept...
+    assert sum(t < 0.01 for t in starts) == 18
+    # ...and the pace counts them as sent, so the next one waits its turn behind all of them.
+    assert starts[18] >= 18
+
+
+def test_a_429_on_headroom_stops_trusting_it() -> None:
+    async def main() -> tuple[Scheduler, list[float]]:
+        scheduler = Scheduler(max_concurrency=100, rpm=60)
+        async with scheduler.admit("first"):
+            scheduler.observe(200, HEADROOM)
+        async with scheduler.admit("on headroom") as admission:
+            assert admission.via_credit
+            error = {"code": "rate_limit_exceeded", "type": "requests"}
+            scheduler.observe(429, {**HEADROOM, "retry-after-ms": "20"}, error)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        return scheduler, [t - t0 for t in await admit_all(scheduler, ["p"] * 3)]
+
+    scheduler, starts = run_virtual(main)
+    assert starts[1] - starts[0] >= 0.99  # paced again, whatever the headers say
+    assert scheduler.rejections == {"rate, sent on the server's headroom": 1}
+    assert scheduler.limit == 100  # concurrency was not the problem
+
+
+@pytest.mark.parametrize(("told", "header", "in_force"), [(600, "60", 60), (None, "120", 120), (60, "600", 60)])
+def test_the_lower_of_our_limit_and_the_servers_is_in_force(told: int | None, header: str, in_force: int) -> None:
+    scheduler = Scheduler(max_concurrency=4, rpm=told)
+    scheduler.observe(200, {"x-ratelimit-limit-requests": header, "x-ratelimit-limit-tokens": "90000"})
+    assert (scheduler.rpm, scheduler.tpm) == (in_force, 90_000)
+
+
+def test_a_rate_429_pauses_everyone_briefly_slows_the_pace_and_keeps_concurrency() -> None:
+    async def main() -> tuple[Scheduler, float, float]:
+        scheduler = Scheduler(max_concurrency=32, rpm=6000)
+        pace = scheduler._pace
+        loop = asyncio.get_running_loop()
+        async with scheduler.admit("p"):
+            error = {"code": "rate_limit_exceeded", "type": "requests", "message": "Please try again in 50ms."}
+            scheduler.observe(429, {"retry-after-ms": "50"}, error)
+            t429 = loop.time()
+        await scheduler.rate_limited_by_server(0.05)  # what the retry layer does next: counted once
+        async with scheduler.admit("next"):
+            waited = loop.time() - t429
+        return scheduler, waited, pace
+
+    scheduler, waited, pace = asyncio.run(main())
+    assert 0.05 - EPSILON <= waited < 0.5
+    assert scheduler.limit == 32 and scheduler._pace < pace
+    assert scheduler.rate_limited == 1 and scheduler.rejections == {"rate, paced": 1}
+
+
+@pytest.mark.parametrize("code", ["insufficient_quota", "resource_unavailable"])
+def test_quota_and_capacity_429s_are_not_the_schedulers_business(code: str) -> None:
+    async def main() -> Scheduler:
+        scheduler = Scheduler(max_concurrency=8)
+        async with scheduler.admit("p"):
+            scheduler.observe(429, {}, {"code": code, "type": code})
+        async with asyncio.timeout(1):
+            async with scheduler.admit("next"):  # no pause
+                pass
+        return scheduler
+
+    scheduler = asyncio.run(main())
+    assert scheduler.limit == 4 and scheduler.rate_limited == 0 and not scheduler.rejections
+
+
 # -- end to end against the fake server --------------------------------------------------------
 
 
-def chat(server: FakeOpenAIServer) -> ChatOpenAI:
-    """The real client, pointed at the fake server, with SDK retries off as in production."""
+def chat(server: FakeOpenAIServer, scheduler: Scheduler | None = None) -> ChatOpenAI:
+    """The real client, pointed at the fake server, with SDK retries off as in production.
+
+    With a scheduler, its response hook is wired as flows/runtime.py wires it.
+    """
+    hooks = {"response": [scheduler.on_response]} if scheduler is not None else {}
     return ChatOpenAI(
         model="fake-model",
         base_url=server.base_url,
@@ -585,6 +672,7 @@ def chat(server: FakeOpenAIServer) -> ChatOpenAI:
         max_retries=0,
         timeout=10,
         use_responses_api=False,
+        http_async_client=httpx.AsyncClient(timeout=10, event_hooks=hooks) if scheduler is not None else None,
     )
 
 
@@ -646,3 +734,24 @@ def test_a_provider_tighter_than_we_were_told_is_survived_with_few_429s(send_ret
     # pause this run sees 40+ 429s and loses rows; the shared pause keeps it to a few per row at most.
     assert rejected <= most_429s < rows * retries
     assert scheduler.limit < 8  # and the run learned to send less at once
+
+
+def test_a_servers_concurrency_cap_is_learned_from_its_429s_not_halved_past() -> None:
+    rows, cap = 40, 3
+    topics = [f"capped topic {i}" for i in range(rows)]
+    scheduler = Scheduler(max_concurrency=16)  # told nothing
+    policy = RetryPolicy(max_retries=6, base_delay=0.01, classify=classify_openai_error)
+    with FakeOpenAIServer(Behaviour(latency=0.03, max_in_flight=cap)) as server:
+        out = enrich_frame(
+            pl.DataFrame({"topic": topics}),
+            spec(16),
+            chat(server, scheduler),
+            ctx=CallContext(policy=policy, scheduler=scheduler),
+        )
+        assert out["answer"].to_list() == [expected_answer(f"Explain {t}") for t in topics]
+        rejected = server.stats.kinds["concurrency"]
+    assert scheduler.limit == cap  # the cap itself: not 1 or 2 after halving
+    # The ramp adds one request in flight per 10 ms, so it stops within a 429's round trip of the
+    # cap: one over it on an idle machine, a few when the machine is busy.
+    assert 1 <= rejected <= 6
+    assert scheduler.rejections == {"concurrency": rejected}
