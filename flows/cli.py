@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -198,6 +200,7 @@ def run(
         from flows.writing import write_json_atomic
 
         write_json_atomic(summary, str(summary_json))
+    _leave(0)
 
 
 def _check_summary_path(job: EnrichJob, path: str) -> None:
@@ -310,40 +313,100 @@ def _print_estimate(e: dict[str, Any]) -> None:
 
 
 def _run_flow(job: EnrichJob, *, verbose: bool) -> dict[str, Any]:
-    """Run the flow in this process and translate its final state into an exit code."""
-    interactive = out_console.is_terminal
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if interactive and not verbose:
+    """Run the flow in this process (reporting to PREFECT_API_URL or a temporary server of our own)."""
+    from flows.orchestration import bound_prefect_client, temporary_prefect_server
+    from flows.stopping import interrupt_on_sigterm
+
+    interrupt_on_sigterm()
+    bound_prefect_client()
+    if out_console.is_terminal and not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    with ExitStack() as stack:
+        try:
+            if not os.environ.get("PREFECT_API_URL"):
+                os.environ["PREFECT_API_URL"] = stack.enter_context(temporary_prefect_server())
+            return _run_in_prefect(job)
+        except KeyboardInterrupt:
+            _fail("interrupted before the run started; nothing was sent or written.", 128 + _signal_seen())
+        except EnrichError as err:
+            _fail(err.message, err.exit_code)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _run_in_prefect(job: EnrichJob) -> dict[str, Any]:
+    """The flow's final state as a summary or an exit code."""
     # Prefect reads its settings at import time, so it is imported only now.
     from flows.cli_progress import RichProgress
-    from flows.pipeline import INVALID_STATE, enrich_table
+    from flows.orchestration import records_incomplete
+    from flows.pipeline import INVALID_STATE, enrich_table, finished_summary
     from flows.progress import reporting_to
     from flows.stopping import received_signal
 
-    sink = RichProgress(out_console) if interactive else None
+    sink = RichProgress(out_console) if out_console.is_terminal else None
     try:
         if sink is None:
             state = enrich_table(job, return_state=True)
         else:
             with sink, reporting_to(sink):
                 state = enrich_table(job, return_state=True)
-    except KeyboardInterrupt:
-        _fail("interrupted; no output was written.", 130)
-    except EnrichError as err:
-        _fail(err.message, err.exit_code)
+    except (KeyboardInterrupt, EnrichError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the orchestration API failed us, not the data work
+        done = finished_summary()
+        if done is None:
+            _RECORDS_LOST.append(f"{type(exc).__name__}: {exc}")
+            _fail(
+                f"the Prefect API at {os.environ.get('PREFECT_API_URL')} stopped answering ({type(exc).__name__}: "
+                f"{exc}), so the run could not go on. The answers received so far are kept in the cache: rerun the "
+                "same command when the API is back (or without PREFECT_API_URL) to finish without paying for them "
+                "again.",
+                1,
+            )
+        _warn_records(f"{type(exc).__name__}: {exc}")
+        return done.model_dump()
     if state.is_completed():
+        if (lost := records_incomplete()) is not None:
+            _warn_records(lost)
         return state.result()
     if state.is_cancelled():
         _fail(state.message or "interrupted; the output was not written.", 128 + (received_signal() or 2))
     if state.name == INVALID_STATE:
         _fail(state.message or "the job was rejected", 2)
     _fail(state.message or f"the run ended {state.name}", 1)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_RECORDS_LOST: list[str] = []
+
+
+def _warn_records(why: str) -> None:
+    _RECORDS_LOST.append(why)
+    err_console.print(
+        f"[bold yellow]warning:[/] the output was written, but the Prefect API stopped answering ({why}); "
+        "this run's records there (state, artifacts, logs) are incomplete.",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _signal_seen() -> int:
+    from flows.stopping import received_signal
+
+    return received_signal() or signal.SIGINT
 
 
 def _fail(message: str, code: int) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    _leave(code)
     raise typer.Exit(code)
+
+
+def _leave(code: int) -> None:
+    """With the Prefect API gone, exit now: its workers would retry it for minutes at interpreter exit."""
+    if _RECORDS_LOST:
+        from flows.stopping import exit_now
+
+        exit_now(code)
 
 
 def _print_summary(s: dict[str, Any]) -> None:

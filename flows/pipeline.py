@@ -21,6 +21,7 @@ from flows.lease import hold_lease
 from flows.llm import describe_url, resolve_endpoint
 from flows.local_model import LOCAL_MODEL_NOTICE, serve_local_model
 from flows.lock import hold_lock, sweep_debris
+from flows.orchestration import begin_records
 from flows.outputs import OutputRun, plan_outputs
 from flows.partitions import SAMPLE_ROWS, ask_partition, enrich_partition
 from flows.progress import current_sink
@@ -46,7 +47,7 @@ from transforms.calls import StopSignal
 from transforms.enrichment import EnrichSpec
 from transforms.prompts import parse_template
 
-__all__ = ["INVALID_STATE", "enrich_partition", "enrich_table", "run_enrichment"]
+__all__ = ["INVALID_STATE", "enrich_partition", "enrich_table", "finished_summary", "run_enrichment"]
 
 INVALID_STATE = "Invalid"
 """Name of the Failed state for bad input or configuration (the CLI maps it to exit code 2)."""
@@ -77,8 +78,18 @@ def enrich_table(job: EnrichJob = EnrichJob()) -> dict[str, Any] | State:
         return Failed(name=INVALID_STATE if isinstance(err, UserError) else "Failed", message=err.message)
 
 
+_FINISHED: list[RunSummary] = []
+
+
+def finished_summary() -> RunSummary | None:
+    """The summary of the last run in this process that wrote its output (even if Prefect lost track of it)."""
+    return _FINISHED[-1] if _FINISHED else None
+
+
 def run_enrichment(job: EnrichJob) -> RunSummary:
     """The body of the flow, callable inside any flow run: check, lock, then enrich."""
+    _FINISHED.clear()
+    begin_records()
     log = get_run_logger()
     started = time.perf_counter()
     stop = StopSignal()
@@ -104,7 +115,9 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
                     check_stop=stop.check, storage=job.storage(),
                 )
             )  # fmt: skip
-        return _enrich(job, template, schema, endpoint, stop, started)
+        summary = _enrich(job, template, schema, endpoint, stop, started)
+    _FINISHED.append(summary)
+    return summary
 
 
 def _enrich(

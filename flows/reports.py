@@ -13,6 +13,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from flows.orchestration import best_effort
 from flows.summary import RunSummary
 from flows.validation import REJECT_REASON
 from schemas.enriched import ERROR_COLUMN
@@ -31,14 +32,19 @@ class Progress:
     def __init__(self, total_rows: int, already_done: int) -> None:
         self.total = max(total_rows, 1)
         self.done = already_done
-        self.artifact: UUID = create_progress_artifact(
-            self._percent(), key="enrich-progress", description="Rows answered or failed so far"
+        self.artifact: UUID | None = best_effort(
+            lambda: create_progress_artifact(
+                self._percent(), key="enrich-progress", description="Rows answered or failed so far"
+            ),
+            "progress artifact",
         )
 
     def advance(self, rows: int) -> None:
         """Count finished rows and update the artifact."""
         self.done += rows
-        update_progress_artifact(self.artifact, self._percent())
+        if self.artifact is not None:
+            artifact, percent = self.artifact, self._percent()
+            best_effort(lambda: update_progress_artifact(artifact, percent), "progress update")
 
     def _percent(self) -> float:
         return round(100.0 * min(self.done, self.total) / self.total, 1)
@@ -48,31 +54,33 @@ def publish_report(summary: RunSummary, sample: pl.DataFrame, failed: pl.DataFra
     """Markdown summary, a sample of enriched rows, and (the first of) the failed and rejected rows."""
     s = summary
     cost = f"${s.cost_usd:.4f}" if s.cost_usd is not None else "unknown (no price for this model)"
-    create_markdown_artifact(
-        "\n".join(
-            [
-                f"# Enrichment of `{s.output}`",
-                "",
-                "| | |",
-                "|---|---|",
-                f"| rows in / valid / rejected | {s.rows_in} / {s.rows_valid} / {s.rows_rejected} |",
-                f"| rows ok / failed | {s.rows_ok} / {s.rows_failed} |",
-                f"| rows from cache / deduplicated | {s.rows_cached} / {s.rows_deduplicated} |",
-                f"| requests / retries / rate-limited | {s.requests} / {s.retries} / {s.rate_limited} |",
-                f"| tokens in / out | {s.input_tokens:,} / {s.output_tokens:,} |",
-                f"| cost | {cost} |",
-                f"| wall time | {s.wall_seconds:.1f} s |",
-                f"| model | {s.model} at {s.endpoint} |",
-                f"| output | `{s.output}` |",
-                f"| rejected rows | {f'`{s.rejected_output}`' if s.rejected_output else 'none'} |",
-            ]
-        ),
-        key="enrich-summary",
-        description="What this run did",
+    text = "\n".join(
+        [
+            f"# Enrichment of `{s.output}`",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| rows in / valid / rejected | {s.rows_in} / {s.rows_valid} / {s.rows_rejected} |",
+            f"| rows ok / failed | {s.rows_ok} / {s.rows_failed} |",
+            f"| rows from cache / deduplicated | {s.rows_cached} / {s.rows_deduplicated} |",
+            f"| requests / retries / rate-limited | {s.requests} / {s.retries} / {s.rate_limited} |",
+            f"| tokens in / out | {s.input_tokens:,} / {s.output_tokens:,} |",
+            f"| cost | {cost} |",
+            f"| wall time | {s.wall_seconds:.1f} s |",
+            f"| model | {s.model} at {s.endpoint} |",
+            f"| output | `{s.output}` |",
+            f"| rejected rows | {f'`{s.rejected_output}`' if s.rejected_output else 'none'} |",
+        ]
+    )
+    best_effort(
+        lambda: create_markdown_artifact(text, key="enrich-summary", description="What this run did"),
+        "summary artifact",
     )
     if sample.height:
-        create_table_artifact(
-            _records(sample.head(_SAMPLE_ROWS)), key="enrich-sample", description="First enriched rows"
+        rows = _records(sample.head(_SAMPLE_ROWS))
+        best_effort(
+            lambda: create_table_artifact(rows, key="enrich-sample", description="First enriched rows"),
+            "sample artifact",
         )
     frames = [failed]
     if rejected.height:
@@ -80,11 +88,9 @@ def publish_report(summary: RunSummary, sample: pl.DataFrame, failed: pl.DataFra
     problems = pl.concat(frames, how="diagonal_relaxed")
     total = s.rows_failed + s.rows_rejected
     if problems.height:
-        create_table_artifact(
-            _records(problems.head(FAILURE_ROWS)),
-            key="enrich-failures",
-            description=f"Failed and rejected rows (first {min(FAILURE_ROWS, problems.height)} of {total})",
-        )
+        rows = _records(problems.head(FAILURE_ROWS))
+        about = f"Failed and rejected rows (first {min(FAILURE_ROWS, problems.height)} of {total})"
+        best_effort(lambda: create_table_artifact(rows, key="enrich-failures", description=about), "failures artifact")
 
 
 def failed_rows(enriched: pl.DataFrame, output_column: str, limit: int = FAILURE_ROWS) -> pl.DataFrame:
@@ -98,7 +104,8 @@ def failed_rows(enriched: pl.DataFrame, output_column: str, limit: int = FAILURE
 
 def publish_failure(message: str) -> None:
     """The reason a run was refused, where the UI shows it."""
-    create_markdown_artifact(f"# Run refused\n\n```\n{message}\n```", key="enrich-summary", description="Why")
+    text = f"# Run refused\n\n```\n{message}\n```"
+    best_effort(lambda: create_markdown_artifact(text, key="enrich-summary", description="Why"), "refusal artifact")
 
 
 def _records(frame: pl.DataFrame) -> list[dict[str, Any]]:

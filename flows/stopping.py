@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
 __all__ = [
     "GRACE_SECONDS",
     "drain_on_stop",
+    "exit_now",
     "forget_child",
+    "interrupt_on_sigterm",
     "received_signal",
     "remember_child",
     "stop_on_signals",
@@ -53,6 +56,17 @@ def forget_child(process: subprocess.Popen[bytes]) -> None:
 def received_signal() -> int | None:
     """The first stop signal this process received during a run, if any."""
     return _received[0] if _received else None
+
+
+def interrupt_on_sigterm() -> None:
+    """Outside a run (start-up), SIGTERM ends the process like Ctrl-C, so cleanup still runs."""
+
+    def handle(number: int, frame: FrameType | None) -> None:
+        _received.append(number)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handle)
 
 
 @contextmanager
@@ -103,10 +117,24 @@ def drain_on_stop(
 
 def _exit_now(number: int) -> None:
     """The second signal: stop our child processes and leave without any cleanup that could block."""
+    os.write(2, b"\nstopped at once (second signal); a rerun of the same command finishes the job.\n")
+    exit_now(128 + number)
+
+
+def exit_now(code: int) -> None:
+    """Kill the child processes this run started, then exit without waiting for anything else.
+
+    For when waiting is what would hang: Prefect's background workers retry an API that is gone
+    for minutes at interpreter exit.
+    """
     for process in list(_CHILDREN):
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except OSError:
             pass
-    os.write(2, b"\nstopped at once (second signal); a rerun of the same command finishes the job.\n")
-    os._exit(128 + number)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
