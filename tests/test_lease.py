@@ -21,7 +21,7 @@ from flows.lease import _Lease, hold_lease, lease_location, open_store
 from flows.pipeline import enrich_table
 from schemas.errors import DestinationBusy, RunInterrupted
 from tests.conftest import REPO
-from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
+from tests.fakes.openai_server import Behaviour, FakeOpenAIServer, expected_answer
 from tests.test_object_store import s3_endpoint, s3_env  # noqa: F401 - the moto_server fixtures
 
 pytestmark = pytest.mark.usefixtures("s3_env")
@@ -225,3 +225,47 @@ def test_the_cli_with_no_wait_refuses_a_held_bucket_output_and_pays_nothing(
     assert _lease_object(destination) is None
     with pytest.raises((OSError, pl.exceptions.PolarsError)):
         pl.read_parquet(destination)
+
+
+@pytest.mark.usefixtures("prefect_backend")
+def test_two_cli_runs_on_one_bucket_output_take_turns_and_pay_once(
+    prefect_backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", prefect_backend)
+    rows = 60
+    source = tmp_path / "in.csv"
+    pl.DataFrame({"id": range(rows), "topic": [f"subject {i}" for i in range(rows)]}).write_csv(source)
+    destination = "s3://data/turns/enriched.parquet"
+    # Slow replies keep the first run holding the output until the second says it waits for it.
+    with FakeOpenAIServer(Behaviour(latency=1.0)) as server:
+        command = [
+            sys.executable, "-m", "flows.cli", "run", str(source), "--output", destination, "--base-url",
+            server.base_url, "--max-concurrency", "4", "--partition-rows", "30",
+        ]  # fmt: skip
+        first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while _lease_object(destination) is None:
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
+            time.sleep(0.05)
+        second = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        waiting = threading.Event()
+
+        def read_second() -> None:
+            assert second.stdout is not None
+            for line in second.stdout:
+                lines.append(line)
+                if "waiting for another run" in line:
+                    waiting.set()
+
+        reader = threading.Thread(target=read_second, daemon=True)
+        reader.start()
+        assert waiting.wait(timeout=120), "".join(lines)
+        server.behaviour.latency = 0.0  # now let the first finish
+        first_output = first.communicate(timeout=300)[0]
+        second.wait(timeout=300)
+        reader.join(timeout=30)
+        assert [first.returncode, second.returncode] == [0, 0], (first_output, "".join(lines))
+        assert server.stats.completions == rows  # the second found every answer in the bucket's cache
+    assert pl.read_parquet(destination).height == rows
+    assert _lease_object(destination) is None
