@@ -140,6 +140,19 @@ def test_an_expired_lease_is_taken_over(dead_holder: dict[str, object]) -> None:
     assert told == [] and _lease_object(destination) is None
 
 
+def test_a_holder_whose_lease_was_taken_over_says_so_and_leaves_the_new_lease(
+    dead_holder: dict[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    destination = "s3://data/lost/enriched.parquet"
+    with hold_lease(destination, wait=False, timeout=1, on_wait=print, check_stop=_never_stop, lease_seconds=0.6):
+        _put_lease(destination, dead_holder)  # another run judged this one dead and took the output
+        deadline = time.monotonic() + 10
+        while "another run took over the lease" not in caplog.text:  # the next renewal finds out
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.05)
+    assert _lease_object(destination)["holder"] == "dead0000"  # type: ignore[index]
+
+
 def test_of_two_runs_taking_over_one_expired_lease_only_one_wins(dead_holder: dict[str, object]) -> None:
     destination = "s3://data/race/enriched.parquet"
     _put_lease(destination, dead_holder)
