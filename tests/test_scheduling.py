@@ -577,6 +577,7 @@ def test_before_send_gates_every_request_after_the_buckets() -> None:
 # -- (g) what the server says: headroom, limits, and why a 429 came --------------------------
 
 HEADROOM = {"x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "20"}
+RATE_429 = {"code": "rate_limit_exceeded", "type": "requests", "message": "Please try again in 50ms."}
 
 
 def test_headroom_the_server_reports_is_spent_at_once_and_no_further() -> None:
@@ -589,10 +590,10 @@ def test_headroom_the_server_reports_is_spent_at_once_and_no_further() -> None:
         return [t - t0 for t in await admit_all(scheduler, ["p"] * 20)]
 
     starts = run_virtual(main)
-    # 20 left after the first request; 18 of them are spent at once, a margin of 2 kept...
-    assert sum(t < 0.01 for t in starts) == 18
+    # 20 left after the first request; 17 of them are spent at once, a margin of 2 + 5% kept...
+    assert sum(t < 0.01 for t in starts) == 17
     # ...and the pace counts them as sent, so the next one waits its turn behind all of them.
-    assert starts[18] >= 18
+    assert starts[17] >= 17
 
 
 def test_a_429_on_headroom_stops_trusting_it() -> None:
@@ -621,24 +622,43 @@ def test_the_lower_of_our_limit_and_the_servers_is_in_force(told: int | None, he
     assert (scheduler.rpm, scheduler.tpm) == (in_force, 90_000)
 
 
-def test_a_rate_429_pauses_everyone_briefly_slows_the_pace_and_keeps_concurrency() -> None:
-    async def main() -> tuple[Scheduler, float, float]:
+def test_a_rate_429_pauses_everyone_briefly_and_keeps_concurrency_and_pace() -> None:
+    async def main() -> tuple[Scheduler, float]:
         scheduler = Scheduler(max_concurrency=32, rpm=6000)
         pace = scheduler._pace
         loop = asyncio.get_running_loop()
         async with scheduler.admit("p"):
-            error = {"code": "rate_limit_exceeded", "type": "requests", "message": "Please try again in 50ms."}
-            scheduler.observe(429, {"retry-after-ms": "50"}, error)
+            scheduler.observe(429, {"retry-after-ms": "50"}, RATE_429)
             t429 = loop.time()
         await scheduler.rate_limited_by_server(0.05)  # what the retry layer does next: counted once
         async with scheduler.admit("next"):
             waited = loop.time() - t429
-        return scheduler, waited, pace
+        assert scheduler._pace == pace  # one stray 429 costs the window nothing: only retried
+        return scheduler, waited
 
-    scheduler, waited, pace = asyncio.run(main())
+    scheduler, waited = asyncio.run(main())
     assert 0.05 - EPSILON <= waited < 0.5
-    assert scheduler.limit == 32 and scheduler._pace < pace
+    assert scheduler.limit == 32
     assert scheduler.rate_limited == 1 and scheduler.rejections == {"rate, paced": 1}
+
+
+def test_clustered_rate_429s_slow_the_pace_and_successes_restore_it() -> None:
+    async def main() -> list[float]:
+        scheduler = Scheduler(max_concurrency=32, rpm=60_000)
+        paces = [scheduler._pace]
+        for _ in range(2):  # two pauses in a row: more than the jitter of a busy machine
+            async with scheduler.admit("p"):
+                scheduler.observe(429, {"retry-after-ms": "1"}, RATE_429)
+            await asyncio.sleep(0.002)
+        paces.append(scheduler._pace)
+        for _ in range(500):
+            await scheduler.succeeded()
+        paces.append(scheduler._pace)
+        return paces
+
+    start, slowed, restored = asyncio.run(main())
+    assert slowed == pytest.approx(start * 0.98)
+    assert restored == PACE
 
 
 @pytest.mark.parametrize("code", ["insufficient_quota", "resource_unavailable"])

@@ -38,12 +38,16 @@ from typing import Any
 __all__ = ["PACE", "Admission", "Scheduler", "estimate_tokens"]
 
 # Share of the limit we pace at, at most: the slack absorbs arrival jitter at a per-second window
-# (50 a second at 99% leaves 10 ms per window). Each 429 takes 1% off; each success gives back
-# _PACE_RECOVERY, so the pace settles where jitter costs about 0.3% of requests in 429s.
+# (50 a second at 99.5% leaves 5 ms per window). A rejected request costs a provider's window
+# nothing, so a stray 429 is only retried; when 429s cluster (over about 0.7% of recent requests:
+# a busy machine, a long network path, a server stricter than its headers) the pace drops 2%, and
+# each success gives back _PACE_RECOVERY.
 PACE = 0.995
-_PACE_START, _PACE_FLOOR, _PACE_RECOVERY = 0.99, 0.8, 0.00003
-# Requests and reservations kept in hand when spending the server's reported headroom.
-_CREDIT_MARGIN = 2
+_PACE_START, _PACE_FLOOR, _PACE_RECOVERY = 0.99, 0.8, 0.0001
+_PRESSURE_DECAY, _PRESSURE_LIMIT = 0.995, 1.5
+# Headroom kept in hand when spending what the server reports: two requests' worth plus a share
+# of the most it ever reported (a window's capacity), against its clock and ours disagreeing.
+_CREDIT_MARGIN, _CREDIT_SHARE = 2, 0.05
 # Successes between probes one above a learned concurrency cap; doubles per failed probe.
 _PROBE_EVERY, _PROBE_MAX = 200, 1600
 # In slow start one more request in flight than ever before goes at most this often, so the 429
@@ -129,6 +133,8 @@ class Scheduler:
         self._consecutive_429 = 0
         self._credit: dict[str, tuple[float, float]] = {}  # kind -> (remaining, our seq when it was sent)
         self._credit_seq: dict[str, int] = {}
+        self._credit_peak: dict[str, float] = {}
+        self._pressure = 0.0  # recent paced 429s, decaying per success
         self._distrust_until = -math.inf
         self._cap: int | None = None  # a concurrency cap learned from 429s
         self._since_probe = 0
@@ -253,7 +259,8 @@ class Scheduler:
             if kind not in self._credit:
                 return False
             remaining, sent_then = self._credit[kind]
-            if remaining - (sent - sent_then) < amount + _CREDIT_MARGIN * amount:
+            margin = _CREDIT_MARGIN * amount + _CREDIT_SHARE * self._credit_peak[kind]
+            if remaining - (sent - sent_then) < amount + margin:
                 return False
         return True
 
@@ -281,6 +288,7 @@ class Scheduler:
                 if remaining is not None and admission.seq >= self._credit_seq.get(kind, 0):
                     self._credit[kind] = (remaining, sent)
                     self._credit_seq[kind] = admission.seq
+                    self._credit_peak[kind] = max(self._credit_peak.get(kind, 0.0), remaining)
         if status == 429 and admission is not None:
             self._server_said_429(admission, headers, error or {})
         if self._loop is not None:
@@ -330,8 +338,10 @@ class Scheduler:
         self._paused_until = max(self._paused_until, now + (wait if wait is not None else backoff))
         if fresh:
             self._last_decrease = self._paused_until
-            if self.rpm or self.tpm:
-                self._pace = max(_PACE_FLOOR, self._pace * 0.99)  # paced: send a little slower, keep concurrency
+            if self.rpm or self.tpm:  # paced: concurrency is not what is limited; maybe the pace is
+                self._pressure += 1.0
+                if self._pressure >= _PRESSURE_LIMIT:
+                    self._pace, self._pressure = max(_PACE_FLOOR, self._pace * 0.98), 0.0
             else:
                 self._slow_start = False
                 self.limit = max(1.0, self.limit / 2)
@@ -342,6 +352,7 @@ class Scheduler:
         """A reply came back: grow the limit (+1 per success in slow start, else +1 per window)."""
         self._consecutive_429 = 0
         self._pace = min(PACE, self._pace + _PACE_RECOVERY)  # creep back up after a slowdown
+        self._pressure *= _PRESSURE_DECAY
         if self.limit >= self.max_concurrency:
             return
         if self._cap is not None and self.limit >= self._cap:
