@@ -44,8 +44,8 @@ __all__ = [
     "temporary_prefect_server",
 ]
 
-API_RETRIES = 3
-API_TIMEOUT_SECONDS = 15
+API_RETRIES = 4
+API_TIMEOUT_SECONDS = 30
 SERVER_STARTUP_SECONDS = 90.0
 _STOP_SECONDS = 5.0
 
