@@ -21,6 +21,7 @@ from transforms.calls import AttemptDeadline, EmptyReply, Failure
 
 __all__ = [
     "DEFAULT_REMOTE_MODEL",
+    "MAX_SERVER_WAIT",
     "Endpoint",
     "build_chat_model",
     "classify_openai_error",
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 DEFAULT_REMOTE_MODEL = "gpt-4o-mini"
+MAX_SERVER_WAIT = 120.0
+"""Longest single wait a server's retry-after / x-ratelimit-reset-* can impose (seconds)."""
 # Local servers accept any key, but the OpenAI client insists on one.
 _PLACEHOLDER_KEY = "sk-local-no-key"
 
@@ -215,7 +218,9 @@ def _retry_after(response: httpx.Response | None) -> float | None:
     for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
         if (value := headers.get(name)) and (parsed := _parse_duration(value)) is not None:
             waits.append(parsed)
-    return max(waits) if waits else None
+    # A server asking for more than MAX_SERVER_WAIT is not waited for in full (as the OpenAI SDK does):
+    # the wait is capped, and the retry budget decides when the row gives up.
+    return min(max(waits), MAX_SERVER_WAIT) if waits else None
 
 
 def _parse_duration(text: str) -> float | None:
