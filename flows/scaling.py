@@ -1,14 +1,43 @@
-"""Where partition tasks run when a job scales out: an existing Dask cluster or a local one."""
+"""Where partition tasks run when a job scales out: an existing Dask cluster or a local one.
+
+A local cluster's processes end with the run (success, failure or a stop signal): the cluster is
+closed within ``CLOSE_SECONDS``, any worker process still there is terminated, then killed, and the
+multiprocessing resource tracker the cluster made this process start is stopped and waited for.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from typing import TYPE_CHECKING
 
 from flows.job import EnrichJob
 
-__all__ = ["count_workers", "dask_runner", "workers_report_here"]
+if TYPE_CHECKING:
+    import psutil
+    from prefect_dask import DaskTaskRunner
+
+__all__ = [
+    "CLOSE_SECONDS",
+    "KILL_SECONDS",
+    "count_workers",
+    "dask_runner",
+    "end_processes",
+    "stop_resource_tracker",
+    "workers_report_here",
+]
+
+CLOSE_SECONDS = 30.0
+"""How long a local Dask cluster may take to close before its worker processes are killed."""
+KILL_SECONDS = 5.0
+"""How long a straggling process gets after SIGTERM, and again after SIGKILL."""
+
+# How multiprocessing's spawn start method marks the processes it starts (the Dask workers).
+_SPAWNED = ("multiprocessing.spawn", "--multiprocessing-fork")
 
 
 @contextmanager
@@ -32,19 +61,157 @@ def workers_report_here() -> Iterator[None]:
             os.environ.pop("PREFECT_API_URL", None)
 
 
-def dask_runner(job: EnrichJob):  # type: ignore[no-untyped-def]
-    """A prefect-dask task runner for the job's dask_address, or a local cluster of dask_local workers."""
+@contextmanager
+def dask_runner(job: EnrichJob) -> Iterator[DaskTaskRunner]:
+    """A started prefect-dask runner on the job's dask_address, or on a local cluster of dask_local workers."""
     from prefect_dask import DaskTaskRunner
 
     if job.dask_address:
-        return DaskTaskRunner(address=job.dask_address)
+        with DaskTaskRunner(address=job.dask_address) as runner:
+            yield runner
+        return
     # One thread per worker process: each worker runs one partition at a time with its own
     # event loop and scheduler (the run's --rpm/--tpm are split between workers, see README).
     cluster = {
         "n_workers": job.dask_local, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
         "dashboard_address": "127.0.0.1:0",
     }  # fmt: skip
-    return DaskTaskRunner(cluster_kwargs=cluster)
+    with _ending_local_processes() as spawned:
+        runner = DaskTaskRunner(cluster_kwargs=cluster)
+        runner.__enter__()  # the cluster itself starts on the first submit
+        try:
+            yield runner
+        finally:
+            spawned.update(_spawned_children(spawned.before))
+            _close_bounded(runner, CLOSE_SECONDS)
+
+
+class _Spawned(set[int]):
+    """PIDs of the worker processes a local cluster started, beside the children there were before it."""
+
+    def __init__(self, before: set[int]) -> None:
+        super().__init__()
+        self.before = before
+
+
+@contextmanager
+def _ending_local_processes() -> Iterator[_Spawned]:
+    """Whatever the block spawns through multiprocessing ends before the block is left."""
+    from multiprocessing import resource_tracker
+
+    tracker_was_running = getattr(resource_tracker._resource_tracker, "_fd", None) is not None
+    spawned = _Spawned(_children())
+    try:
+        yield spawned
+    finally:
+        spawned.update(_spawned_children(spawned.before))
+        end_processes(spawned)
+        if not tracker_was_running:
+            stop_resource_tracker()
+
+
+def _children() -> set[int]:
+    import psutil
+
+    with suppress(psutil.Error):
+        return {p.pid for p in psutil.Process().children(recursive=True)}
+    return set()
+
+
+def _spawned_children(before: set[int]) -> set[int]:
+    """New descendants of this process started by multiprocessing, with their own descendants."""
+    import psutil
+
+    found: set[int] = set()
+    with suppress(psutil.Error):
+        for child in psutil.Process().children(recursive=False):
+            if child.pid in before:
+                continue
+            with suppress(psutil.Error):
+                if any(mark in part for part in child.cmdline() for mark in _SPAWNED):
+                    found.add(child.pid)
+                    found.update(p.pid for p in child.children(recursive=True))
+    return found
+
+
+def _close_bounded(runner: DaskTaskRunner, timeout: float) -> None:
+    """Close the runner (client, then cluster) in a thread, waiting at most ``timeout`` s for it."""
+
+    def close() -> None:
+        with suppress(Exception):  # a failed close leaves processes behind: they are killed next
+            runner.__exit__(None, None, None)
+
+    closing = threading.Thread(target=close, name="close-dask-cluster", daemon=True)
+    closing.start()
+    closing.join(timeout)
+
+
+def end_processes(pids: set[int], *, grace: float = KILL_SECONDS) -> list[int]:
+    """SIGTERM these processes, SIGKILL those still there after ``grace`` s; the PIDs that would not end."""
+    import psutil
+
+    procs: list[psutil.Process] = []
+    for pid in pids:
+        with suppress(psutil.Error):
+            procs.append(psutil.Process(pid))
+    alive = [p for p in procs if _running(p)]
+    for step in ("terminate", "kill"):
+        for proc in alive:
+            with suppress(psutil.Error):
+                getattr(proc, step)()
+        # wait_procs reaps our own children, so none is left a zombie
+        alive = [p for p in psutil.wait_procs(alive, timeout=grace)[1] if _running(p)]
+        if not alive:
+            break
+    return [p.pid for p in alive]
+
+
+def _running(proc: psutil.Process) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def stop_resource_tracker(*, timeout: float = KILL_SECONDS) -> None:
+    """Stop this process's multiprocessing resource tracker and wait (bounded) until it has exited.
+
+    The tracker exits once every copy of its pipe is closed; left alone it would do so only after
+    this process has exited, outliving the run. Multiprocessing starts a new one if needed again.
+    """
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    with tracker._lock:
+        fd, pid = getattr(tracker, "_fd", None), getattr(tracker, "_pid", None)
+        if fd is None:
+            return
+        with suppress(OSError):
+            os.close(fd)  # end of file on its pipe: it releases what leaked and exits
+        tracker._fd = tracker._pid = None
+    if pid is not None:
+        _reap(pid, timeout)
+
+
+def _reap(pid: int, timeout: float) -> None:
+    """Wait for a child to exit, SIGKILL it after ``timeout`` s (it ignores SIGINT and SIGTERM)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return  # not ours to wait for, or already reaped
+        if done:
+            return
+        if time.monotonic() >= deadline:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with suppress(ChildProcessError):
+                os.waitpid(pid, 0)  # SIGKILL cannot be ignored: this returns at once
+            return
+        time.sleep(0.02)
 
 
 def count_workers(job: EnrichJob) -> int:
