@@ -211,10 +211,11 @@ def _retry_after(response: httpx.Response | None) -> float | None:
             waits.append(float(secs))
         except ValueError:
             pass
-    if waits:
-        # The reset headers say when the whole budget is back (up to a minute on a 60 s window),
-        # not when one request fits: only without an explicit retry time are they the wait.
-        return max(waits)
+    if waits or response.status_code != 429:
+        # The reset headers (on every response) say when the whole budget is back, up to a minute
+        # on a 60 s window, not when one request fits: they are the wait only for a 429 that gives
+        # no retry time, never for a 500.
+        return max(waits) if waits else None
     for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
         if (value := headers.get(name)) and (parsed := _parse_duration(value)) is not None:
             waits.append(parsed)

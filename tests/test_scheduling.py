@@ -1,7 +1,8 @@
-"""The run-wide Scheduler: concurrency, RPM/TPM buckets, the shared pause, AIMD, token estimates.
+"""The run-wide Scheduler: concurrency, RPM/TPM pacing, the shared pause, what the server says, estimates.
 
-Timing tests run in real time on asyncio and measure with the loop clock; the 60-second-window
-tests run on an event loop whose clock jumps to the next timer, so minutes pass in milliseconds.
+Timing tests run in real time on asyncio and measure with the loop clock; the pacing tests run on
+an event loop whose clock jumps to the next timer, so minutes pass in milliseconds and every
+window, one second or sixty, can be checked exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
+import openai
 import polars as pl
 import pytest
 from hypothesis import given, settings
@@ -44,14 +46,14 @@ class _JumpingSelector(selectors.DefaultSelector):
         ready = super().select(0)
         if timeout is None and not ready:
             return super().select(None)
-        # Like a real clock, every loop iteration takes a moment (1 us): aiolimiter's float
-        # arithmetic can otherwise re-check a waiter forever at one frozen instant.
+        # Like a real clock, every loop iteration takes a moment (1 us): float arithmetic can
+        # otherwise re-check a waiter forever at one frozen instant.
         self.now += 1e-6 if ready or not timeout else max(timeout, 1e-6)
         return ready
 
 
 class VirtualClockLoop(asyncio.SelectorEventLoop):
-    """An event loop whose clock jumps straight to the next timer (aiolimiter reads loop.time())."""
+    """An event loop whose clock jumps straight to the next timer (the scheduler reads loop.time())."""
 
     def __init__(self) -> None:
         self._jumping = _JumpingSelector()
@@ -775,3 +777,16 @@ def test_a_servers_concurrency_cap_is_learned_from_its_429s_not_halved_past() ->
     # cap: one over it on an idle machine, a few when the machine is busy.
     assert 1 <= rejected <= 6
     assert scheduler.rejections == {"concurrency": rejected}
+
+
+def test_reset_headers_are_a_wait_only_for_a_429_without_a_retry_time() -> None:
+    def retry_after(status: int, headers: dict[str, str]) -> float | None:
+        response = httpx.Response(status, headers=headers, request=httpx.Request("POST", "http://127.0.0.1/v1"))
+        kind = openai.RateLimitError if status == 429 else openai.InternalServerError
+        return classify_openai_error(kind("injected", response=response, body=None)).retry_after
+
+    # Every response carries them; on a 60 s window they say up to a minute until the budget is full.
+    reset = {"x-ratelimit-reset-requests": "59s", "x-ratelimit-remaining-requests": "2000"}
+    assert retry_after(500, reset) is None  # a 500 is retried after the backoff, not in a minute
+    assert retry_after(429, {**reset, "retry-after-ms": "20"}) == pytest.approx(0.02)
+    assert retry_after(429, reset) == pytest.approx(59)
