@@ -63,7 +63,7 @@ def test_a_partitioned_dataset_is_swapped_whole(tmp_path: Path, monkeypatch: pyt
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(pl.LazyFrame, "sink_parquet", torn)
-    with pytest.raises(OutputError, match="previous dataset is intact"):
+    with pytest.raises(OutputError, match="previous output, if any, is intact"):
         write_parquet_dataset_atomic(pl.DataFrame({"k": ["z"], "x": [9]}), str(dest), "k")
     assert sorted(p.name for p in dest.iterdir()) == ["k=c"]
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no staging or backup directories left
