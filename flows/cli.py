@@ -424,6 +424,42 @@ def _print_summary(s: dict[str, Any]) -> None:
     )
 
 
+@app.command()
+def show(
+    output: Annotated[
+        str,
+        typer.Argument(
+            metavar="OUTPUT",
+            help="An enriched Parquet file or dataset directory (or s3://, gs://, az:// URI).",
+            show_default=False,
+        ),
+    ],
+    rows: Annotated[int, typer.Option("--rows", "-n", min=0, help="How many rows to show; 0 for all.")] = 20,
+    columns: Annotated[
+        Optional[str], typer.Option(help="Comma-separated columns to show (default: all but keys and tokens).")
+    ] = None,
+    failed: Annotated[
+        bool, typer.Option("--failed", help="Only the failed rows, with their errors and a count per error kind.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per row (NDJSON), nothing else.")] = False,
+    storage_option: Annotated[
+        Optional[list[str]], typer.Option(help="Object-store setting KEY=VALUE (repeatable), as for `run`.")
+    ] = None,
+) -> None:
+    """Show an enriched output: its provenance and first rows, or its failed rows by error kind."""
+    from flows.show import open_output, print_rows, write_ndjson
+
+    wanted = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+    try:
+        enriched = open_output(output, _pairs(storage_option) if storage_option else None)
+        if as_json:
+            write_ndjson(enriched, wanted, limit=rows, failed=failed)
+        else:
+            print_rows(out_console, enriched, wanted, limit=rows, failed=failed)
+    except EnrichError as err:
+        _fail(err.message, err.exit_code)
+
+
 cache_app = typer.Typer(help="Check and repair the persistent response cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
