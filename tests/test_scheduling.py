@@ -624,6 +624,20 @@ def test_the_lower_of_our_limit_and_the_servers_is_in_force(told: int | None, he
     assert (scheduler.rpm, scheduler.tpm) == (in_force, 90_000)
 
 
+def test_workers_sharing_a_budget_take_their_share_of_what_the_headers_say() -> None:
+    async def main() -> tuple[Scheduler, list[float]]:
+        scheduler = Scheduler(max_concurrency=100, shared_by=2)  # told nothing, one of two workers
+        loop = asyncio.get_running_loop()
+        async with scheduler.admit("first"):
+            scheduler.observe(200, {"x-ratelimit-limit-requests": "120", "x-ratelimit-remaining-requests": "40"})
+        t0 = loop.time()
+        return scheduler, [t - t0 for t in await admit_all(scheduler, ["p"] * 30)]
+
+    scheduler, starts = run_virtual(main)
+    assert scheduler.rpm == 60  # half the limit
+    assert sum(t < 0.01 for t in starts) == 17  # half the headroom (20), less the margin
+
+
 def test_a_rate_429_pauses_everyone_briefly_and_keeps_concurrency_and_pace() -> None:
     async def main() -> tuple[Scheduler, float]:
         scheduler = Scheduler(max_concurrency=32, rpm=6000)

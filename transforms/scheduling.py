@@ -38,11 +38,11 @@ from typing import Any
 __all__ = ["PACE", "Admission", "Scheduler", "estimate_tokens"]
 
 # Share of the limit we pace at, at most: the slack absorbs arrival jitter at a per-second window
-# (50 a second at 99.5% leaves 5 ms per window). A rejected request costs a provider's window
+# (50 a second at 99% leaves 10 ms per window). A rejected request costs a provider's window
 # nothing, so a stray 429 is only retried; when 429s cluster (over about 0.7% of recent requests:
 # a busy machine, a long network path, a server stricter than its headers) the pace drops 2%, and
 # each success gives back _PACE_RECOVERY.
-PACE = 0.995
+PACE = 0.99
 _PACE_START, _PACE_FLOOR, _PACE_RECOVERY = 0.99, 0.8, 0.0001
 _PRESSURE_DECAY, _PRESSURE_LIMIT = 0.995, 1.5
 # Headroom kept in hand when spending what the server reports: two requests' worth plus a share
@@ -106,8 +106,12 @@ class Scheduler:
         initial_concurrency: int | None = None,
         base_pause: float = 1.0,
         before_send: Callable[[], Awaitable[None]] | None = None,
+        shared_by: int = 1,
     ) -> None:
         self.max_concurrency = max_concurrency
+        # Processes sharing the provider's budget (Dask workers): the server's headers describe the
+        # whole budget, of which this scheduler may take its share only.
+        self.shared_by = max(1, shared_by)
         self.max_tokens = max_tokens
         self.rpm, self.tpm = rpm, tpm  # in force: what we were told, lowered by the server's headers
         # An outside limit shared with other processes (e.g. a Prefect global rate limit).
@@ -285,6 +289,7 @@ class Scheduler:
         if admission is not None:
             for kind, sent in (("requests", admission.seq), ("tokens", admission.tokens_seq)):
                 remaining = _number(headers.get(f"x-ratelimit-remaining-{kind}"))
+                remaining = remaining / self.shared_by if remaining is not None else None
                 if remaining is not None and admission.seq >= self._credit_seq.get(kind, 0):
                     self._credit[kind] = (remaining, sent)
                     self._credit_seq[kind] = admission.seq
@@ -297,6 +302,7 @@ class Scheduler:
     def _learn_limits(self, headers: Mapping[str, str]) -> None:
         for kind, attr in (("requests", "rpm"), ("tokens", "tpm")):
             told = _number(headers.get(f"x-ratelimit-limit-{kind}"))
+            told = told / self.shared_by if told is not None else None
             if told is not None and told >= 1 and (getattr(self, attr) is None or told < getattr(self, attr)):
                 setattr(self, attr, int(told))
 
