@@ -116,7 +116,11 @@ def run(
         Optional[str], typer.Option(help="fail (default) or quarantine rows that fail the schema.")
     ] = None,
     schema: Annotated[
-        Optional[str], typer.Option(help="Input schema: topics (default), template, or module:Class.")
+        Optional[str],
+        typer.Option(
+            help="Input schema: auto (default: topics if the table has id and topic, else template), "
+            "topics, template (the prompt's columns, non-null), or module:Class."
+        ),
     ] = None,
     output_schema: Annotated[
         Optional[str],

@@ -7,8 +7,8 @@ from pydantic import BaseModel
 from flows.job import EnrichJob
 from flows.llm import resolve_endpoint
 from flows.outputs import plan_outputs
+from flows.schema_choice import resolve_schema
 from flows.survey import read_columns, survey_input
-from flows.validation import resolve_schema
 from transforms.prompts import parse_template
 from transforms.scheduling import estimate_tokens
 
@@ -35,9 +35,10 @@ class Estimate(BaseModel):
 def estimate_job(job: EnrichJob) -> Estimate:
     """Load, validate and plan exactly as a run would (every output), then count instead of sending."""
     template = parse_template(job.prompt)
-    schema = resolve_schema(job.input_schema, template)
+    columns = read_columns(job)
+    schema = resolve_schema(job.input_schema, template, columns)
     endpoint = resolve_endpoint(job)
-    runs, _ = plan_outputs(job, read_columns(job), endpoint)
+    runs, _ = plan_outputs(job, columns, endpoint)
     survey = survey_input(job, schema, template, runs, staging=None)
     input_tokens = output_tokens = 0
     cost: float | None = 0.0

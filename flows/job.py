@@ -171,10 +171,11 @@ class EnrichJob(BaseModel):
         "rate limits and the cache; each has its own prompt, model and schema.",
     )
     input_schema: str = Field(
-        "topics",
+        "auto",
         max_length=300,
-        description="'topics' (bundled), 'template' (the template's columns must be present "
-        "and non-null) or 'module:Class' (a pandera DataFrameModel of your own).",
+        description="'auto' (default: 'topics' when the table has columns id and topic, else 'template'), "
+        "'topics' (the bundled schema), 'template' (the template's columns must be present and non-null) "
+        "or 'module:Class' (a pandera DataFrameModel of your own). The run's first log line says which was used.",
     )
 
     @field_validator("output_column")

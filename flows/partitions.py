@@ -71,7 +71,7 @@ def ask_partition(
     served_url: str | None, workers: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
     """First phase on Dask: ask the prompts this slice owns and stage the answers."""
-    rt, remote = runtime_for(runtime_key, job, local=local, served_url=served_url, workers=workers)
+    rt, remote = runtime_for(runtime_key, job, local=local, served_url=served_url, workers=workers, columns=columns)
     staging = Staging(staging_root, job.storage())
     staged = staging.read(piece.path)
     before = stats_of(rt) if remote else None
@@ -98,7 +98,7 @@ def enrich_partition(
     served_url: str | None, workers: int = 1, answers: list[str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Enrich one staged slice for every output and write its part file; return only the path and counts."""
-    rt, remote = runtime_for(runtime_key, job, local=local, served_url=served_url, workers=workers)
+    rt, remote = runtime_for(runtime_key, job, local=local, served_url=served_url, workers=workers, columns=columns)
     staging = Staging(staging_root, job.storage())
     if answers:
         _load_answers(rt, runtime_key, staging, answers)

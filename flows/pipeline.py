@@ -39,8 +39,7 @@ from flows.staging import open_staging
 from flows.stopping import drain_on_stop, stop_on_signals
 from flows.storage import is_remote
 from flows.summary import RunSummary
-from flows.survey import Slice, Survey, read_columns, survey_input
-from flows.validation import resolve_schema
+from flows.survey import Slice, Survey, choose_input_schema, read_columns, survey_input
 from flows.writing import publish_parquet, rejected_path, write_parquet_dataset_atomic
 from schemas.errors import ConfigError, EnrichError, RunInterrupted, UserError
 from transforms.calls import StopSignal
@@ -95,7 +94,9 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
     stop = StopSignal()
     with stop_on_signals(stop), ExitStack() as held:
         template = parse_template(job.prompt)
-        schema = resolve_schema(job.input_schema, template)
+        choice = choose_input_schema(job, template)
+        log.info(choice.describe())
+        schema = choice.schema
         check_destination(job)
         endpoint = resolve_endpoint(job)
         if not is_remote(job.destination):

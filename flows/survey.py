@@ -18,12 +18,13 @@ from flows.outputs import OutputRun
 from flows.planning import ROW_INDEX, plan_slice
 from flows.preparation import planned_columns
 from flows.provenance import check_column_clashes, read_provenance
+from flows.schema_choice import AUTO, SchemaChoice, choose_schema
 from flows.staging import Staging
 from flows.validation import check_rows, failure_report, refusal, unique_columns
 from schemas.errors import ConfigError, ValidationFailed
 from transforms.prompts import PromptTemplate
 
-__all__ = ["Slice", "Survey", "read_columns", "survey_input"]
+__all__ = ["Slice", "Survey", "choose_input_schema", "read_columns", "survey_input"]
 
 _REPORT_CASES = 20
 _ROWS_PER_PASS = 2_000_000
@@ -126,6 +127,11 @@ def survey_input(
 def read_columns(job: EnrichJob) -> list[str]:
     """The input's columns (without answer columns of an earlier run), from its schema alone."""
     return _scan_input(job)[1]
+
+
+def choose_input_schema(job: EnrichJob, template: PromptTemplate) -> SchemaChoice:
+    """The job's input schema; only 'auto' reads the input, and only its column names."""
+    return choose_schema(job.input_schema, template, read_columns(job) if job.input_schema == AUTO else None)
 
 
 def _scan_input(job: EnrichJob) -> tuple[pl.LazyFrame, list[str]]:

@@ -1,18 +1,16 @@
-"""Resolve the input schema, validate lazily, report or quarantine failing rows."""
+"""Validate lazily against the input schema (resolved in flows.schema_choice), report or quarantine failing rows."""
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import pandera.polars as pa
 import polars as pl
 from pandera.errors import SchemaError, SchemaErrors
 
+from flows.schema_choice import field_hint, resolve_schema
 from schemas.enriched import build_output_schema
-from schemas.errors import ConfigError, OutputError, ValidationFailed
-from schemas.topics import TopicsInput
-from transforms.prompts import PromptTemplate
+from schemas.errors import OutputError, ValidationFailed
 from transforms.structured import StructuredOutput, field_dtypes
 
 __all__ = [
@@ -36,6 +34,11 @@ _CHECK_WORDS = {
     "not_blank": "must not be blank (fails not_blank)",
 }
 
+# Named as the job field, since a deployment run's form has no CLI flags.
+_OTHER_SCHEMAS = (
+    f"{field_hint('template')} checks only the columns the prompt uses, {field_hint('module:Class')} uses your own."
+)
+
 
 @dataclass(frozen=True)
 class Split:
@@ -44,34 +47,6 @@ class Split:
     valid: pl.DataFrame
     rejected: pl.DataFrame
     report: str
-
-
-def resolve_schema(ref: str, template: PromptTemplate) -> pa.DataFrameSchema:
-    """'topics', 'template' or 'module:Class' -> a pandera polars schema."""
-    if ref == "topics":
-        return TopicsInput.to_schema()
-    if ref == "template":
-        columns = {name: pa.Column(nullable=False) for name in template.fields}
-        return pa.DataFrameSchema(columns, strict=False, name="template columns")
-    module_name, _, attr = ref.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(
-            f"--schema {ref!r} is not 'topics', 'template' or 'module:Class' (for example 'myproject.schemas:Orders')."
-        )
-    try:
-        found = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(
-            f"--schema {ref!r} could not be loaded ({exc}); make sure the module is importable "
-            "(installed, or on PYTHONPATH) and defines that class."
-        ) from exc
-    if isinstance(found, type) and issubclass(found, pa.DataFrameModel):
-        return found.to_schema()
-    if isinstance(found, pa.DataFrameSchema):
-        return found
-    raise ConfigError(
-        f"--schema {ref!r} is a {type(found).__name__}, not a pandera.polars DataFrameModel or DataFrameSchema."
-    )
 
 
 @dataclass(frozen=True)
@@ -299,8 +274,7 @@ def _missing_message(missing: list[str], frame: pl.DataFrame, source: str, name:
     return (
         f"{source} does not fit the input schema '{name or 'input'}': column {names} "
         f"{'is' if len(missing) == 1 else 'are'} missing; the file has: {', '.join(frame.columns)}. "
-        "Rename the column, or choose another schema: --schema template checks only the columns "
-        "the prompt uses, --schema module:Class uses your own."
+        f"Rename the column, or choose another schema: {_OTHER_SCHEMAS}"
     )
 
 
@@ -314,6 +288,5 @@ def _schema_level_message(cases: pl.DataFrame, frame: pl.DataFrame, source: str,
     return (
         f"{source} does not fit the input schema '{name or 'input'}': {'; '.join(problems)}. "
         f"The file has columns: {', '.join(frame.columns)}. Fix the file, or choose another "
-        "schema: --schema template checks only the columns the prompt uses, --schema module:Class "
-        "uses your own."
+        f"schema: {_OTHER_SCHEMAS}"
     )

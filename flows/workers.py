@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from flows.cache import default_cache_dir, open_cache
 from flows.job import EnrichJob
@@ -19,7 +20,7 @@ from flows.runtime import (
     resolve_price,
     share_limits,
 )
-from flows.validation import resolve_schema
+from flows.schema_choice import resolve_schema
 from transforms.prompts import parse_template
 
 __all__ = ["runtime_for", "stats_of"]
@@ -31,7 +32,7 @@ _COUNTERS = ("requests", "retries", "input_tokens", "output_tokens", "rate_limit
 
 
 def runtime_for(
-    key: str, job: EnrichJob, *, local: bool, served_url: str | None, workers: int = 1
+    key: str, job: EnrichJob, *, local: bool, served_url: str | None, workers: int = 1, columns: Sequence[str] = ()
 ) -> tuple[Runtime, bool]:
     """The run's runtime in this process; (runtime, built_here). Built from the job on a worker."""
     try:
@@ -40,7 +41,7 @@ def runtime_for(
         pass
     with _LOCK:
         if key not in _BUILT:
-            _BUILT[key] = _build(_worker_share(job, workers), local=local, served_url=served_url)
+            _BUILT[key] = _build(_worker_share(job, workers), local=local, served_url=served_url, columns=columns)
             while len(_BUILT) > _KEEP:
                 _BUILT.popitem(last=False)[1].loop.close()
         return _BUILT[key], True
@@ -59,7 +60,7 @@ def _worker_share(job: EnrichJob, workers: int) -> EnrichJob:
     return job.model_copy(update=share)
 
 
-def _build(job: EnrichJob, *, local: bool, served_url: str | None) -> Runtime:
+def _build(job: EnrichJob, *, local: bool, served_url: str | None, columns: Sequence[str]) -> Runtime:
     # The key is read from this worker's environment; the identity (answer keys) must match the flow's.
     found = resolve_endpoint(job)
     endpoint = Endpoint(base_url=found.base_url, api_key=found.api_key, local=local)
@@ -75,5 +76,6 @@ def _build(job: EnrichJob, *, local: bool, served_url: str | None) -> Runtime:
             share_limits(ctx, lanes[0].ctx)
         lane, _ = build_lane(single, spec, ctx, endpoint, base_url=served_url or endpoint.base_url, cache=cache)
         lanes.append(lane)
-    schema = resolve_schema(job.input_schema, parse_template(job.prompt))
+    # The input's columns come from the flow, so 'auto' chooses as the flow did without reading the input here.
+    schema = resolve_schema(job.input_schema, parse_template(job.prompt), columns)
     return Runtime(lanes=lanes, loop=loop, secret=secret, cache=cache, schema=schema)

@@ -10,7 +10,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.sorting import LogSort
 
 from flows.deployment import deployment_parameters
 from flows.job import EnrichJob
@@ -65,6 +66,34 @@ def test_bad_input_fails_the_run_with_the_message_and_writes_nothing(prefect_ser
     assert run.state.is_failed()
     assert "7 of 9 rows fail the input schema" in run.state.message
     assert not out.exists()
+
+
+def test_a_user_table_runs_from_the_form_with_the_defaults(
+    prefect_server: str, served: Path, served_llm: FakeOpenAIServer
+) -> None:
+    descriptions = ["two red mugs", "a blue teapot", "six spoons"]
+    source, out = served / "orders.csv", served / "orders.parquet"
+    pl.DataFrame({"order_id": [7, 8, 9], "description": descriptions}).write_csv(source)
+    # Only what a user fills in on the form; input_schema keeps its default.
+    job = {"input_path": str(source), "output_path": str(out), "prompt": "Summarize {description}"}
+    run = trigger(prefect_server, job)
+    assert run.state.is_completed(), run.state.message
+    answers = pl.read_parquet(out)["explanation"].to_list()
+    assert answers == [expected_answer(f"Summarize {d}") for d in descriptions]
+
+    def run_logs() -> list[str] | None:
+        with api(prefect_server) as client:
+            logs = client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])), sort=LogSort.TIMESTAMP_ASC
+            )
+        found = [log.message for log in logs]
+        return found if any(m.startswith("wrote ") for m in found) else None
+
+    # The served process ships its logs in the background: wait until the last one is in.
+    logs = wait_for(run_logs, timeout=60, what="the run's logs")
+    ours = [m for m in logs if m.startswith(("input schema:", "loaded "))]
+    assert ours[0].startswith("input schema: 'template' (the template's columns description, present and non-null)")
+    assert "input_schema 'auto'" in ours[0] and ours[1].startswith("loaded 3 rows")
 
 
 def test_a_prefect_rate_limit_is_taken_per_request(

@@ -109,7 +109,7 @@ def test_user_schema_from_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 @pytest.mark.parametrize(
     ("ref", "fragment"),
     [
-        ("nonsense", "is not 'topics', 'template' or 'module:Class'"),
+        ("nonsense", "is not 'auto', 'topics', 'template' or 'module:Class'"),
         ("no_such_module_xyz:Thing", "could not be loaded"),
         ("json:loads", "not a pandera.polars DataFrameModel"),
     ],
