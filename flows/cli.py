@@ -58,6 +58,7 @@ _FIELD_OF = {
     "staging_dir": "staging_dir",
     "rpm": "rpm",
     "tpm": "tpm",
+    "on_truncated": "on_truncated",
     "wait": "wait",
     "wait_timeout": "wait_timeout",
     "cache": "cache",
@@ -143,6 +144,9 @@ def run(
     ] = None,
     rpm: Annotated[Optional[int], typer.Option(help="Provider limit, requests per minute (held run-wide).")] = None,
     tpm: Annotated[Optional[int], typer.Option(help="Provider limit, tokens per minute (held run-wide).")] = None,
+    on_truncated: Annotated[
+        Optional[str], typer.Option(help="An answer cut off at --max-tokens: keep (flagged) or error.")
+    ] = None,
     wait: Annotated[
         Optional[bool],
         typer.Option("--wait/--no-wait", help="Wait for another run writing the same output (default), or refuse."),
@@ -418,7 +422,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     cost = f", ${s['cost_usd']:.4f}" if s["cost_usd"] is not None else ""
     out_console.print(
         f"[bold green]Enriched[/] {s['rows_valid']} of {s['rows_in']} rows into [bold]{s['output']}[/]: "
-        f"{s['rows_ok']} ok, {s['rows_failed']} failed{rejected}.\n"
+        f"{s['rows_ok']} ok, {s['rows_failed']} failed{rejected}"
+        f"{f', {truncated} cut off at --max-tokens' if (truncated := s.get('rows_truncated')) else ''}.\n"
         f"{s['rows_cached']} from the cache, {s['rows_deduplicated']} deduplicated; {s['requests']} requests "
         f"({s['retries']} retries, {s['rate_limited']} rate-limited, {s.get('timeouts', 0)} timed out), "
         f"tokens {s['input_tokens']:,} in / "

@@ -121,6 +121,11 @@ class EnrichJob(BaseModel):
         "fail",
         description="Rows failing the input schema: stop the run, or set them aside and go on.",
     )
+    on_truncated: Literal["keep", "error"] = Field(
+        "keep",
+        description="An answer cut off at max_tokens: keep it (flagged in enrich_truncated) or make it the "
+        "row's error. A cut-off structured answer is always an error.",
+    )
     wait: bool = Field(
         True,
         description="When another run is writing the same output, wait for it (then reuse its answers); "

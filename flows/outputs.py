@@ -19,6 +19,7 @@ from schemas.enriched import (
     INPUT_TOKENS_COLUMN,
     KEY_COLUMN,
     OUTPUT_TOKENS_COLUMN,
+    TRUNCATED_COLUMN,
     added_columns,
     bookkeeping_names,
 )
@@ -120,6 +121,7 @@ def _answer_columns(
         ROW_INDEX,
         pl.col(lane.text).alias(output_column),
         pl.col(lane.error).alias(ERROR_COLUMN),
+        pl.col(lane.truncated).fill_null(False).alias(TRUNCATED_COLUMN),
         pl.col(lane.input_tokens).alias(INPUT_TOKENS_COLUMN),
         pl.col(lane.output_tokens).alias(OUTPUT_TOKENS_COLUMN),
         pl.col(lane.key).alias(KEY_COLUMN),
@@ -136,6 +138,7 @@ def _answer_columns(
     return planned.select(
         pl.col(output_column),
         pl.col(ERROR_COLUMN),
+        pl.col(TRUNCATED_COLUMN).fill_null(False),
         *(pl.when(pl.col(lane.charge)).then(pl.col(c)).otherwise(0).fill_null(0).alias(c)
           for c in (INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN)),
         pl.col(KEY_COLUMN),

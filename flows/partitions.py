@@ -29,7 +29,14 @@ from flows.runtime import Runtime
 from flows.staging import Staging
 from flows.survey import Slice
 from flows.workers import runtime_for, stats_of
-from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, KEY_COLUMN, OUTPUT_TOKENS_COLUMN, bookkeeping_names
+from schemas.enriched import (
+    ERROR_COLUMN,
+    INPUT_TOKENS_COLUMN,
+    KEY_COLUMN,
+    OUTPUT_TOKENS_COLUMN,
+    TRUNCATED_COLUMN,
+    bookkeeping_names,
+)
 from schemas.errors import UserError
 from transforms.calls import Outcome
 from transforms.enrichment import enrich_frame_async
@@ -79,7 +86,7 @@ def ask_partition(
     answers = [
         frame.select(
             pl.lit(number).alias("lane"), KEY_COLUMN, pl.col(rt.lanes[number].spec.output_column).alias("text"),
-            ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN,
+            ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN, TRUNCATED_COLUMN,
         ).filter(pl.col(KEY_COLUMN).is_not_null())
         for number, frame in enumerate(frames) if frame is not None
     ]  # fmt: skip
@@ -122,12 +129,14 @@ def enrich_partition(
     if rt.cache is not None:
         rt.cache.flush()  # the slice's answers are durable before its task reports done
     errors = [name for _, _, names in specs for key, name in names.items() if key == ERROR_COLUMN]
+    flags = [name for _, _, names in specs for key, name in names.items() if key == TRUNCATED_COLUMN]
     return {
         "number": piece.number,
         "path": path,
         "rows": enriched.height,
         "failed": failed,
         "failed_any": int(enriched.select(pl.any_horizontal(pl.col(c).is_not_null() for c in errors).sum()).item()),
+        "truncated_any": int(enriched.select(pl.any_horizontal(pl.col(c) for c in flags).sum()).item()),
         "sample": enriched.head(SAMPLE_ROWS).to_dicts(),
         "problems": failed_rows(enriched, job.output_column).to_dicts(),
         "stats": _delta(rt, before) if before is not None else None,
@@ -167,8 +176,10 @@ def _load_answers(rt: Runtime, runtime_key: str, staging: Staging, paths: list[s
         if runtime_key in _LOADED:
             return
         found = staging.scan(paths).collect()
-        for number, key, text, error, tokens_in, tokens_out in found.iter_rows():
-            outcome = Outcome(text=text, error=error, input_tokens=tokens_in, output_tokens=tokens_out)
+        for number, key, text, error, tokens_in, tokens_out, truncated in found.iter_rows():
+            outcome = Outcome(
+                text=text, error=error, input_tokens=tokens_in, output_tokens=tokens_out, truncated=truncated
+            )
             rt.lanes[number].memo.done.setdefault(key, outcome)
         _LOADED.add(runtime_key)
 

@@ -192,6 +192,13 @@ def _enrich(
         staging.remove()
 
     failed = sum(r["failed_any"] for r in results)
+    truncated = sum(r.get("truncated_any", 0) for r in results)
+    if truncated:
+        log.warning(
+            "%d rows have an answer cut off at max_tokens (%d; enrich_truncated is true): raise max_tokens "
+            "(--max-tokens), or set on_truncated = 'error' (--on-truncated error) to count them as failed.",
+            truncated, job.max_tokens,
+        )  # fmt: skip
     stats = [run.ctx.stats for run in runs]
     costs = [run.cost_usd for run in runs]
     summary = RunSummary(
@@ -200,6 +207,7 @@ def _enrich(
         rows_rejected=survey.rows_rejected,
         rows_ok=survey.rows_valid - failed,
         rows_failed=failed,
+        rows_truncated=truncated,
         rows_cached=primary.tally.rows_cached,
         rows_deduplicated=primary.ctx.stats.rows_deduplicated,
         unique_prompts_sent=sum(run.tally.unique_todo for run in runs),

@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 
 from flows.storage import is_remote
-from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, KEY_COLUMN, OUTPUT_TOKENS_COLUMN
+from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, KEY_COLUMN, OUTPUT_TOKENS_COLUMN, TRUNCATED_COLUMN
 from transforms.enrichment import EnrichSpec, key_columns
 
 __all__ = ["ROW_INDEX", "LaneColumns", "Tally", "build_known", "load_previous", "plan_slice"]
@@ -20,12 +20,24 @@ _KNOWN_SCHEMA = {
     INPUT_TOKENS_COLUMN: pl.Int64,
     OUTPUT_TOKENS_COLUMN: pl.Int64,
     ERROR_COLUMN: pl.String,
+    TRUNCATED_COLUMN: pl.Boolean,
 }
 
 
 # Distinct template cells remembered across slices; beyond this, slices render their own.
 _RENDER_MEMO = 250_000
-_LANE_FIELDS = ("key", "prompt", "text", "error", "input_tokens", "output_tokens", "ask", "charge", "owner")
+_LANE_FIELDS = (
+    "key",
+    "prompt",
+    "text",
+    "error",
+    "truncated",
+    "input_tokens",
+    "output_tokens",
+    "ask",
+    "charge",
+    "owner",
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,7 @@ class LaneColumns:
     prompt: str
     text: str
     error: str
+    truncated: str
     input_tokens: str
     output_tokens: str
     ask: str
@@ -54,6 +67,7 @@ class LaneColumns:
             self.key,
             self.text,
             self.error,
+            self.truncated,
             self.input_tokens,
             self.output_tokens,
             self.ask,
@@ -87,6 +101,7 @@ def load_previous(
     names = names or {}
     canonical = [KEY_COLUMN, ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN]
     columns = [output_column, *(names.get(c, c) for c in canonical)]
+    flag = names.get(TRUNCATED_COLUMN, TRUNCATED_COLUMN)
     dataset = not is_remote(destination) and path.is_dir()
     if not is_remote(destination) and not path.is_file() and not dataset:
         return None
@@ -96,7 +111,13 @@ def load_previous(
         if not all(c in scan.collect_schema() for c in columns):
             return None
         back = {names.get(c, c): c for c in canonical}
-        rows = scan.select(columns).rename({output_column: "text", **back}).filter(pl.col(KEY_COLUMN).is_not_null())
+        # Outputs written before the flag existed count as whole answers.
+        truncated = pl.col(flag).fill_null(False) if flag in scan.collect_schema() else pl.lit(False)
+        rows = (
+            scan.select(*columns, truncated.alias(TRUNCATED_COLUMN))
+            .rename({output_column: "text", **back})
+            .filter(pl.col(KEY_COLUMN).is_not_null())
+        )
         # One row per key is all a plan needs, so memory follows distinct prompts, not table size.
         answers = rows.filter(pl.col("text").is_not_null()).unique(KEY_COLUMN, keep="any")
         failed = rows.filter(pl.col(ERROR_COLUMN).is_not_null() & pl.col("text").is_null()).unique(
@@ -113,7 +134,7 @@ def build_known(cached: pl.DataFrame | None, previous: pl.DataFrame | None, *, r
     if previous is not None:
         sources.append(
             previous.filter(pl.col("text").is_not_null()).select(
-                pl.col(KEY_COLUMN).alias("key"), "text", INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN
+                pl.col(KEY_COLUMN).alias("key"), "text", INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN, TRUNCATED_COLUMN
             )
         )
     if cached is not None and cached.height:
@@ -123,6 +144,7 @@ def build_known(cached: pl.DataFrame | None, previous: pl.DataFrame | None, *, r
                 "text",
                 pl.col("input_tokens").alias(INPUT_TOKENS_COLUMN),
                 pl.col("output_tokens").alias(OUTPUT_TOKENS_COLUMN),
+                pl.lit(False).alias(TRUNCATED_COLUMN),  # cut-off answers are never cached
             )
         )
     known = (
@@ -137,8 +159,9 @@ def build_known(cached: pl.DataFrame | None, previous: pl.DataFrame | None, *, r
             pl.lit(0, dtype=pl.Int64).alias(INPUT_TOKENS_COLUMN),
             pl.lit(0, dtype=pl.Int64).alias(OUTPUT_TOKENS_COLUMN),
             ERROR_COLUMN,
+            pl.lit(False).alias(TRUNCATED_COLUMN),
         )
-        known = pl.concat([known, failed.join(known, on="key", how="anti")])
+        known = pl.concat([known, failed.join(known, on="key", how="anti").select(known.columns)])
     return known.cast(_KNOWN_SCHEMA)  # type: ignore[arg-type]
 
 
@@ -151,7 +174,7 @@ def plan_slice(
     # table is built over a slice's worth of rows rather than over every known answer.
     settled = known.filter(pl.col("key").is_in(keyed.get_column(lane.key).drop_nulls().implode())).rename(
         {"key": lane.key, "text": lane.text, ERROR_COLUMN: lane.error, INPUT_TOKENS_COLUMN: lane.input_tokens,
-         OUTPUT_TOKENS_COLUMN: lane.output_tokens}
+         OUTPUT_TOKENS_COLUMN: lane.output_tokens, TRUNCATED_COLUMN: lane.truncated}
     )  # fmt: skip
     planned = keyed.join(settled, on=lane.key, how="left", maintain_order="left").with_columns(
         (pl.col(lane.text).is_null() & pl.col(lane.error).is_null()).alias(lane.ask)

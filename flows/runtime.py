@@ -99,6 +99,7 @@ def build_context(
             before_send=_prefect_rate_limit(job.prefect_rate_limit) if job.prefect_rate_limit else None,
         ),
         budget=Budget(job.max_cost) if job.max_cost is not None else None,
+        on_truncated=job.on_truncated,
         price=price,
         max_tokens=job.max_tokens,
     )

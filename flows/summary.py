@@ -15,6 +15,7 @@ class RunSummary(BaseModel):
     rows_rejected: int
     rows_ok: int
     rows_failed: int
+    rows_truncated: int = 0
     rows_cached: int
     rows_deduplicated: int
     unique_prompts_sent: int

@@ -10,6 +10,7 @@ __all__ = [
     "INPUT_TOKENS_COLUMN",
     "KEY_COLUMN",
     "OUTPUT_TOKENS_COLUMN",
+    "TRUNCATED_COLUMN",
     "added_columns",
     "bookkeeping_names",
     "build_output_schema",
@@ -19,16 +20,17 @@ ERROR_COLUMN = "enrich_error"
 INPUT_TOKENS_COLUMN = "enrich_input_tokens"
 OUTPUT_TOKENS_COLUMN = "enrich_output_tokens"
 KEY_COLUMN = "enrich_key"
+TRUNCATED_COLUMN = "enrich_truncated"
 
 
 def added_columns(output_column: str) -> list[str]:
     """The columns enrichment appends, in output order."""
-    return [output_column, ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN, KEY_COLUMN]
+    return [output_column, ERROR_COLUMN, TRUNCATED_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN, KEY_COLUMN]
 
 
 def bookkeeping_names(output_column: str, *, primary: bool) -> dict[str, str]:
     """How an output's bookkeeping columns are named in the file (extra outputs get a suffix)."""
-    canonical = [ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN, KEY_COLUMN]
+    canonical = [ERROR_COLUMN, TRUNCATED_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN, KEY_COLUMN]
     return {c: c if primary else f"{c}_{output_column}" for c in canonical}
 
 
@@ -46,6 +48,7 @@ def build_output_schema(input_schema: pa.DataFrameSchema, output_column: str) ->
     extra = {
         output_column: pa.Column(pl.String, pa.Check(non_empty_answer, name="answer_not_blank"), nullable=True),
         ERROR_COLUMN: pa.Column(pl.String, nullable=True),
+        TRUNCATED_COLUMN: pa.Column(pl.Boolean),
         INPUT_TOKENS_COLUMN: pa.Column(pl.Int64, pa.Check.ge(0)),
         OUTPUT_TOKENS_COLUMN: pa.Column(pl.Int64, pa.Check.ge(0)),
         KEY_COLUMN: pa.Column(pl.String, pa.Check.str_length(64, 64), nullable=True),

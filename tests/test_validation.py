@@ -11,7 +11,7 @@ import pytest
 
 from flows.loading import load_table
 from flows.validation import REJECT_REASON, resolve_schema, split_valid, validate_output
-from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, KEY_COLUMN, OUTPUT_TOKENS_COLUMN
+from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, KEY_COLUMN, OUTPUT_TOKENS_COLUMN, TRUNCATED_COLUMN
 from schemas.errors import ConfigError, OutputError, ValidationFailed
 from tests.conftest import DATA
 from transforms.prompts import parse_template
@@ -126,6 +126,7 @@ def test_output_validation_catches_a_row_with_neither_answer_nor_error() -> None
             "topic": ["a", "b"],
             "answer": ["x", None],
             ERROR_COLUMN: [None, None],
+            TRUNCATED_COLUMN: [False, False],
             INPUT_TOKENS_COLUMN: [1, 0],
             OUTPUT_TOKENS_COLUMN: [1, 0],
             KEY_COLUMN: ["a" * 64, None],

@@ -175,6 +175,7 @@ class Outcome:
     input_tokens: int = 0
     output_tokens: int = 0
     attempts: int = 0
+    truncated: bool = False  # cut at max_tokens (finish_reason "length") and kept as an answer
 
 
 @dataclass
@@ -187,6 +188,8 @@ class CallStats:
     output_tokens: int = 0
     rate_limited: int = 0
     timeouts: int = 0
+    truncated: int = 0
+    filtered: int = 0
     rows_deduplicated: int = 0
     in_flight: int = 0
     answered: int = 0
@@ -235,6 +238,7 @@ class CallContext:
     max_tokens: int = 0
     reachability: Reachability = field(default_factory=Reachability)
     stop: StopSignal = field(default_factory=StopSignal)
+    on_truncated: Literal["keep", "error"] = "keep"
 
 
 async def ask_model(
@@ -279,6 +283,14 @@ async def ask_model(
             stats.add(tokens=tokens)
             outcome.input_tokens += tokens[0]
             outcome.output_tokens += tokens[1]
+            if (verdict := _incomplete(reply, ctx, structured=structured)) is not None:
+                # A filtered or cut-off reply comes back the same when asked again: not retried.
+                outcome.error = verdict
+                return outcome
+            outcome.truncated = _finish_reason(reply["raw"] if structured else reply) == "length"
+            if outcome.truncated:
+                with stats._lock:
+                    stats.truncated += 1
             text = _structured_text(reply) if structured else _plain_text(reply)
             if ctx.scheduler is not None:
                 await ctx.scheduler.succeeded()
@@ -351,6 +363,37 @@ _CORRECTION = (
     "Your previous answer was rejected because it does not match the required schema: {error}. "
     "Answer again, following the schema exactly."
 )
+
+
+def _finish_reason(reply: Any) -> str | None:
+    metadata = getattr(reply, "response_metadata", None) or {}
+    return metadata.get("finish_reason")
+
+
+def _incomplete(reply: Any, ctx: CallContext, *, structured: bool) -> str | None:
+    """Why a reply is not a whole answer (content filter, refusal, cut off where that is an error), or None."""
+    raw = reply.get("raw") if structured else reply
+    finish = _finish_reason(raw)
+    refusal = (getattr(raw, "additional_kwargs", None) or {}).get("refusal")
+    if finish == "content_filter" or refusal:
+        with ctx.stats._lock:
+            ctx.stats.filtered += 1
+        why = (
+            f"the model refused: {' '.join(str(refusal).split())[:300]}"
+            if refusal
+            else ("the provider's content filter stopped the answer (finish_reason content_filter)")
+        )
+        return f"{why}; not retried, since the same prompt gets the same verdict"
+    if finish == "length" and (structured or ctx.on_truncated == "error"):
+        with ctx.stats._lock:
+            ctx.stats.truncated += 1
+        if structured:
+            return (
+                f"the reply was cut off at max_tokens ({ctx.max_tokens}) before the structured answer was complete, "
+                "so it cannot be parsed; raise max_tokens (--max-tokens)"
+            )
+        return f"the answer was cut off at max_tokens ({ctx.max_tokens}); raise max_tokens (--max-tokens)"
+    return None
 
 
 def _plain_text(reply: BaseMessage) -> str:

@@ -17,9 +17,10 @@ from schemas.enriched import (
     INPUT_TOKENS_COLUMN,
     KEY_COLUMN,
     OUTPUT_TOKENS_COLUMN,
+    TRUNCATED_COLUMN,
     added_columns,
 )
-from schemas.errors import EndpointRejected
+from schemas.errors import EndpointRejected, RunInterrupted
 from transforms.calls import CallContext, Outcome, ask_model
 from transforms.keys import AnswerIdentity, answer_key
 from transforms.prompts import PromptTemplate, build_messages, render_prompts
@@ -156,7 +157,7 @@ async def enrich_frame_async(
         unique, config={"max_concurrency": spec.max_concurrency}, return_exceptions=True
     )
     for key, result in zip(unique, results, strict=True):
-        if isinstance(result, EndpointRejected):
+        if isinstance(result, (EndpointRejected, RunInterrupted)):
             raise result
         if isinstance(result, BaseException):
             outcomes[key] = Outcome(error=f"internal error: {type(result).__name__}: {result}")
@@ -171,12 +172,13 @@ async def enrich_frame_async(
             KEY_COLUMN: list(outcomes),
             spec.output_column: [o.text for o in outcomes.values()],
             ERROR_COLUMN: [o.error for o in outcomes.values()],
+            TRUNCATED_COLUMN: [o.truncated for o in outcomes.values()],
             INPUT_TOKENS_COLUMN: [o.input_tokens for o in outcomes.values()],
             OUTPUT_TOKENS_COLUMN: [o.output_tokens for o in outcomes.values()],
         },
         schema={
             KEY_COLUMN: pl.String, spec.output_column: pl.String, ERROR_COLUMN: pl.String,
-            INPUT_TOKENS_COLUMN: pl.Int64, OUTPUT_TOKENS_COLUMN: pl.Int64,
+            TRUNCATED_COLUMN: pl.Boolean, INPUT_TOKENS_COLUMN: pl.Int64, OUTPUT_TOKENS_COLUMN: pl.Int64,
         },
     )  # fmt: skip
     joined = pl.DataFrame([keys]).join(answers, on=KEY_COLUMN, how="left", maintain_order="left")
@@ -187,6 +189,7 @@ async def enrich_frame_async(
             pl.col(INPUT_TOKENS_COLUMN).fill_null(0),
             pl.col(OUTPUT_TOKENS_COLUMN).fill_null(0),
         )
+    joined = joined.with_columns(pl.col(TRUNCATED_COLUMN).fill_null(False))
     enriched = frame.drop([c for c in added_columns(spec.output_column) if c in frame.columns]).with_columns(
         joined.get_column(c) for c in added_columns(spec.output_column)
     )
@@ -222,7 +225,9 @@ async def _answer_once(
     with memo._lock:
         memo.done[key] = outcome
     pending.set_result(outcome)
-    if outcome.error is None and memo.on_answer is not None:
+    # A cut-off answer is not cached: the cache has no place for the flag, and a reused answer
+    # must never lose it (a rerun finds it, flagged, in the previous output instead).
+    if outcome.error is None and not outcome.truncated and memo.on_answer is not None:
         memo.on_answer(key, outcome)
     return outcome, True
 
