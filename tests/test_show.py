@@ -9,13 +9,16 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import obstore
 import polars as pl
 import pytest
+from obstore.store import from_url
 
 from flows.show import error_kind
 from flows.writing import write_parquet_dataset_atomic
 from tests.conftest import REPO
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
+from tests.test_object_store import s3_endpoint  # noqa: F401  (the moto_server fixture)
 
 LONG = "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the chloroplasts " * 2
 TOPICS = ["Black holes", "FAULT:400 first", LONG.strip(), "FAULT:400 second", "FAULT:500", "FAULT:empty", "인공지능"]
@@ -159,6 +162,31 @@ def test_a_hive_partitioned_output_directory(output: Path, env: dict[str, str], 
     assert sorted(json.loads(line)["id"] for line in text.splitlines()) == list(range(1, 8))
     code, text = show(str(tmp_path / "dataset"), "--failed", env=env)
     assert code == 0 and "prompt: Explain {topic}" in text and "4 of 7 rows failed" in text
+
+
+def test_an_output_in_a_bucket_with_storage_options(output: Path, env: dict[str, str], s3_endpoint: str) -> None:  # noqa: F811
+    options = {
+        "aws_endpoint_url": s3_endpoint, "aws_access_key_id": "test", "aws_secret_access_key": "s3-secret-77",
+        "aws_region": "us-east-1", "aws_allow_http": "true",
+    }  # fmt: skip
+    # Uploaded as bytes, so the footer is the run's own (obstore takes allow_http as a client option).
+    store = from_url("s3://data/show", config={k: v for k, v in options.items() if k != "aws_allow_http"},
+                     client_options={"allow_http": True})  # fmt: skip
+    obstore.put(store, "out.parquet", output.read_bytes())
+    flags = [arg for key, value in options.items() for arg in ("--storage-option", f"{key}={value}")]
+    code, text = show("s3://data/show/out.parquet", "--failed", *flags, env=env)
+    assert code == 0, text
+    assert "prompt: Explain {topic}" in text and "4 of 7 rows failed" in text and "s3-secret-77" not in text
+    code, text = show("s3://data/show/nope.parquet", *flags, env=env)
+    assert code == 2 and "could not read 's3://data/show/nope.parquet'" in text and "s3-secret-77" not in text
+    assert text.strip().count("\n") == 0
+
+
+def test_json_into_a_closed_pipe_ends_quietly(output: Path, env: dict[str, str]) -> None:
+    command = f"{sys.executable} -m flows.cli show {output} --json --rows 0 | head -n 1"
+    result = subprocess.run(["sh", "-c", command], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert json.loads(result.stdout)["id"] == 1
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
 
 
 def test_a_missing_path_exits_2_in_one_line(tmp_path: Path, env: dict[str, str]) -> None:
