@@ -74,6 +74,8 @@ class EnrichedOutput:
 
     def failed_filter(self) -> pl.Expr:
         """True for a row with an error in any output."""
+        if not self.error_columns:
+            return pl.lit(False)
         return pl.any_horizontal(pl.col(c).is_not_null() for c in self.error_columns)
 
     def rows(self, columns: list[str], *, limit: int, failed: bool) -> pl.LazyFrame:
@@ -144,6 +146,7 @@ def render_rows(output: EnrichedOutput, wanted: list[str] | None, *, limit: int,
     frame = _collect(output.path, output.rows(columns, limit=limit, failed=failed))
     parts: list[RenderableType] = [_provenance_text(output)]
     total = output.height()
+    kinds: Counter[str] = Counter()
     if failed:
         kinds = output.error_kinds()
         failed_rows = int(_collect(output.path, output.scan.filter(output.failed_filter()).select(pl.len())).item())
@@ -152,7 +155,7 @@ def render_rows(output: EnrichedOutput, wanted: list[str] | None, *, limit: int,
         parts.append(Text(f"{total:,} rows; showing the first {frame.height:,}."))
     if frame.height:
         parts.append(_table(frame))
-    if failed and kinds:
+    if kinds:
         parts.append(_kinds_table(kinds))
     hidden = [c for c in output.columns if c not in columns]
     if not wanted and hidden:
