@@ -5,7 +5,7 @@
   ``PACE`` of the limit. Providers may enforce a per-minute limit over one second (OpenAI: 60,000
   RPM as 1,000 a second): a client holding a second of budget and spending it at once draws 429s
   there, while an even pace a little under the limit fills no window, short or long. A late
-  event loop never catches up in a burst: the next slot counts from the late admission.
+  event loop makes good up to 5 ms of its lateness and never bursts after an idle spell.
 * **Headroom the server reports.** Each response's ``x-ratelimit-remaining-*``, minus what was sent
   since that request, is credit that admits at once: a server enforcing over 60 seconds lets a
   short run go as fast as its concurrency. ``x-ratelimit-limit-*`` below what we were told wins,
@@ -16,8 +16,8 @@
   limit just below the number in flight when that request went, so the server's cap is learned
   rather than halved past; a probe one above it goes after a doubling number of successes.
 * **One shared pause.** A 429 about rate pauses everybody until the server's ``retry-after`` (or
-  our backoff), so one 429 does not become hundreds; paced, it slows the pace a little instead
-  of halving concurrency, which is not what is limited.
+  our backoff), so one 429 does not become hundreds. Paced, it never halves concurrency, which is
+  not what is limited; 429s that cluster slow the pace by 2% at a time.
 * Token estimates are corrected by the prompt tokens the server reports.
 
 Responses reach the scheduler through ``Scheduler.on_response`` (an HTTP client's response hook);
@@ -52,7 +52,7 @@ _CREDIT_MARGIN, _CREDIT_SHARE = 2, 0.05
 _PROBE_EVERY, _PROBE_MAX = 200, 1600
 # In slow start one more request in flight than ever before goes at most this often, so the 429
 # of a server capping requests in flight (answered at once) stops the ramp one over the cap.
-_RAMP_GAP = 0.01
+_RAMP_GAP = 0.025
 _DISTRUST_SECONDS = 60.0
 _CATCH_UP = 0.005
 _OTHER_429_CODES = ("insufficient_quota", "resource_unavailable", "capacity_exceeded", "overloaded")
