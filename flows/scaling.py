@@ -11,9 +11,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import TYPE_CHECKING
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from flows.job import EnrichJob
 
@@ -77,37 +78,86 @@ def dask_runner(job: EnrichJob) -> Iterator[DaskTaskRunner]:
         "dashboard_address": "127.0.0.1:0",
     }  # fmt: skip
     with _ending_local_processes() as spawned:
-        runner = DaskTaskRunner(cluster_kwargs=cluster)
+        runner = spawned.runner = DaskTaskRunner(cluster_kwargs=cluster)
         runner.__enter__()  # the cluster itself starts on the first submit
         try:
             yield runner
         finally:
-            spawned.update(_spawned_children(spawned.before))
             _close_bounded(runner, CLOSE_SECONDS)
 
 
 class _Spawned(set[int]):
     """PIDs of the worker processes a local cluster started, beside the children there were before it."""
 
-    def __init__(self, before: set[int]) -> None:
+    def __init__(self, before: set[int], *, tracker_was_running: bool) -> None:
         super().__init__()
         self.before = before
+        self.tracker_was_running = tracker_was_running
+        self.runner: DaskTaskRunner | None = None
+
+    def end(self, *, grace: float = KILL_SECONDS) -> None:
+        """End them (SIGTERM, then SIGKILL after ``grace`` s), then the resource tracker if they made us start it."""
+        self.update(_spawned_children(self.before))
+        end_processes(self, grace=grace)
+        if not self.tracker_was_running:
+            stop_resource_tracker(timeout=max(grace, 0.5))
+
+    def kill_now(self) -> None:
+        """SIGKILL them and the tracker at once, with no nanny left to start new workers meanwhile."""
+        from distributed.core import Status
+
+        cluster = getattr(self.runner, "_cluster", None)
+        for nanny in list(getattr(cluster, "workers", {}).values()):
+            nanny.status = Status.closing  # a nanny restarts a worker that dies unless it is closing
+        self.update(_spawned_children(self.before))
+        for pid in self:
+            with suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if not self.tracker_was_running:
+            stop_resource_tracker(timeout=1.0, for_good=True)  # it releases the semaphores the workers leaked
 
 
 @contextmanager
 def _ending_local_processes() -> Iterator[_Spawned]:
-    """Whatever the block spawns through multiprocessing ends before the block is left."""
+    """Whatever the block spawns through multiprocessing ends when the block is left, or at a second signal."""
     from multiprocessing import resource_tracker
 
-    tracker_was_running = getattr(resource_tracker._resource_tracker, "_fd", None) is not None
-    spawned = _Spawned(_children())
+    running = getattr(resource_tracker._resource_tracker, "_fd", None) is not None
+    spawned = _Spawned(_children(), tracker_was_running=running)
     try:
-        yield spawned
+        with _second_signal_ends(spawned):
+            yield spawned
     finally:
-        spawned.update(_spawned_children(spawned.before))
-        end_processes(spawned)
-        if not tracker_was_running:
-            stop_resource_tracker()
+        spawned.end()
+
+
+@contextmanager
+def _second_signal_ends(spawned: _Spawned) -> Iterator[None]:
+    """While a run's stop handlers are installed, a second signal first ends the cluster's processes.
+
+    flows.stopping exits at once (os._exit) on a second SIGINT/SIGTERM; the workers would follow only
+    when they notice, and the resource tracker after them, both outliving the run.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    from flows.stopping import received_signal
+
+    def chained(previous: Callable[[int, FrameType | None], Any]) -> Callable[[int, FrameType | None], Any]:
+        def handle(number: int, frame: FrameType | None) -> Any:
+            if received_signal() is not None:  # the second one: the run's handler exits at once
+                spawned.kill_now()
+            return previous(number, frame)
+
+        return handle
+
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    installed = {n: signal.signal(n, chained(h)) for n, h in previous.items() if callable(h)}
+    try:
+        yield
+    finally:
+        for number in installed:
+            signal.signal(number, previous[number])
 
 
 def _children() -> set[int]:
@@ -175,11 +225,12 @@ def _running(proc: psutil.Process) -> bool:
         return False
 
 
-def stop_resource_tracker(*, timeout: float = KILL_SECONDS) -> None:
+def stop_resource_tracker(*, timeout: float = KILL_SECONDS, for_good: bool = False) -> None:
     """Stop this process's multiprocessing resource tracker and wait (bounded) until it has exited.
 
     The tracker exits once every copy of its pipe is closed; left alone it would do so only after
-    this process has exited, outliving the run. Multiprocessing starts a new one if needed again.
+    this process has exited, outliving the run. Multiprocessing starts a new one if needed again,
+    unless ``for_good`` (this process is about to exit): then what it would be told goes to /dev/null.
     """
     from multiprocessing import resource_tracker
 
@@ -190,7 +241,8 @@ def stop_resource_tracker(*, timeout: float = KILL_SECONDS) -> None:
             return
         with suppress(OSError):
             os.close(fd)  # end of file on its pipe: it releases what leaked and exits
-        tracker._fd = tracker._pid = None
+        # A finalizer that unregisters a semaphore would otherwise start a new tracker on its way out.
+        tracker._fd, tracker._pid = (os.open(os.devnull, os.O_WRONLY) if for_good else None), None
     if pid is not None:
         _reap(pid, timeout)
 

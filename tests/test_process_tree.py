@@ -58,9 +58,15 @@ def _environment(tmp_path: Path, prefect_api: str | None) -> dict[str, str]:
 
 
 def run_watched(
-    tmp_path: Path, base_url: str, *extra: str, prefect_api: str | None, stop_when: Callable[[], bool] | None = None
+    tmp_path: Path,
+    base_url: str,
+    *extra: str,
+    prefect_api: str | None,
+    stop_when: Callable[[], bool] | None = None,
+    signals: int = 1,
 ) -> Watched:
-    """Run `enrich run` in its own session, list its tree every 50 ms; SIGTERM it once stop_when() holds.
+    """Run `enrich run` in its own session, list its tree every 50 ms; once stop_when() holds, SIGTERM it
+    ``signals`` times, 0.3 s apart.
 
     What still runs at the instant the CLI exits outlived it: the exit is seen through a pidfd before the
     CLI is reaped, so even a process that would end a few milliseconds later is caught.
@@ -83,6 +89,8 @@ def run_watched(
         exited = select.poll()
         exited.register(pidfd, select.POLLIN)  # readable once the CLI has exited
         deadline = time.monotonic() + RUN_SECONDS
+        next_signal = 0.0
+        signals = signals if stop_when is not None else 0
         try:
             while not exited.poll(50):
                 assert time.monotonic() < deadline, f"the run took over {RUN_SECONDS} s"
@@ -92,9 +100,9 @@ def run_watched(
                         with contextlib.suppress(psutil.Error):  # the latest: a fork shows its parent's until exec
                             if name := " ".join(child.cmdline())[:120]:  # a zombie's is empty
                                 watched.names[child.pid] = name
-                if stop_when is not None and stop_when():
+                if signals and (stop_when is None or stop_when()) and time.monotonic() >= next_signal:
                     process.send_signal(signal.SIGTERM)
-                    stop_when = None
+                    stop_when, signals, next_signal = None, signals - 1, time.monotonic() + 0.3
             for pid in watched.tree:
                 watched.names.setdefault(pid, "?")
             watched.outlived = watched.alive()  # the CLI is not even reaped yet
@@ -161,6 +169,20 @@ def test_a_dask_run_stopped_by_sigterm_half_way_leaves_nothing(
     )  # fmt: skip
     assert watched.returncode == 128 + signal.SIGTERM, _tail(watched)
     assert "interrupted by SIGTERM" in watched.output
+    assert watched.outlived == [] and watched.alive() == []
+
+
+def test_a_second_sigterm_exits_at_once_and_still_leaves_nothing(
+    fake_llm: FakeOpenAIServer, prefect_backend: str, tmp_path: Path
+) -> None:
+    watched = run_watched(
+        tmp_path, fake_llm.base_url, "--dask-local", "2", "--max-concurrency", "2", prefect_api=prefect_backend,
+        stop_when=lambda: fake_llm.stats.completions >= 6, signals=2,
+    )  # fmt: skip
+    assert watched.returncode == 128 + signal.SIGTERM, _tail(watched)
+    assert "stopped at once (second signal)" in watched.output
+    # No nanny started a new worker while the old ones were being killed.
+    assert sum("spawn_main" in name for name in _dask_processes(watched)) == 2, watched.names
     assert watched.outlived == [] and watched.alive() == []
 
 
