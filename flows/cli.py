@@ -59,6 +59,7 @@ _FIELD_OF = {
     "rpm": "rpm",
     "tpm": "tpm",
     "on_truncated": "on_truncated",
+    "max_error_rate": "max_error_rate",
     "wait": "wait",
     "wait_timeout": "wait_timeout",
     "cache": "cache",
@@ -144,6 +145,10 @@ def run(
     ] = None,
     rpm: Annotated[Optional[int], typer.Option(help="Provider limit, requests per minute (held run-wide).")] = None,
     tpm: Annotated[Optional[int], typer.Option(help="Provider limit, tokens per minute (held run-wide).")] = None,
+    max_error_rate: Annotated[
+        Optional[float],
+        typer.Option(help="Stop once more than this share of answered rows failed (default 0.5; 1 = off)."),
+    ] = None,
     on_truncated: Annotated[
         Optional[str], typer.Option(help="An answer cut off at --max-tokens: keep (flagged) or error.")
     ] = None,

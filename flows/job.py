@@ -121,6 +121,13 @@ class EnrichJob(BaseModel):
         "fail",
         description="Rows failing the input schema: stop the run, or set them aside and go on.",
     )
+    max_error_rate: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Stop sending once more than this share of the rows answered so far failed (judged after "
+        "50 rows); the answers so far are kept. 1 turns it off.",
+    )
     on_truncated: Literal["keep", "error"] = Field(
         "keep",
         description="An answer cut off at max_tokens: keep it (flagged in enrich_truncated) or make it the "

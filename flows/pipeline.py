@@ -42,8 +42,8 @@ from flows.summary import RunSummary
 from flows.survey import Slice, Survey, choose_input_schema, read_columns, survey_input
 from flows.writing import publish_parquet, rejected_path, write_parquet_dataset_atomic
 from schemas.errors import ConfigError, EnrichError, RunInterrupted, UserError
-from transforms.calls import StopSignal
 from transforms.enrichment import EnrichSpec
+from transforms.guards import StopSignal
 from transforms.prompts import parse_template
 
 __all__ = ["INVALID_STATE", "enrich_partition", "enrich_table", "finished_summary", "run_enrichment"]

@@ -21,6 +21,7 @@ from schemas.errors import ConfigError
 from transforms.calls import CallContext, RetryPolicy
 from transforms.costs import DEFAULT_PRICES, Budget, Price, price_for
 from transforms.enrichment import AnswerMemo, EnrichSpec
+from transforms.guards import ErrorRate
 from transforms.scheduling import Scheduler
 
 __all__ = [
@@ -100,6 +101,7 @@ def build_context(
         ),
         budget=Budget(job.max_cost) if job.max_cost is not None else None,
         on_truncated=job.on_truncated,
+        errors=ErrorRate(limit=job.max_error_rate),
         price=price,
         max_tokens=job.max_tokens,
     )
@@ -124,7 +126,7 @@ def _prefect_rate_limit(name: str) -> Callable[[], Awaitable[None]]:
 def share_limits(ctx: CallContext, first: CallContext) -> None:
     """Outputs in one process share the first one's scheduler, budget, reachability and stop; counters stay apart."""
     ctx.scheduler, ctx.budget, ctx.reachability = first.scheduler, first.budget, first.reachability
-    ctx.stop = first.stop
+    ctx.stop, ctx.errors = first.stop, first.errors
 
 
 def build_lane(

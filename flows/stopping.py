@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from transforms.calls import CallStats, StopSignal
+from transforms.calls import CallStats
+from transforms.guards import StopSignal
 
 if TYPE_CHECKING:
     from flows.runtime import EventLoopThread

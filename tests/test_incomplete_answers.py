@@ -66,3 +66,25 @@ def test_a_cut_off_structured_answer_is_an_error_that_says_why(fake_llm: FakeOpe
     assert cut["ai_summary"] is None
     assert "cut off at max_tokens (32) before the structured answer was complete" in cut["enrich_error"]
     assert fake_llm.stats.prompts["FAULT:length"] == 1  # no correction retry: it would be cut again
+
+
+def test_a_broken_prompt_stops_the_run_early_naming_the_error(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
+    source = tmp_path / "flagged.csv"
+    topics = [f"FAULT:invalid_prompt {i}" if i % 10 else f"fine {i}" for i in range(300)]
+    pl.DataFrame({"id": list(range(300)), "topic": topics}).write_csv(source)
+    values = {
+        "input_path": str(source), "output_path": str(tmp_path / "out.parquet"), "base_url": fake_llm.base_url,
+        "prompt": "{topic}", "max_concurrency": 4,
+    }  # fmt: skip
+    state = enrich_table(EnrichJob(**values), return_state=True)
+    assert state.is_failed() and state.name == "Invalid"
+    assert "rows failed, more than max_error_rate (0.5)" in state.message
+    assert "HTTP 400" in state.message and "flagged" in state.message
+    assert not (tmp_path / "out.parquet").exists()
+    sent = fake_llm.stats.requests
+    assert 50 <= sent < 80  # stopped soon after the first 50 rows, not after 300
+    # The answers it got are kept: a rerun without the check asks only for the rest.
+    fake_llm.reset()
+    summary = enrich_table(EnrichJob(**values, max_error_rate=1.0))
+    assert fake_llm.stats.prompts.total() == 300 - sum(1 for t in topics[:sent] if t.startswith("fine"))
+    assert summary["rows_failed"] == 270

@@ -38,6 +38,7 @@ from pydantic import BaseModel
 
 from schemas.errors import EndpointRejected, RunInterrupted, UserError
 from transforms.costs import Budget, Price
+from transforms.guards import ErrorRate, StopSignal
 from transforms.scheduling import Scheduler, estimate_tokens
 
 __all__ = [
@@ -50,7 +51,6 @@ __all__ = [
     "Outcome",
     "Reachability",
     "RetryPolicy",
-    "StopSignal",
     "ask_model",
     "classify_generic",
 ]
@@ -66,55 +66,6 @@ class InvalidStructuredReply(Exception):
 
 class AttemptDeadline(Exception):
     """One attempt (connect, headers and the whole body) took longer than the policy allows."""
-
-
-class StopSignal:
-    """Set once (a signal, a cancel, a fatal failure); every call checks it before sending.
-
-    Callbacks registered with ``on_set`` run in the thread that sets it, so the flow can
-    drain and cancel work on its event loop.
-    """
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self.signal_number: int | None = None
-        self.fatal = False
-        self._event = threading.Event()
-        self._callbacks: list[Callable[[], None]] = []
-        self._lock = threading.Lock()
-
-    @property
-    def is_set(self) -> bool:
-        """True once a stop was requested."""
-        return self._event.is_set()
-
-    def set(self, reason: str, *, signal_number: int | None = None, fatal: bool = False) -> bool:
-        """Request a stop; only the first request counts. True if this call set it."""
-        with self._lock:
-            if self._event.is_set():
-                return False
-            self.reason, self.signal_number, self.fatal = reason, signal_number, fatal
-            self._event.set()
-            callbacks = list(self._callbacks)
-        for callback in callbacks:
-            callback()
-        return True
-
-    def check(self) -> None:
-        """Raise once a stop was requested: EndpointRejected for a fatal failure, else RunInterrupted."""
-        if not self._event.is_set():
-            return
-        if self.fatal:
-            raise EndpointRejected(self.reason or "the endpoint refused the job")
-        raise RunInterrupted(self.reason or "stopped", signal_number=self.signal_number)
-
-    def on_set(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` when the stop is requested (at once if it already was)."""
-        with self._lock:
-            if not self._event.is_set():
-                self._callbacks.append(callback)
-                return
-        callback()
 
 
 @dataclass(frozen=True)
@@ -239,6 +190,7 @@ class CallContext:
     reachability: Reachability = field(default_factory=Reachability)
     stop: StopSignal = field(default_factory=StopSignal)
     on_truncated: Literal["keep", "error"] = "keep"
+    errors: ErrorRate = field(default_factory=ErrorRate)
 
 
 async def ask_model(

@@ -20,7 +20,7 @@ from schemas.enriched import (
     TRUNCATED_COLUMN,
     added_columns,
 )
-from schemas.errors import EndpointRejected, RunInterrupted
+from schemas.errors import EnrichError
 from transforms.calls import CallContext, Outcome, ask_model
 from transforms.keys import AnswerIdentity, answer_key
 from transforms.prompts import PromptTemplate, build_messages, render_prompts
@@ -130,6 +130,8 @@ async def enrich_frame_async(
         for key in rows_of:
             if key in memo.done:
                 outcomes[key] = memo.done[key]
+    for key, known in outcomes.items():
+        ctx.errors.record(rows_of[key], known.error, ctx.stop)
     if outcomes:
         reused = sum(rows_of[k] for k in outcomes)
         failed = sum(rows_of[k] for k, o in outcomes.items() if o.error)
@@ -143,6 +145,7 @@ async def enrich_frame_async(
 
     async def resolve(key: str) -> Outcome:
         outcome, asked = await _answer_once(key, prompt_of[key], spec, target, ctx, memo)
+        ctx.errors.record(rows_of[key], outcome.error, ctx.stop)
         reused = rows_of[key] - (1 if asked else 0)
         if reused:
             with ctx.stats._lock:
@@ -157,7 +160,7 @@ async def enrich_frame_async(
         unique, config={"max_concurrency": spec.max_concurrency}, return_exceptions=True
     )
     for key, result in zip(unique, results, strict=True):
-        if isinstance(result, (EndpointRejected, RunInterrupted)):
+        if isinstance(result, EnrichError):  # a stop (signal, fatal answer, error rate) ends the batch
             raise result
         if isinstance(result, BaseException):
             outcomes[key] = Outcome(error=f"internal error: {type(result).__name__}: {result}")
