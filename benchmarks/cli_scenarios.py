@@ -28,9 +28,9 @@ from benchmarks.common import (
     make_topics,
     render,
 )
+from llm_enrich.transforms.calls import Outcome
+from llm_enrich.transforms.enrichment import prompt_keys
 from tests.fakes.openai_server import count_tokens, expected_answer
-from transforms.calls import Outcome
-from transforms.enrichment import prompt_keys
 
 # --- -----------------------------------------------------------------------------
 
@@ -185,10 +185,10 @@ def scenario_rerun(args: argparse.Namespace, workdir: Path, env: dict[str, str])
 
 def scenario_million(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> dict[str, Any]:
     """7. A fully cached table of --million-rows distinct prompts, end to end through `enrich run`."""
-    from flows.cache import ResponseCache, default_cache_dir
-    from flows.job import make_job
-    from flows.llm import Endpoint
-    from flows.preparation import build_spec
+    from llm_enrich.flows.cache import ResponseCache, default_cache_dir
+    from llm_enrich.flows.job import make_job
+    from llm_enrich.flows.llm import Endpoint
+    from llm_enrich.flows.preparation import build_spec
 
     rows = args.million_rows
     print(f"\n== 7. {rows:,} cached rows end to end through `enrich run`", flush=True)

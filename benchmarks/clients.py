@@ -19,13 +19,13 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_openai import ChatOpenAI
 
 from benchmarks.common import TEMPLATE, ServerProcess, render, unique_prompts
-from flows.llm import classify_openai_error
-from schemas.enriched import ERROR_COLUMN
+from llm_enrich.flows.llm import classify_openai_error
+from llm_enrich.schemas.enriched import ERROR_COLUMN
+from llm_enrich.transforms.calls import CallContext, CallStats, Failure, RetryPolicy
+from llm_enrich.transforms.enrichment import AnswerMemo, EnrichSpec, enrich_frame_async
+from llm_enrich.transforms.prompts import parse_template
+from llm_enrich.transforms.scheduling import Scheduler
 from tests.fakes.openai_server import count_tokens, expected_answer
-from transforms.calls import CallContext, CallStats, Failure, RetryPolicy
-from transforms.enrichment import AnswerMemo, EnrichSpec, enrich_frame_async
-from transforms.prompts import parse_template
-from transforms.scheduling import Scheduler
 
 __all__ = ["Limit", "Load", "RunResult", "run_ours", "run_reference", "theoretical_limit"]
 

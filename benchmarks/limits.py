@@ -11,8 +11,10 @@ HTTP client's response hook as ``flows/runtime.py`` wires it) against the fake O
 own process, told only ``--rpm``/``--tpm`` (nothing at all against the concurrency-capped server).
 Enforcements: ``1s-sliding`` (a log of the last second), ``1s-bucket`` (a token bucket holding one
 second of budget, refilled continuously) and ``60s-sliding`` (the old fake server); TPM is charged
-as prompt + max_tokens at admission. It prints the request phase (server-measured, first request
-received to last answer sent) against ``max(U*L/C, U/(RPM/60), T/(TPM/60))``, the 429s and rows lost.
+as prompt + max_tokens at admission, and TPM workloads also run against ``1s-sliding-usage``, which
+charges the tokens a reply used (as some providers do). It prints the request phase (server-measured,
+first request received to last answer sent) against ``max(U*L/C, U/(RPM/60), T/(TPM/60))``, the
+429s and rows lost.
 
 Targets (checked here, never in timed tests): at per-second enforcement a ratio of at most 1.05,
 at most 1% 429s and 0 rows lost; against a 60 s window, which admits a minute's budget at once,
@@ -29,13 +31,16 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.clients import Load, RunResult, run_ours, theoretical_limit
+from benchmarks.clients import Limit, Load, RunResult, run_ours, theoretical_limit
 from benchmarks.common import RATE_LIMITED_SHARE_TARGET, RATIO_TARGET, make_topics, unique_prompts
+from tests.fakes.openai_server import count_tokens, expected_answer
 
 ENFORCEMENTS: dict[str, dict[str, Any]] = {
     "1s-sliding": {"window_seconds": 1.0, "limit_algorithm": "sliding"},
     "1s-bucket": {"window_seconds": 1.0, "limit_algorithm": "token_bucket"},
     "60s-sliding": {"window_seconds": 60.0, "limit_algorithm": "sliding"},
+    # Some providers charge the tokens a reply used, not prompt + max_tokens (TPM workloads only).
+    "1s-sliding-usage": {"window_seconds": 1.0, "limit_algorithm": "sliding", "tpm_charge": "usage"},
 }
 
 
@@ -78,10 +83,22 @@ def scenarios(scale: float) -> dict[str, Load]:
     }
 
 
+def limit_for(load: Load, topics: list[str]) -> Limit:
+    """The formula's limit, with T as this server counts: the reply's tokens when it charges usage."""
+    prompts = unique_prompts(topics)
+    limit = theoretical_limit(prompts, load)
+    if not (load.tpm and load.tpm_charge == "usage"):
+        return limit
+    tokens = sum(count_tokens(p) + count_tokens(expected_answer(p)) for p in prompts)
+    terms = {**limit.terms, "tpm": tokens / (load.tpm / 60)}
+    binding = max(terms, key=lambda k: terms[k])
+    return Limit(terms[binding], binding, terms, limit.unique, tokens)
+
+
 def run_one(load: Load, enforcement: str, retry_base_delay: float) -> dict[str, Any]:
     """One scenario under one enforcement; the result with the targets it misses."""
     topics = make_topics(load.rows, load.unique)
-    limit = theoretical_limit(unique_prompts(topics), load)
+    limit = limit_for(load, topics)
     ours: RunResult = run_ours(load, topics, limit, retry_base_delay)
     misses = []
     per_second = load.window_seconds < 60 or not (load.rpm or load.tpm)
@@ -165,9 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.scenario and name not in args.scenario:
             continue
         # A concurrency cap does not depend on a rate window: it runs once.
-        enforcements = (
-            ["cap"] if base.max_in_flight else [e for e in ENFORCEMENTS if e in (args.enforcement or ENFORCEMENTS)]
-        )
+        wanted = [e for e in ENFORCEMENTS if e in (args.enforcement or ENFORCEMENTS)]
+        enforcements = ["cap"] if base.max_in_flight else [e for e in wanted if base.tpm or "usage" not in e]
         for enforcement in enforcements:
             load = replace(base, **ENFORCEMENTS.get(enforcement, {}))
             result = run_one(load, enforcement, args.retry_base_delay)

@@ -47,7 +47,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import ENRICH, REPO, TEMPLATE, ServerProcess, render
-from schemas.enriched import ERROR_COLUMN
+from llm_enrich.schemas.enriched import ERROR_COLUMN
 from tests.fakes.openai_server import expected_answer
 
 API_KEY = "sk-bench"

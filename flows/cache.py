@@ -35,10 +35,10 @@ from typing import Protocol
 
 import polars as pl
 
-from flows.cache_check import CACHE_SCHEMA, good_lines, read_segment, report_damage
-from flows.storage import is_remote, sibling
-from schemas.errors import OutputError
-from transforms.calls import Outcome
+from llm_enrich.flows.cache_check import CACHE_SCHEMA, good_lines, read_segment, report_damage
+from llm_enrich.flows.storage import is_remote, sibling
+from llm_enrich.schemas.errors import OutputError
+from llm_enrich.transforms.calls import Outcome
 
 __all__ = ["CACHE_SCHEMA", "AnswerStore", "ResponseCache", "default_cache_dir", "open_cache"]
 
@@ -68,7 +68,7 @@ class AnswerStore(Protocol):
 def open_cache(directory: str, storage: dict[str, str] | None = None) -> AnswerStore:
     """The response cache in a directory, or under an object-store prefix (s3://, gs://, az://)."""
     if is_remote(directory):
-        from flows.object_cache import ObjectStoreCache
+        from llm_enrich.flows.object_cache import ObjectStoreCache
 
         return ObjectStoreCache(directory, storage)
     return ResponseCache(directory)

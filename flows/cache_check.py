@@ -20,8 +20,8 @@ from typing import Any
 
 import polars as pl
 
-from flows.storage import is_remote
-from schemas.errors import ConfigError
+from llm_enrich.flows.storage import is_remote
+from llm_enrich.schemas.errors import ConfigError
 
 __all__ = [
     "CACHE_SCHEMA",
@@ -185,7 +185,7 @@ def cache_location(*, output: str | None, cache_dir: str | None) -> str:
             "name the cache to check: either --cache-dir DIR, or the run's OUTPUT (its cache is the "
             ".enrich-cache beside it)."
         )
-    from flows.cache import default_cache_dir  # flows.cache imports this module
+    from llm_enrich.flows.cache import default_cache_dir  # flows.cache imports this module
 
     return cache_dir if cache_dir is not None else default_cache_dir(output or "")
 
@@ -194,7 +194,7 @@ def verify_cache(location: str, storage: dict[str, str] | None = None, *, repair
     """Read every segment of the cache record by record; with ``repair``, rewrite the damaged ones."""
     if is_remote(location):
         return _verify_objects(location, storage, repair=repair)
-    from flows.cache import ResponseCache  # flows.cache imports this module
+    from llm_enrich.flows.cache import ResponseCache  # flows.cache imports this module
 
     cache = ResponseCache(location)
     if not cache.directory.is_dir():
@@ -236,7 +236,7 @@ def render_report(report: CacheReport) -> list[str]:
 
 
 def _verify_objects(location: str, storage: dict[str, str] | None, *, repair: bool) -> CacheReport:
-    from flows.object_cache import ObjectStoreCache
+    from llm_enrich.flows.object_cache import ObjectStoreCache
 
     cache = ObjectStoreCache(location, storage)
     found: list[SegmentHealth] = []

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from flows.job import EnrichJob, load_job_file, make_job
-from schemas.errors import ConfigError, EnrichError
+from llm_enrich.flows.job import EnrichJob, load_job_file, make_job
+from llm_enrich.schemas.errors import ConfigError, EnrichError
 
 __all__ = ["app"]
 
@@ -198,7 +198,7 @@ def run(
         if summary_json is not None:
             _check_summary_path(job, str(summary_json))
         if not dry_run:
-            from flows.destination import check_destination
+            from llm_enrich.flows.destination import check_destination
 
             check_destination(job)  # at once, before Prefect starts; the flow checks again (deployments)
     except EnrichError as err:
@@ -210,7 +210,7 @@ def run(
         summary = _run_flow(job, verbose=verbose)
         _print_summary(summary)
     if summary_json:
-        from flows.writing import write_json_atomic
+        from llm_enrich.flows.writing import write_json_atomic
 
         write_json_atomic(summary, str(summary_json))
     _leave(0)
@@ -218,7 +218,7 @@ def run(
 
 def _check_summary_path(job: EnrichJob, path: str) -> None:
     """--summary-json must not overwrite the input or the output."""
-    from flows.destination import same_location
+    from llm_enrich.flows.destination import same_location
 
     if same_location(path, job.input_path) or same_location(path, job.destination):
         raise ConfigError(
@@ -259,7 +259,7 @@ def serve(
     """Serve the enrich flow as a scheduled deployment until stopped (Ctrl-C); runs can be started from the UI."""
     job = _job_from_config(config)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.deployment import serve_deployment
+    from llm_enrich.flows.deployment import serve_deployment
 
     try:
         serve_deployment(job, name=name, cron=cron)
@@ -276,7 +276,7 @@ def deploy(
 ) -> None:
     """Register the enrich flow on a work pool; start it with `prefect worker start --pool POOL`."""
     job = _job_from_config(config)
-    from flows.deployment import deploy_to_pool
+    from llm_enrich.flows.deployment import deploy_to_pool
 
     try:
         deployment_id = deploy_to_pool(job, pool=pool, name=name, cron=cron)
@@ -301,7 +301,7 @@ def _job_from_config(config: Path | None) -> EnrichJob:
 
 def _estimate(job: EnrichJob) -> dict[str, Any]:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.estimate import estimate_job
+    from llm_enrich.flows.estimate import estimate_job
 
     try:
         return estimate_job(job).model_dump()
@@ -327,8 +327,8 @@ def _print_estimate(e: dict[str, Any]) -> None:
 
 def _run_flow(job: EnrichJob, *, verbose: bool) -> dict[str, Any]:
     """Run the flow in this process (reporting to PREFECT_API_URL or a temporary server of our own)."""
-    from flows.orchestration import bound_prefect_client, temporary_prefect_server
-    from flows.stopping import interrupt_on_sigterm
+    from llm_enrich.flows.orchestration import bound_prefect_client, temporary_prefect_server
+    from llm_enrich.flows.stopping import interrupt_on_sigterm
 
     interrupt_on_sigterm()
     bound_prefect_client()
@@ -349,11 +349,11 @@ def _run_flow(job: EnrichJob, *, verbose: bool) -> dict[str, Any]:
 def _run_in_prefect(job: EnrichJob) -> dict[str, Any]:
     """The flow's final state as a summary or an exit code."""
     # Prefect reads its settings at import time, so it is imported only now.
-    from flows.cli_progress import RichProgress
-    from flows.orchestration import records_incomplete
-    from flows.pipeline import INVALID_STATE, enrich_table, finished_summary
-    from flows.progress import reporting_to
-    from flows.stopping import received_signal
+    from llm_enrich.flows.cli_progress import RichProgress
+    from llm_enrich.flows.orchestration import records_incomplete
+    from llm_enrich.flows.pipeline import INVALID_STATE, enrich_table, finished_summary
+    from llm_enrich.flows.progress import reporting_to
+    from llm_enrich.flows.stopping import received_signal
 
     sink = RichProgress(out_console) if out_console.is_terminal else None
     try:
@@ -403,7 +403,7 @@ def _warn_records(why: str) -> None:
 
 
 def _signal_seen() -> int:
-    from flows.stopping import received_signal
+    from llm_enrich.flows.stopping import received_signal
 
     return received_signal() or signal.SIGINT
 
@@ -417,7 +417,7 @@ def _fail(message: str, code: int) -> None:
 def _leave(code: int) -> None:
     """With the Prefect API gone, exit now: its workers would retry it for minutes at interpreter exit."""
     if _RECORDS_LOST:
-        from flows.stopping import exit_now
+        from llm_enrich.flows.stopping import exit_now
 
         exit_now(code)
 
@@ -461,7 +461,7 @@ def show(
     ] = None,
 ) -> None:
     """Show an enriched output: its provenance and first rows, or its failed rows by error kind."""
-    from flows.show import open_output, print_rows, write_ndjson
+    from llm_enrich.flows.show import open_output, print_rows, write_ndjson
 
     wanted = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
     try:
@@ -495,7 +495,7 @@ def cache_verify(
     ] = None,
 ) -> None:
     """Read every cache record; exit 0 when all are intact, 1 when damage was found (and, with --repair, removed)."""
-    from flows.cache_check import cache_location, render_report, verify_cache
+    from llm_enrich.flows.cache_check import cache_location, render_report, verify_cache
 
     try:
         storage = _pairs(storage_option) if storage_option else None

@@ -9,9 +9,9 @@ from typing import Any
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType
 
-from flows.job import EnrichJob
-from flows.pipeline import enrich_table
-from schemas.errors import ConfigError
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.pipeline import enrich_table
+from llm_enrich.schemas.errors import ConfigError
 
 __all__ = ["DEFAULT_CRON", "DEPLOYMENT_NAME", "deploy_to_pool", "deployment_parameters", "serve_deployment"]
 

@@ -15,10 +15,10 @@ import posixpath
 import tempfile
 from pathlib import Path
 
-from flows.job import EnrichJob
-from flows.storage import is_remote
-from flows.writing import rejected_path
-from schemas.errors import DestinationError
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.storage import is_remote
+from llm_enrich.flows.writing import rejected_path
+from llm_enrich.schemas.errors import DestinationError
 
 __all__ = ["OTHER_FORMATS", "check_destination", "same_location"]
 

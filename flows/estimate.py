@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from flows.job import EnrichJob
-from flows.llm import resolve_endpoint
-from flows.outputs import plan_outputs
-from flows.schema_choice import resolve_schema
-from flows.survey import read_columns, survey_input
-from transforms.prompts import parse_template
-from transforms.scheduling import estimate_tokens
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.llm import resolve_endpoint
+from llm_enrich.flows.outputs import plan_outputs
+from llm_enrich.flows.schema_choice import resolve_schema
+from llm_enrich.flows.survey import read_columns, survey_input
+from llm_enrich.transforms.prompts import parse_template
+from llm_enrich.transforms.scheduling import estimate_tokens
 
 __all__ = ["Estimate", "estimate_job"]
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from schemas.errors import ConfigError
+from llm_enrich.schemas.errors import ConfigError
 
 __all__ = ["DEFAULT_PROMPT", "EnrichJob", "ExtraOutput", "load_job_file", "make_job"]
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from flows.storage import sibling
-from schemas.errors import DestinationBusy, DestinationError, EnrichError, OutputError
+from llm_enrich.flows.storage import sibling
+from llm_enrich.schemas.errors import DestinationBusy, DestinationError, EnrichError, OutputError
 
 __all__ = ["LEASE_SECONDS", "POLL_SECONDS", "hold_lease", "lease_location", "open_store"]
 

@@ -15,9 +15,9 @@ from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from flows.job import EnrichJob
-from schemas.errors import ConfigError, UserError
-from transforms.calls import AttemptDeadline, EmptyReply, Failure
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.schemas.errors import ConfigError, UserError
+from llm_enrich.transforms.calls import AttemptDeadline, EmptyReply, Failure
 
 __all__ = [
     "DEFAULT_REMOTE_MODEL",

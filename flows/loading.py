@@ -10,9 +10,9 @@ from pathlib import Path
 
 import polars as pl
 
-from flows.parse_errors import locate_problem
-from flows.storage import is_remote, suffix_of
-from schemas.errors import InputError
+from llm_enrich.flows.parse_errors import locate_problem
+from llm_enrich.flows.storage import is_remote, suffix_of
+from llm_enrich.schemas.errors import InputError
 
 __all__ = ["FORMATS", "detect_format", "format_of", "iter_partitions", "load_table", "read_error", "scan_table"]
 

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flows.stopping import forget_child, remember_child
-from schemas.errors import LocalModelError
+from llm_enrich.flows.stopping import forget_child, remember_child
+from llm_enrich.schemas.errors import LocalModelError
 
 __all__ = ["LOCAL_MODEL_NAME", "find_bundled_model", "serve_local_model", "stop_process_group"]
 

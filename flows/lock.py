@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from schemas.errors import DestinationBusy
+from llm_enrich.schemas.errors import DestinationBusy
 
 __all__ = ["POLL_SECONDS", "hold_lock", "lock_path", "staging_tag", "sweep_debris"]
 

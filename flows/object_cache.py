@@ -27,10 +27,10 @@ from typing import Any
 
 import polars as pl
 
-from flows.cache_check import CACHE_SCHEMA as _SCHEMA
-from flows.cache_check import REQUIRED, SegmentHealth, report_damage
-from schemas.errors import OutputError
-from transforms.calls import Outcome
+from llm_enrich.flows.cache_check import CACHE_SCHEMA as _SCHEMA
+from llm_enrich.flows.cache_check import REQUIRED, SegmentHealth, report_damage
+from llm_enrich.schemas.errors import OutputError
+from llm_enrich.transforms.calls import Outcome
 
 __all__ = ["ObjectStoreCache", "parse_parquet"]
 

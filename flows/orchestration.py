@@ -30,8 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from flows.stopping import forget_child, remember_child
-from schemas.errors import RuntimeFailure
+from llm_enrich.flows.stopping import forget_child, remember_child
+from llm_enrich.schemas.errors import RuntimeFailure
 
 __all__ = [
     "API_RETRIES",

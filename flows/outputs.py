@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 import pandera.polars as pa
 import polars as pl
 
-from flows.cache import AnswerStore, default_cache_dir, open_cache
-from flows.job import EnrichJob
-from flows.llm import Endpoint
-from flows.planning import ROW_INDEX, LaneColumns, Tally, build_known, load_previous
-from flows.preparation import build_spec, check_structured_fields
-from flows.runtime import build_context, resolve_price, share_limits
-from flows.validation import validate_output
-from schemas.enriched import (
+from llm_enrich.flows.cache import AnswerStore, default_cache_dir, open_cache
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.llm import Endpoint
+from llm_enrich.flows.planning import ROW_INDEX, LaneColumns, Tally, build_known, load_previous
+from llm_enrich.flows.preparation import build_spec, check_structured_fields
+from llm_enrich.flows.runtime import build_context, resolve_price, share_limits
+from llm_enrich.flows.validation import validate_output
+from llm_enrich.schemas.enriched import (
     ERROR_COLUMN,
     INPUT_TOKENS_COLUMN,
     KEY_COLUMN,
@@ -23,11 +23,11 @@ from schemas.enriched import (
     added_columns,
     bookkeeping_names,
 )
-from schemas.errors import ConfigError
-from transforms.calls import CallContext
-from transforms.costs import Price
-from transforms.enrichment import EnrichSpec
-from transforms.structured import expand_columns
+from llm_enrich.schemas.errors import ConfigError
+from llm_enrich.transforms.calls import CallContext
+from llm_enrich.transforms.costs import Price
+from llm_enrich.transforms.enrichment import EnrichSpec
+from llm_enrich.transforms.structured import expand_columns
 
 __all__ = ["OutputRun", "assemble_slice", "plan_outputs"]
 

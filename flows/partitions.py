@@ -20,16 +20,16 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from flows.job import EnrichJob
-from flows.outputs import assemble_slice
-from flows.planning import ROW_INDEX, LaneColumns
-from flows.progress import current_sink
-from flows.reports import failed_rows
-from flows.runtime import Runtime
-from flows.staging import Staging
-from flows.survey import Slice
-from flows.workers import runtime_for, stats_of
-from schemas.enriched import (
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.outputs import assemble_slice
+from llm_enrich.flows.planning import ROW_INDEX, LaneColumns
+from llm_enrich.flows.progress import current_sink
+from llm_enrich.flows.reports import failed_rows
+from llm_enrich.flows.runtime import Runtime
+from llm_enrich.flows.staging import Staging
+from llm_enrich.flows.survey import Slice
+from llm_enrich.flows.workers import runtime_for, stats_of
+from llm_enrich.schemas.enriched import (
     ERROR_COLUMN,
     INPUT_TOKENS_COLUMN,
     KEY_COLUMN,
@@ -37,9 +37,9 @@ from schemas.enriched import (
     TRUNCATED_COLUMN,
     bookkeeping_names,
 )
-from schemas.errors import UserError
-from transforms.calls import Outcome
-from transforms.enrichment import enrich_frame_async
+from llm_enrich.schemas.errors import UserError
+from llm_enrich.transforms.calls import Outcome
+from llm_enrich.transforms.enrichment import enrich_frame_async
 
 __all__ = ["ask_partition", "enrich_partition"]
 

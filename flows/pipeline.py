@@ -15,36 +15,36 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Cancelled, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.destination import check_destination
-from flows.job import EnrichJob
-from flows.lease import hold_lease
-from flows.llm import describe_url, resolve_endpoint
-from flows.local_model import LOCAL_MODEL_NOTICE, serve_local_model
-from flows.lock import hold_lock, sweep_debris
-from flows.orchestration import begin_records
-from flows.outputs import OutputRun, plan_outputs
-from flows.partitions import SAMPLE_ROWS, ask_partition, enrich_partition
-from flows.progress import current_sink
-from flows.provenance import footer_metadata
-from flows.reports import FAILURE_ROWS, Progress, publish_failure, publish_report
-from flows.runtime import (
+from llm_enrich.flows.destination import check_destination
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.lease import hold_lease
+from llm_enrich.flows.llm import describe_url, resolve_endpoint
+from llm_enrich.flows.local_model import LOCAL_MODEL_NOTICE, serve_local_model
+from llm_enrich.flows.lock import hold_lock, sweep_debris
+from llm_enrich.flows.orchestration import begin_records
+from llm_enrich.flows.outputs import OutputRun, plan_outputs
+from llm_enrich.flows.partitions import SAMPLE_ROWS, ask_partition, enrich_partition
+from llm_enrich.flows.progress import current_sink
+from llm_enrich.flows.provenance import footer_metadata
+from llm_enrich.flows.reports import FAILURE_ROWS, Progress, publish_failure, publish_report
+from llm_enrich.flows.runtime import (
     EventLoopThread,
     Runtime,
     build_lane,
     forget_runtime,
     register_runtime,
 )
-from flows.scaling import count_workers, dask_runner, workers_report_here
-from flows.staging import open_staging
-from flows.stopping import drain_on_stop, stop_on_signals
-from flows.storage import is_remote
-from flows.summary import RunSummary
-from flows.survey import Slice, Survey, choose_input_schema, read_columns, survey_input
-from flows.writing import publish_parquet, rejected_path, write_parquet_dataset_atomic
-from schemas.errors import ConfigError, EnrichError, RunInterrupted, UserError
-from transforms.enrichment import EnrichSpec
-from transforms.guards import StopSignal
-from transforms.prompts import parse_template
+from llm_enrich.flows.scaling import count_workers, dask_runner, workers_report_here
+from llm_enrich.flows.staging import open_staging
+from llm_enrich.flows.stopping import drain_on_stop, stop_on_signals
+from llm_enrich.flows.storage import is_remote
+from llm_enrich.flows.summary import RunSummary
+from llm_enrich.flows.survey import Slice, Survey, choose_input_schema, read_columns, survey_input
+from llm_enrich.flows.writing import publish_parquet, rejected_path, write_parquet_dataset_atomic
+from llm_enrich.schemas.errors import ConfigError, EnrichError, RunInterrupted, UserError
+from llm_enrich.transforms.enrichment import EnrichSpec
+from llm_enrich.transforms.guards import StopSignal
+from llm_enrich.transforms.prompts import parse_template
 
 __all__ = ["INVALID_STATE", "enrich_partition", "enrich_table", "finished_summary", "run_enrichment"]
 

@@ -7,9 +7,15 @@ from pathlib import Path
 
 import polars as pl
 
-from flows.storage import is_remote
-from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, KEY_COLUMN, OUTPUT_TOKENS_COLUMN, TRUNCATED_COLUMN
-from transforms.enrichment import EnrichSpec, key_columns
+from llm_enrich.flows.storage import is_remote
+from llm_enrich.schemas.enriched import (
+    ERROR_COLUMN,
+    INPUT_TOKENS_COLUMN,
+    KEY_COLUMN,
+    OUTPUT_TOKENS_COLUMN,
+    TRUNCATED_COLUMN,
+)
+from llm_enrich.transforms.enrichment import EnrichSpec, key_columns
 
 __all__ = ["ROW_INDEX", "LaneColumns", "Tally", "build_known", "load_previous", "plan_slice"]
 

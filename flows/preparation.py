@@ -10,15 +10,15 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from flows.job import EnrichJob
-from flows.llm import DEFAULT_REMOTE_MODEL, Endpoint
-from flows.local_model import LOCAL_MODEL_NAME
-from schemas.enriched import added_columns, bookkeeping_names
-from schemas.errors import ConfigError
-from transforms.enrichment import EnrichSpec
-from transforms.keys import AnswerIdentity, endpoint_family
-from transforms.prompts import parse_template
-from transforms.structured import StructuredOutput, model_from_json_schema, parse_inline_spec
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.llm import DEFAULT_REMOTE_MODEL, Endpoint
+from llm_enrich.flows.local_model import LOCAL_MODEL_NAME
+from llm_enrich.schemas.enriched import added_columns, bookkeeping_names
+from llm_enrich.schemas.errors import ConfigError
+from llm_enrich.transforms.enrichment import EnrichSpec
+from llm_enrich.transforms.keys import AnswerIdentity, endpoint_family
+from llm_enrich.transforms.prompts import parse_template
+from llm_enrich.transforms.structured import StructuredOutput, model_from_json_schema, parse_inline_spec
 
 __all__ = [
     "LOCAL_MODEL_CONCURRENCY",

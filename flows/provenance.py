@@ -17,12 +17,12 @@ from typing import Any
 
 import polars as pl
 
-from flows.job import EnrichJob
-from flows.storage import is_remote
-from schemas.enriched import KEY_COLUMN, bookkeeping_names
-from schemas.errors import ConfigError
-from transforms.enrichment import EnrichSpec
-from transforms.keys import KEY_VERSION
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.storage import is_remote
+from llm_enrich.schemas.enriched import KEY_COLUMN, bookkeeping_names
+from llm_enrich.schemas.errors import ConfigError
+from llm_enrich.transforms.enrichment import EnrichSpec
+from llm_enrich.transforms.keys import KEY_VERSION
 
 __all__ = ["PROVENANCE_KEY", "check_column_clashes", "footer_metadata", "read_provenance"]
 

@@ -13,10 +13,10 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from flows.orchestration import best_effort
-from flows.summary import RunSummary
-from flows.validation import REJECT_REASON
-from schemas.enriched import ERROR_COLUMN
+from llm_enrich.flows.orchestration import best_effort
+from llm_enrich.flows.summary import RunSummary
+from llm_enrich.flows.validation import REJECT_REASON
+from llm_enrich.schemas.enriched import ERROR_COLUMN
 
 __all__ = ["FAILURE_ROWS", "Progress", "failed_rows", "publish_failure", "publish_report"]
 

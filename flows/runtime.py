@@ -14,15 +14,15 @@ import httpx
 import pandera.polars as pa
 from langchain_core.language_models import BaseChatModel
 
-from flows.cache import AnswerStore
-from flows.job import EnrichJob
-from flows.llm import Endpoint, build_chat_model, classify_openai_error, redacting
-from schemas.errors import ConfigError
-from transforms.calls import CallContext, RetryPolicy
-from transforms.costs import DEFAULT_PRICES, Budget, Price, price_for
-from transforms.enrichment import AnswerMemo, EnrichSpec
-from transforms.guards import ErrorRate
-from transforms.scheduling import Scheduler
+from llm_enrich.flows.cache import AnswerStore
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.llm import Endpoint, build_chat_model, classify_openai_error, redacting
+from llm_enrich.schemas.errors import ConfigError
+from llm_enrich.transforms.calls import CallContext, RetryPolicy
+from llm_enrich.transforms.costs import DEFAULT_PRICES, Budget, Price, price_for
+from llm_enrich.transforms.enrichment import AnswerMemo, EnrichSpec
+from llm_enrich.transforms.guards import ErrorRate
+from llm_enrich.transforms.scheduling import Scheduler
 
 __all__ = [
     "EventLoopThread",

@@ -16,7 +16,7 @@ from contextlib import contextmanager, suppress
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from flows.job import EnrichJob
+from llm_enrich.flows.job import EnrichJob
 
 if TYPE_CHECKING:
     import psutil
@@ -86,19 +86,17 @@ def dask_runner(job: EnrichJob) -> Iterator[DaskTaskRunner]:
             _close_bounded(runner, CLOSE_SECONDS)
 
 
-class _Spawned(set[int]):
-    """PIDs of the worker processes a local cluster started, beside the children there were before it."""
+class _Spawned:
+    """The worker processes a local cluster starts: found when needed, as this process's new spawned children."""
 
     def __init__(self, before: set[int], *, tracker_was_running: bool) -> None:
-        super().__init__()
-        self.before = before
+        self.before = before  # PIDs taken only when they are to be ended, so none can have been reused
         self.tracker_was_running = tracker_was_running
         self.runner: DaskTaskRunner | None = None
 
     def end(self, *, grace: float = KILL_SECONDS) -> None:
         """End them (SIGTERM, then SIGKILL after ``grace`` s), then the resource tracker if they made us start it."""
-        self.update(_spawned_children(self.before))
-        end_processes(self, grace=grace)
+        end_processes(_spawned_children(self.before), grace=grace)
         if not self.tracker_was_running:
             stop_resource_tracker(timeout=max(grace, 0.5))
 
@@ -109,8 +107,7 @@ class _Spawned(set[int]):
         cluster = getattr(self.runner, "_cluster", None)
         for nanny in list(getattr(cluster, "workers", {}).values()):
             nanny.status = Status.closing  # a nanny restarts a worker that dies unless it is closing
-        self.update(_spawned_children(self.before))
-        for pid in self:
+        for pid in _spawned_children(self.before):
             with suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         if not self.tracker_was_running:
@@ -141,7 +138,7 @@ def _second_signal_ends(spawned: _Spawned) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread
         return
-    from flows.stopping import received_signal
+    from llm_enrich.flows.stopping import received_signal
 
     def chained(previous: Callable[[int, FrameType | None], Any]) -> Callable[[int, FrameType | None], Any]:
         def handle(number: int, frame: FrameType | None) -> Any:

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import pandera.polars as pa
 
-from schemas.errors import ConfigError
-from schemas.topics import TopicsInput
-from transforms.prompts import PromptTemplate
+from llm_enrich.schemas.errors import ConfigError
+from llm_enrich.schemas.topics import TopicsInput
+from llm_enrich.transforms.prompts import PromptTemplate
 
 __all__ = ["AUTO", "SchemaChoice", "choose_schema", "field_hint", "resolve_schema"]
 

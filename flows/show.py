@@ -21,11 +21,11 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from flows.loading import scan_table
-from flows.provenance import read_provenance
-from flows.storage import is_remote, suffix_of
-from schemas.enriched import ERROR_COLUMN, KEY_COLUMN
-from schemas.errors import InputError
+from llm_enrich.flows.loading import scan_table
+from llm_enrich.flows.provenance import read_provenance
+from llm_enrich.flows.storage import is_remote, suffix_of
+from llm_enrich.schemas.enriched import ERROR_COLUMN, KEY_COLUMN
+from llm_enrich.schemas.errors import InputError
 
 __all__ = ["EnrichedOutput", "error_kind", "open_output", "print_rows", "render_rows", "write_ndjson"]
 

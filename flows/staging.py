@@ -16,10 +16,10 @@ from pathlib import Path
 
 import polars as pl
 
-from flows.lock import staging_tag
-from flows.storage import is_remote, sibling
-from flows.writing import write_failure
-from schemas.errors import OutputError
+from llm_enrich.flows.lock import staging_tag
+from llm_enrich.flows.storage import is_remote, sibling
+from llm_enrich.flows.writing import write_failure
+from llm_enrich.schemas.errors import OutputError
 
 __all__ = ["Staging", "open_staging"]
 

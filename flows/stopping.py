@@ -20,11 +20,11 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from transforms.calls import CallStats
-from transforms.guards import StopSignal
+from llm_enrich.transforms.calls import CallStats
+from llm_enrich.transforms.guards import StopSignal
 
 if TYPE_CHECKING:
-    from flows.runtime import EventLoopThread
+    from llm_enrich.flows.runtime import EventLoopThread
 
 __all__ = [
     "GRACE_SECONDS",

@@ -12,17 +12,17 @@ from dataclasses import dataclass, field
 import pandera.polars as pa
 import polars as pl
 
-from flows.job import EnrichJob
-from flows.loading import detect_format, format_of, iter_partitions, read_error, scan_table
-from flows.outputs import OutputRun
-from flows.planning import ROW_INDEX, plan_slice
-from flows.preparation import planned_columns
-from flows.provenance import check_column_clashes, read_provenance
-from flows.schema_choice import AUTO, SchemaChoice, choose_schema
-from flows.staging import Staging
-from flows.validation import check_rows, failure_report, refusal, unique_columns
-from schemas.errors import ConfigError, ValidationFailed
-from transforms.prompts import PromptTemplate
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.loading import detect_format, format_of, iter_partitions, read_error, scan_table
+from llm_enrich.flows.outputs import OutputRun
+from llm_enrich.flows.planning import ROW_INDEX, plan_slice
+from llm_enrich.flows.preparation import planned_columns
+from llm_enrich.flows.provenance import check_column_clashes, read_provenance
+from llm_enrich.flows.schema_choice import AUTO, SchemaChoice, choose_schema
+from llm_enrich.flows.staging import Staging
+from llm_enrich.flows.validation import check_rows, failure_report, refusal, unique_columns
+from llm_enrich.schemas.errors import ConfigError, ValidationFailed
+from llm_enrich.transforms.prompts import PromptTemplate
 
 __all__ = ["Slice", "Survey", "choose_input_schema", "read_columns", "survey_input"]
 

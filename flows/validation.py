@@ -8,10 +8,10 @@ import pandera.polars as pa
 import polars as pl
 from pandera.errors import SchemaError, SchemaErrors
 
-from flows.schema_choice import field_hint, resolve_schema
-from schemas.enriched import build_output_schema
-from schemas.errors import OutputError, ValidationFailed
-from transforms.structured import StructuredOutput, field_dtypes
+from llm_enrich.flows.schema_choice import field_hint, resolve_schema
+from llm_enrich.schemas.enriched import build_output_schema
+from llm_enrich.schemas.errors import OutputError, ValidationFailed
+from llm_enrich.transforms.structured import StructuredOutput, field_dtypes
 
 __all__ = [
     "REJECT_REASON",

@@ -6,11 +6,11 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from flows.cache import default_cache_dir, open_cache
-from flows.job import EnrichJob
-from flows.llm import Endpoint, resolve_endpoint
-from flows.preparation import build_spec
-from flows.runtime import (
+from llm_enrich.flows.cache import default_cache_dir, open_cache
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.llm import Endpoint, resolve_endpoint
+from llm_enrich.flows.preparation import build_spec
+from llm_enrich.flows.runtime import (
     EventLoopThread,
     Lane,
     Runtime,
@@ -20,8 +20,8 @@ from flows.runtime import (
     resolve_price,
     share_limits,
 )
-from flows.schema_choice import resolve_schema
-from transforms.prompts import parse_template
+from llm_enrich.flows.schema_choice import resolve_schema
+from llm_enrich.transforms.prompts import parse_template
 
 __all__ = ["runtime_for", "stats_of"]
 

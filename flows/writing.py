@@ -13,8 +13,8 @@ from typing import Any
 
 import polars as pl
 
-from flows.storage import is_remote, sibling
-from schemas.errors import DiskFull, OutputError
+from llm_enrich.flows.storage import is_remote, sibling
+from llm_enrich.schemas.errors import DiskFull, OutputError
 
 __all__ = [
     "is_disk_full",

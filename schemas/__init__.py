@@ -1,6 +1,6 @@
 """Data contracts: the pandera schemas at each boundary, and the error hierarchy."""
 
-from schemas.enriched import (
+from llm_enrich.schemas.enriched import (
     ERROR_COLUMN,
     INPUT_TOKENS_COLUMN,
     KEY_COLUMN,
@@ -8,7 +8,7 @@ from schemas.enriched import (
     added_columns,
     build_output_schema,
 )
-from schemas.topics import TopicsInput
+from llm_enrich.schemas.topics import TopicsInput
 
 __all__ = [
     "ERROR_COLUMN",

@@ -97,7 +97,7 @@ def served(
         "OPENAI_BASE_URL": served_llm.base_url,
     }
     log = open(workdir / "serve.log", "wb")
-    command = [sys.executable, "-m", "flows.cli", "serve", "--config", str(config), "--cron", ""]
+    command = [sys.executable, "-m", "llm_enrich.flows.cli", "serve", "--config", str(config), "--cron", ""]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with api(prefect_server) as client:

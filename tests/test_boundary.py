@@ -30,7 +30,7 @@ def _prefect_url(prefect_backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
 def enrich(server: FakeOpenAIServer, *args: str, cwd: Path = REPO) -> tuple[int, str]:
     """Run the real command against the fake server; exit code and folded output."""
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", *args, "--base-url", server.base_url],
+        [sys.executable, "-m", "llm_enrich.flows.cli", "run", *args, "--base-url", server.base_url],
         capture_output=True, text=True, cwd=cwd, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     return result.returncode, " ".join((result.stdout + result.stderr).split())

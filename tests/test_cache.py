@@ -11,9 +11,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from flows.cache import CACHE_SCHEMA, ResponseCache
-from schemas.errors import OutputError
-from transforms.calls import Outcome
+from llm_enrich.flows.cache import CACHE_SCHEMA, ResponseCache
+from llm_enrich.schemas.errors import OutputError
+from llm_enrich.transforms.calls import Outcome
 
 WRITERS = 4
 KEYS_PER_WRITER = 200

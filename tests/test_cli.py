@@ -37,7 +37,7 @@ def _prefect_url(prefect_backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
 def invoke(*args: str) -> tuple[int, str]:
     """Run the real `enrich` command; returns its exit code and output with white space folded."""
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=300
+        [sys.executable, "-m", "llm_enrich.flows.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=300
     )
     return result.returncode, " ".join((result.stdout + result.stderr).split())
 

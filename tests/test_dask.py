@@ -12,9 +12,9 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from flows.job import EnrichJob
-from flows.local_model import stop_process_group
-from flows.pipeline import enrich_table
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.local_model import stop_process_group
+from llm_enrich.flows.pipeline import enrich_table
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 from tests.prefect_server import free_port
 
@@ -88,7 +88,7 @@ def test_a_job_on_a_dask_cluster_equals_the_single_machine_run(
 
 
 def _built_runtimes() -> list:  # type: ignore[type-arg]
-    from flows.workers import _BUILT
+    from llm_enrich.flows.workers import _BUILT
 
     return list(_BUILT.values())
 

@@ -13,10 +13,10 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoo
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.sorting import LogSort
 
-from flows.deployment import deployment_parameters
-from flows.job import EnrichJob
-from flows.local_model import stop_process_group
-from schemas.errors import ConfigError
+from llm_enrich.flows.deployment import deployment_parameters
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.local_model import stop_process_group
+from llm_enrich.schemas.errors import ConfigError
 from tests.conftest import DATA, REPO
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 from tests.prefect_server import DEPLOYMENT, api, trigger, wait_for
@@ -122,7 +122,18 @@ def test_enrich_deploy_registers_a_work_pool_deployment(prefect_server: str, tmp
         "PREFECT_API_URL": prefect_server,
         "PREFECT_HOME": str(tmp_path / "home"),
     }
-    command = [sys.executable, "-m", "flows.cli", "deploy", "--pool", "test-process", "--name", "pooled", "--cron", ""]
+    command = [
+        sys.executable,
+        "-m",
+        "llm_enrich.flows.cli",
+        "deploy",
+        "--pool",
+        "test-process",
+        "--name",
+        "pooled",
+        "--cron",
+        "",
+    ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     assert "prefect worker start --pool test-process" in " ".join(result.stdout.split())
@@ -148,7 +159,7 @@ def test_a_process_worker_runs_the_pool_deployment(
     command = [
         sys.executable,
         "-m",
-        "flows.cli",
+        "llm_enrich.flows.cli",
         "deploy",
         "--pool",
         "worker-process",

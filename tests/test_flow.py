@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from flows.job import EnrichJob
-from flows.pipeline import INVALID_STATE, enrich_table
-from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, added_columns
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.pipeline import INVALID_STATE, enrich_table
+from llm_enrich.schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, added_columns
 from tests.conftest import DATA
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from flows.job import EnrichJob
-from flows.pipeline import enrich_table
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.pipeline import enrich_table
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 
 pytestmark = pytest.mark.usefixtures("prefect_backend")

@@ -14,9 +14,9 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from flows.job import EnrichJob
-from flows.pipeline import enrich_table
-from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, KEY_COLUMN
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.pipeline import enrich_table
+from llm_enrich.schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, KEY_COLUMN
 from tests.conftest import REPO
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 
@@ -154,7 +154,7 @@ def test_estimate_counts_without_sending(
             "--summary-json", str(report)]  # fmt: skip
     env = {**os.environ, "PREFECT_API_URL": prefect_backend}
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env, cwd=REPO
+        [sys.executable, "-m", "llm_enrich.flows.cli", *args], capture_output=True, text=True, env=env, cwd=REPO
     )
     assert result.returncode == 0, result.stderr
     estimate = json.loads(report.read_text())
@@ -174,9 +174,9 @@ def test_a_run_killed_with_sigkill_resumes_without_paying_twice(
     source = table(tmp_path / "in.parquet", topics)
     out = tmp_path / "out.parquet"
     fake_llm.behaviour.latency = 0.05
-    args = [sys.executable, "-m", "flows.cli", "run", str(source), "-o", str(out), "--base-url", fake_llm.base_url,
-            "--prompt", "Explain {topic}", "--schema", "template", "--max-concurrency", "4",
-            "--partition-rows", "10"]  # fmt: skip
+    args = [sys.executable, "-m", "llm_enrich.flows.cli", "run", str(source), "-o", str(out),
+            "--base-url", fake_llm.base_url, "--prompt", "Explain {topic}", "--schema", "template",
+            "--max-concurrency", "4", "--partition-rows", "10"]  # fmt: skip
     env = {**os.environ, "PREFECT_API_URL": prefect_backend}
     proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

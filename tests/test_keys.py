@@ -10,10 +10,10 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from schemas.enriched import INPUT_TOKENS_COLUMN, KEY_COLUMN, OUTPUT_TOKENS_COLUMN
-from transforms.enrichment import EnrichSpec, charge_first, prompt_keys
-from transforms.keys import AnswerIdentity, answer_key, endpoint_family
-from transforms.prompts import parse_template
+from llm_enrich.schemas.enriched import INPUT_TOKENS_COLUMN, KEY_COLUMN, OUTPUT_TOKENS_COLUMN
+from llm_enrich.transforms.enrichment import EnrichSpec, charge_first, prompt_keys
+from llm_enrich.transforms.keys import AnswerIdentity, answer_key, endpoint_family
+from llm_enrich.transforms.prompts import parse_template
 
 # Strings that look like the separators a naive "join with a delimiter" recipe would use.
 _TRICKY = st.sampled_from(

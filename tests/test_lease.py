@@ -16,10 +16,10 @@ import polars as pl
 import pytest
 from obstore.exceptions import PreconditionError
 
-from flows.job import EnrichJob
-from flows.lease import _Lease, hold_lease, lease_location, open_store
-from flows.pipeline import enrich_table
-from schemas.errors import DestinationBusy, RunInterrupted
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.lease import _Lease, hold_lease, lease_location, open_store
+from llm_enrich.flows.pipeline import enrich_table
+from llm_enrich.schemas.errors import DestinationBusy, RunInterrupted
 from tests.conftest import REPO
 from tests.fakes.openai_server import Behaviour, FakeOpenAIServer, expected_answer
 from tests.test_object_store import s3_endpoint, s3_env  # noqa: F401 - the moto_server fixtures
@@ -226,7 +226,7 @@ def test_the_cli_with_no_wait_refuses_a_held_bucket_output_and_pays_nothing(
     pl.DataFrame({"id": range(5), "topic": [f"s{i}" for i in range(5)]}).write_csv(source)
     destination = "s3://data/cli/enriched.parquet"
     command = [
-        sys.executable, "-m", "flows.cli", "run", str(source), "--output", destination, "--base-url",
+        sys.executable, "-m", "llm_enrich.flows.cli", "run", str(source), "--output", destination, "--base-url",
         fake_llm.base_url, "--no-wait", "--no-cache",
     ]  # fmt: skip
     with hold_lease(destination, wait=False, timeout=1, on_wait=print, check_stop=_never_stop):
@@ -252,7 +252,7 @@ def test_two_cli_runs_on_one_bucket_output_take_turns_and_pay_once(
     # Slow replies keep the first run holding the output until the second says it waits for it.
     with FakeOpenAIServer(Behaviour(latency=1.0)) as server:
         command = [
-            sys.executable, "-m", "flows.cli", "run", str(source), "--output", destination, "--base-url",
+            sys.executable, "-m", "llm_enrich.flows.cli", "run", str(source), "--output", destination, "--base-url",
             server.base_url, "--max-concurrency", "4", "--partition-rows", "30",
         ]  # fmt: skip
         first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

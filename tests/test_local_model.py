@@ -9,10 +9,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from flows.job import EnrichJob
-from flows.local_model import LOCAL_MODEL_NAME, find_bundled_model, serve_local_model
-from flows.pipeline import enrich_table
-from schemas.enriched import ERROR_COLUMN, OUTPUT_TOKENS_COLUMN
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.local_model import LOCAL_MODEL_NAME, find_bundled_model, serve_local_model
+from llm_enrich.flows.pipeline import enrich_table
+from llm_enrich.schemas.enriched import ERROR_COLUMN, OUTPUT_TOKENS_COLUMN
 
 pytestmark = [pytest.mark.local_model, pytest.mark.usefixtures("prefect_backend")]
 

@@ -18,15 +18,15 @@ import pytest
 from obstore.store import from_url
 from prefect.client.orchestration import get_client
 
-from flows.job import EnrichJob
-from flows.local_model import stop_process_group
-from flows.object_cache import ObjectStoreCache
-from flows.pipeline import INVALID_STATE, enrich_table
-from flows.staging import Staging
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.local_model import stop_process_group
+from llm_enrich.flows.object_cache import ObjectStoreCache
+from llm_enrich.flows.pipeline import INVALID_STATE, enrich_table
+from llm_enrich.flows.staging import Staging
+from llm_enrich.transforms.calls import Outcome
 from tests.conftest import REPO
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 from tests.prefect_server import free_port, wait_for
-from transforms.calls import Outcome
 
 pytestmark = pytest.mark.usefixtures("prefect_backend")
 
@@ -252,7 +252,16 @@ def test_cache_verify_repairs_a_bucket_cache(s3_endpoint: str, monkeypatch: pyte
     for name in options:
         monkeypatch.delenv(name.upper())  # the command gets everything from --storage-option
     flags = [f"--storage-option={name}={value}" for name, value in options.items()]
-    command = [sys.executable, "-m", "flows.cli", "cache", "verify", "--cache-dir", "s3://data/verified-cache", *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "llm_enrich.flows.cli",
+        "cache",
+        "verify",
+        "--cache-dir",
+        "s3://data/verified-cache",
+        *flags,
+    ]
 
     def verify(*extra: str) -> tuple[int, str]:
         done = subprocess.run([*command, *extra], capture_output=True, text=True, cwd=REPO, timeout=300)

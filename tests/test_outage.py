@@ -35,7 +35,8 @@ def test_a_prefect_server_that_dies_mid_run_costs_at_most_a_minute_and_no_answer
     with FakeOpenAIServer(Behaviour(latency=0.2)) as llm, running_prefect_server(_home(tmp_path)) as api_url:
         env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
         command = [
-            sys.executable, "-m", "flows.cli", "run", str(source), "-o", str(out), "--base-url", llm.base_url,
+            sys.executable, "-m", "llm_enrich.flows.cli", "run", str(source), "-o", str(out),
+            "--base-url", llm.base_url,
             "--max-concurrency", "4", "--partition-rows", "40",
         ]  # fmt: skip
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

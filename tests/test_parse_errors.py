@@ -11,9 +11,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from flows import parse_errors
-from flows.loading import load_table, read_error
-from schemas.errors import InputError
+from llm_enrich.flows import parse_errors
+from llm_enrich.flows.loading import load_table, read_error
+from llm_enrich.schemas.errors import InputError
 from tests.conftest import REPO
 from tests.fakes.openai_server import FakeOpenAIServer
 
@@ -253,7 +253,7 @@ def test_the_cli_refuses_before_any_request_and_names_the_line(
         "OPENAI_BASE_URL": fake_llm.base_url,
     }
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", str(source), "-o", str(out), "--no-cache"],
+        [sys.executable, "-m", "llm_enrich.flows.cli", "run", str(source), "-o", str(out), "--no-cache"],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -19,7 +19,7 @@ import polars as pl
 import psutil
 import pytest
 
-from flows.scaling import _ending_local_processes
+from llm_enrich.flows.scaling import _ending_local_processes
 from tests.conftest import REPO
 from tests.fakes.openai_server import Behaviour, FakeOpenAIServer
 
@@ -74,7 +74,7 @@ def run_watched(
     source = tmp_path / "in.csv"
     pl.DataFrame({"id": range(ROWS), "topic": [f"tree topic {i}" for i in range(ROWS)]}).write_csv(source)
     command = [
-        sys.executable, "-m", "flows.cli", "run", str(source), "--output", str(tmp_path / "out.parquet"),
+        sys.executable, "-m", "llm_enrich.flows.cli", "run", str(source), "--output", str(tmp_path / "out.parquet"),
         "--base-url", base_url, "--partition-rows", "20", "--retry-base-delay", "0.05", *extra,
     ]  # fmt: skip
     log = tmp_path / "cli.log"

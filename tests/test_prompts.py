@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schemas.errors import TemplateError
-from transforms.prompts import build_messages, parse_template, render_prompts
+from llm_enrich.schemas.errors import TemplateError
+from llm_enrich.transforms.prompts import build_messages, parse_template, render_prompts
 
 
 def test_fields_are_found_in_order_once() -> None:

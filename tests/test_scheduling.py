@@ -24,13 +24,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from langchain_openai import ChatOpenAI
 
-from flows.llm import classify_openai_error
-from schemas.enriched import ERROR_COLUMN
+from llm_enrich.flows.llm import classify_openai_error
+from llm_enrich.schemas.enriched import ERROR_COLUMN
+from llm_enrich.transforms.calls import CallContext, RetryPolicy
+from llm_enrich.transforms.enrichment import EnrichSpec, enrich_frame
+from llm_enrich.transforms.prompts import parse_template
+from llm_enrich.transforms.scheduling import PACE, Scheduler, estimate_tokens
 from tests.fakes.openai_server import Behaviour, FakeOpenAIServer, expected_answer
-from transforms.calls import CallContext, RetryPolicy
-from transforms.enrichment import EnrichSpec, enrich_frame
-from transforms.prompts import parse_template
-from transforms.scheduling import PACE, Scheduler, estimate_tokens
 
 # -- helpers -----------------------------------------------------------------------------------
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from flows.estimate import estimate_job
-from flows.job import EnrichJob
-from flows.schema_choice import choose_schema
-from flows.validation import split_valid
-from schemas.errors import ConfigError, ValidationFailed
+from llm_enrich.flows.estimate import estimate_job
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.schema_choice import choose_schema
+from llm_enrich.flows.validation import split_valid
+from llm_enrich.schemas.errors import ConfigError, ValidationFailed
+from llm_enrich.transforms.prompts import parse_template
 from tests.conftest import DATA, REPO
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
-from transforms.prompts import parse_template
 
 ORDERS_PROMPT = "Summarize {description}"
 DESCRIPTIONS = ["two red mugs", "a blue teapot", "one chipped saucer, returned", "six spoons"]
@@ -87,7 +87,7 @@ def _prefect_url(prefect_backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
 def invoke(*args: str) -> tuple[int, str]:
     """Run the real `enrich` command; returns its exit code and its output (stdout, then stderr)."""
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=300
+        [sys.executable, "-m", "llm_enrich.flows.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=300
     )
     return result.returncode, result.stdout + result.stderr
 
@@ -123,7 +123,7 @@ def test_the_bad_topics_sample_still_uses_the_bundled_schema(fake_llm: FakeOpenA
 
 @pytest.mark.usefixtures("prefect_backend")
 def test_dask_workers_choose_as_the_flow_did(orders_csv: Path, fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
-    from flows.pipeline import enrich_table
+    from llm_enrich.flows.pipeline import enrich_table
 
     job = EnrichJob(
         input_path=str(orders_csv), output_path=str(tmp_path / "out.parquet"), base_url=fake_llm.base_url,

@@ -14,8 +14,8 @@ import polars as pl
 import pytest
 from obstore.store import from_url
 
-from flows.show import error_kind
-from flows.writing import write_parquet_dataset_atomic
+from llm_enrich.flows.show import error_kind
+from llm_enrich.flows.writing import write_parquet_dataset_atomic
 from tests.conftest import REPO
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 from tests.test_object_store import s3_endpoint  # noqa: F401  (the moto_server fixture)
@@ -28,7 +28,12 @@ SYSTEM = "Be brief."
 def enrich(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Run the real `enrich` command at a fixed terminal width (rich reads COLUMNS; not a terminal, no colour)."""
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+        [sys.executable, "-m", "llm_enrich.flows.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
     )
 
 

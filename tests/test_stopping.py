@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from flows.lock import hold_lock, lock_path
+from llm_enrich.flows.lock import hold_lock, lock_path
 from tests.conftest import REPO
 from tests.fakes.openai_server import Behaviour, FakeOpenAIServer, expected_answer
 
@@ -37,7 +37,8 @@ def topics(folder: Path, rows: int = ROWS) -> Path:
 def start(server: FakeOpenAIServer, source: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
     """The real command in its own process, reporting to the session's Prefect server."""
     command = [
-        sys.executable, "-m", "flows.cli", "run", str(source), "--output", str(out), "--base-url", server.base_url,
+        sys.executable, "-m", "llm_enrich.flows.cli", "run", str(source), "--output", str(out),
+        "--base-url", server.base_url,
         "--max-concurrency", "4", "--partition-rows", "30", "--retry-base-delay", "0.05", *extra,
     ]  # fmt: skip
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -10,14 +10,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from flows.job import EnrichJob, load_job_file, make_job
-from flows.llm import Endpoint
-from flows.pipeline import INVALID_STATE, enrich_table
-from flows.preparation import resolve_structured
-from schemas.enriched import ERROR_COLUMN
-from schemas.errors import ConfigError
+from llm_enrich.flows.job import EnrichJob, load_job_file, make_job
+from llm_enrich.flows.llm import Endpoint
+from llm_enrich.flows.pipeline import INVALID_STATE, enrich_table
+from llm_enrich.flows.preparation import resolve_structured
+from llm_enrich.schemas.enriched import ERROR_COLUMN
+from llm_enrich.schemas.errors import ConfigError
+from llm_enrich.transforms.structured import field_dtypes, parse_inline_spec
 from tests.fakes.openai_server import FakeOpenAIServer, expected_object
-from transforms.structured import field_dtypes, parse_inline_spec
 
 SPEC = "summary:str, difficulty:int[1..5], category:enum(science,art,history)"
 REMOTE = Endpoint(base_url="http://127.0.0.1:9/v1", api_key=None, local=False)

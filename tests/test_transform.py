@@ -9,13 +9,13 @@ import pytest
 from langchain_openai import ChatOpenAI
 from polars.testing import assert_frame_equal
 
-from flows.llm import classify_openai_error
-from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, added_columns
-from schemas.errors import EndpointRejected, TemplateError
+from llm_enrich.flows.llm import classify_openai_error
+from llm_enrich.schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, added_columns
+from llm_enrich.schemas.errors import EndpointRejected, TemplateError
+from llm_enrich.transforms.calls import CallContext, CallStats, RetryPolicy
+from llm_enrich.transforms.enrichment import EnrichSpec, enrich_frame
+from llm_enrich.transforms.prompts import parse_template
 from tests.fakes.openai_server import Behaviour, FakeOpenAIServer, expected_answer
-from transforms.calls import CallContext, CallStats, RetryPolicy
-from transforms.enrichment import EnrichSpec, enrich_frame
-from transforms.prompts import parse_template
 
 
 def chat(server: FakeOpenAIServer, *, timeout: float = 10.0) -> ChatOpenAI:

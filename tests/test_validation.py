@@ -9,12 +9,18 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from flows.loading import load_table
-from flows.validation import REJECT_REASON, resolve_schema, split_valid, validate_output
-from schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, KEY_COLUMN, OUTPUT_TOKENS_COLUMN, TRUNCATED_COLUMN
-from schemas.errors import ConfigError, OutputError, ValidationFailed
+from llm_enrich.flows.loading import load_table
+from llm_enrich.flows.validation import REJECT_REASON, resolve_schema, split_valid, validate_output
+from llm_enrich.schemas.enriched import (
+    ERROR_COLUMN,
+    INPUT_TOKENS_COLUMN,
+    KEY_COLUMN,
+    OUTPUT_TOKENS_COLUMN,
+    TRUNCATED_COLUMN,
+)
+from llm_enrich.schemas.errors import ConfigError, OutputError, ValidationFailed
+from llm_enrich.transforms.prompts import parse_template
 from tests.conftest import DATA
-from transforms.prompts import parse_template
 
 TEMPLATE = parse_template("Explain {topic}")
 BAD = str(DATA / "topics_bad.csv")

@@ -1,8 +1,8 @@
 """Pure transforms: polars frames and an injected chat model; no Prefect, no I/O, no env."""
 
-from transforms.calls import CallContext, CallStats, EmptyReply, Failure, Outcome, RetryPolicy, ask_model
-from transforms.costs import DEFAULT_PRICES, Budget, Price, price_for
-from transforms.enrichment import (
+from llm_enrich.transforms.calls import CallContext, CallStats, EmptyReply, Failure, Outcome, RetryPolicy, ask_model
+from llm_enrich.transforms.costs import DEFAULT_PRICES, Budget, Price, price_for
+from llm_enrich.transforms.enrichment import (
     AnswerMemo,
     EnrichSpec,
     charge_first,
@@ -10,9 +10,9 @@ from transforms.enrichment import (
     enrich_frame_async,
     prompt_keys,
 )
-from transforms.keys import KEY_VERSION, AnswerIdentity, answer_key, endpoint_family
-from transforms.prompts import PromptTemplate, build_messages, parse_template, render_prompts
-from transforms.scheduling import Scheduler, estimate_tokens
+from llm_enrich.transforms.keys import KEY_VERSION, AnswerIdentity, answer_key, endpoint_family
+from llm_enrich.transforms.prompts import PromptTemplate, build_messages, parse_template, render_prompts
+from llm_enrich.transforms.scheduling import Scheduler, estimate_tokens
 
 __all__ = [
     "DEFAULT_PRICES",

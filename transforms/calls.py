@@ -36,10 +36,10 @@ from langchain_core.messages import BaseMessage, HumanMessage
 from langchain_core.runnables import Runnable
 from pydantic import BaseModel
 
-from schemas.errors import EndpointRejected, RunInterrupted, UserError
-from transforms.costs import Budget, Price
-from transforms.guards import ErrorRate, StopSignal
-from transforms.scheduling import Scheduler, estimate_tokens
+from llm_enrich.schemas.errors import EndpointRejected, RunInterrupted, UserError
+from llm_enrich.transforms.costs import Budget, Price
+from llm_enrich.transforms.guards import ErrorRate, StopSignal
+from llm_enrich.transforms.scheduling import Scheduler, estimate_tokens
 
 __all__ = [
     "AttemptDeadline",

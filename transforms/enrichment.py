@@ -12,7 +12,7 @@ import polars as pl
 from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import Runnable, RunnableLambda
 
-from schemas.enriched import (
+from llm_enrich.schemas.enriched import (
     ERROR_COLUMN,
     INPUT_TOKENS_COLUMN,
     KEY_COLUMN,
@@ -20,11 +20,11 @@ from schemas.enriched import (
     TRUNCATED_COLUMN,
     added_columns,
 )
-from schemas.errors import EnrichError
-from transforms.calls import CallContext, Outcome, ask_model
-from transforms.keys import AnswerIdentity, answer_key
-from transforms.prompts import PromptTemplate, build_messages, render_prompts
-from transforms.structured import StructuredOutput
+from llm_enrich.schemas.errors import EnrichError
+from llm_enrich.transforms.calls import CallContext, Outcome, ask_model
+from llm_enrich.transforms.keys import AnswerIdentity, answer_key
+from llm_enrich.transforms.prompts import PromptTemplate, build_messages, render_prompts
+from llm_enrich.transforms.structured import StructuredOutput
 
 __all__ = [
     "AnswerMemo",

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from schemas.errors import EndpointRejected, EnrichError, RunAborted, RunInterrupted
+from llm_enrich.schemas.errors import EndpointRejected, EnrichError, RunAborted, RunInterrupted
 
 __all__ = ["ErrorRate", "StopSignal", "error_kind"]
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 
-from schemas.errors import TemplateError
+from llm_enrich.schemas.errors import TemplateError
 
 __all__ = ["PromptTemplate", "build_messages", "parse_template", "render_prompts"]
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from schemas.errors import ConfigError
+from llm_enrich.schemas.errors import ConfigError
 
 __all__ = [
     "StructuredOutput",
