@@ -16,7 +16,7 @@ from contextlib import contextmanager, suppress
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from flows.job import EnrichJob
+from llm_enrich.flows.job import EnrichJob
 
 if TYPE_CHECKING:
     import psutil
@@ -138,7 +138,7 @@ def _second_signal_ends(spawned: _Spawned) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread
         return
-    from flows.stopping import received_signal
+    from llm_enrich.flows.stopping import received_signal
 
     def chained(previous: Callable[[int, FrameType | None], Any]) -> Callable[[int, FrameType | None], Any]:
         def handle(number: int, frame: FrameType | None) -> Any:
