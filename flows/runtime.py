@@ -81,9 +81,9 @@ def resolve_price(job: EnrichJob, model_name: str, *, local: bool) -> Price | No
 
 
 def build_context(
-    job: EnrichJob, price: Price | None, *, max_concurrency: int, secret: str | None = None
+    job: EnrichJob, price: Price | None, *, max_concurrency: int, secret: str | None = None, shared_by: int = 1
 ) -> CallContext:
-    """Retry policy, scheduler and budget for one run, from the job."""
+    """Retry policy, scheduler and budget for one run, from the job (``shared_by`` processes share the limits)."""
     return CallContext(
         policy=RetryPolicy(
             max_retries=job.max_retries,
@@ -98,6 +98,7 @@ def build_context(
             max_tokens=job.max_tokens,
             base_pause=max(job.retry_base_delay, 0.05),
             before_send=_prefect_rate_limit(job.prefect_rate_limit) if job.prefect_rate_limit else None,
+            shared_by=shared_by,
         ),
         budget=Budget(job.max_cost) if job.max_cost is not None else None,
         on_truncated=job.on_truncated,

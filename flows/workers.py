@@ -41,7 +41,9 @@ def runtime_for(
         pass
     with _LOCK:
         if key not in _BUILT:
-            _BUILT[key] = _build(_worker_share(job, workers), local=local, served_url=served_url, columns=columns)
+            _BUILT[key] = _build(
+                _worker_share(job, workers), local=local, served_url=served_url, columns=columns, workers=workers
+            )
             while len(_BUILT) > _KEEP:
                 _BUILT.popitem(last=False)[1].loop.close()
         return _BUILT[key], True
@@ -60,7 +62,7 @@ def _worker_share(job: EnrichJob, workers: int) -> EnrichJob:
     return job.model_copy(update=share)
 
 
-def _build(job: EnrichJob, *, local: bool, served_url: str | None, columns: Sequence[str]) -> Runtime:
+def _build(job: EnrichJob, *, local: bool, served_url: str | None, columns: Sequence[str], workers: int = 1) -> Runtime:
     # The key is read from this worker's environment; the identity (answer keys) must match the flow's.
     found = resolve_endpoint(job)
     endpoint = Endpoint(base_url=found.base_url, api_key=found.api_key, local=local)
@@ -71,7 +73,8 @@ def _build(job: EnrichJob, *, local: bool, served_url: str | None, columns: Sequ
     for single in job.output_jobs():
         spec = build_spec(single, endpoint)
         price = resolve_price(single, spec.identity.model, local=local)
-        ctx = build_context(single, price, max_concurrency=spec.max_concurrency, secret=secret)
+        # The server's rate-limit headers describe the whole budget: each worker takes its share.
+        ctx = build_context(single, price, max_concurrency=spec.max_concurrency, secret=secret, shared_by=workers)
         if lanes:
             share_limits(ctx, lanes[0].ctx)
         lane, _ = build_lane(single, spec, ctx, endpoint, base_url=served_url or endpoint.base_url, cache=cache)
