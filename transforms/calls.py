@@ -260,7 +260,7 @@ async def ask_model(
             corrected = True
             messages = [*messages, HumanMessage(_CORRECTION.format(error=exc))]
             continue
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure is classified: retried, the row's, or fatal
             failure = policy.classify(exc)
             if failure.timed_out:
                 with stats._lock:
@@ -273,7 +273,7 @@ async def ask_model(
                     "the model name (--model) and the base URL (--base-url)."
                 )
                 ctx.stop.set(stats.aborted, fatal=True)
-                raise EndpointRejected(stats.aborted) from exc
+                raise EndpointRejected(stats.aborted) from _portable(exc)
             if ctx.reachability.record(ok=False, unreachable=failure.unreachable):
                 stats.aborted = (
                     f"could not reach the LLM endpoint: {ctx.reachability.failures_in_a_row} attempts in a row "
@@ -281,7 +281,7 @@ async def ask_model(
                     "OPENAI_BASE_URL and that the server is running."
                 )
                 ctx.stop.set(stats.aborted, fatal=True)
-                raise EndpointRejected(stats.aborted) from exc
+                raise EndpointRejected(stats.aborted) from _portable(exc)
             if failure.rate_limited:
                 with stats._lock:
                     stats.rate_limited += 1
@@ -294,6 +294,11 @@ async def ask_model(
     tries = f"after {outcome.attempts} attempt{'s' if outcome.attempts > 1 else ''}"
     outcome.error = f"{outcome.error} ({tries})"
     return outcome
+
+
+def _portable(exc: BaseException) -> Exception:
+    """The cause as a plain exception: a library's own may not unpickle where a Dask task's error lands."""
+    return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 async def _invoke(model: Runnable[Any, Any], messages: list[BaseMessage], ctx: CallContext) -> Any:
