@@ -132,6 +132,7 @@ class Scheduler:
         self._tokens_seq = 0.0
         self._next_request = -math.inf  # GCRA theoretical arrival times
         self._next_tokens = -math.inf
+        self._largest = 0  # the largest token reservation so far
         self._paused_until = -math.inf
         self._last_decrease = -math.inf
         self._consecutive_429 = 0
@@ -247,10 +248,21 @@ class Scheduler:
         if self.rpm:
             self._next_request = _next_slot(self._next_request, now, 60.0 / (self.rpm * self._pace))
         if self.tpm:
-            self._next_tokens = _next_slot(self._next_tokens, now, waiter.reserved * 60.0 / (self.tpm * self._pace))
+            self._largest = max(self._largest, waiter.reserved)
+            self._next_tokens = _next_slot(self._next_tokens, now, waiter.reserved * 60.0 / self._token_rate())
         return Admission(
             waiter.estimated, waiter.reserved, self._seq, self._tokens_seq, self._in_flight, via_credit=credit
         )
+
+    def _token_rate(self) -> float:
+        """Tokens a minute to pace at: a second's window also holds the request that starts it.
+
+        Paced at R a second, a one-second window holds R plus one request's tokens; with requests
+        a sizeable share of the per-second budget B (60,000 TPM is 1,000 a second, a request 70)
+        the pace is B less the largest reservation, never under half of B.
+        """
+        assert self.tpm
+        return max(self.tpm / 2, min(self.tpm * self._pace, self.tpm - 60.0 * self._largest))
 
     def _credit_allows(self, reserved: int, now: float) -> bool:
         """True when the server's last reported headroom, less what we sent since, covers this request."""
