@@ -100,6 +100,11 @@ def classify_generic(exc: BaseException) -> Failure:
     return Failure("retry", f"{type(exc).__name__}: {exc}")
 
 
+# Our own generator: retry loops run in background threads, and drawing from the global one there
+# would disturb (and be disturbed by) other code's seeded randomness.
+_JITTER = random.Random()
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Retry settings for transient failures; delays in seconds."""
@@ -113,7 +118,7 @@ class RetryPolicy:
     def delay(self, retry_number: int, retry_after: float | None) -> float:
         """Exponential backoff with jitter, never shorter than the server asked for."""
         backoff = min(self.max_delay, self.base_delay * 2**retry_number)
-        jittered = backoff * random.uniform(0.5, 1.0)
+        jittered = backoff * _JITTER.uniform(0.5, 1.0)
         return max(jittered, retry_after or 0.0)
 
 
