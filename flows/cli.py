@@ -436,6 +436,8 @@ def _print_summary(s: dict[str, Any]) -> None:
         highlight=False,
         soft_wrap=True,
     )
+    for note in s.get("notes") or []:
+        out_console.print(f"[bold]Note:[/] {note}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -45,6 +45,7 @@ from llm_enrich.schemas.errors import ConfigError, EnrichError, RunInterrupted, 
 from llm_enrich.transforms.enrichment import EnrichSpec
 from llm_enrich.transforms.guards import StopSignal
 from llm_enrich.transforms.prompts import parse_template
+from llm_enrich.transforms.scheduling import Scheduler
 
 __all__ = ["INVALID_STATE", "enrich_partition", "enrich_table", "finished_summary", "run_enrichment"]
 
@@ -231,12 +232,19 @@ def _enrich(
             }
             for i, run in enumerate(runs)
         },
+        notes=_notes(primary.ctx.scheduler, sum(s.output_tokens for s in stats)),
     )
     log.info("wrote %s: %d rows ok, %d failed", job.destination, summary.rows_ok, summary.rows_failed)
     sample = pl.DataFrame([row for r in results for row in r["sample"]][:SAMPLE_ROWS], infer_schema_length=None)
     problems = pl.DataFrame([row for r in results for row in r["problems"]][:FAILURE_ROWS], infer_schema_length=None)
     publish_report(summary, sample, problems, rejected)
     return summary
+
+
+def _notes(scheduler: Scheduler | None, output_tokens: int) -> list[str]:
+    """Hints for the next run: a TPM pace bound by max_tokens reservations says so (Dask runs pace on workers)."""
+    note = scheduler.reservation_note(output_tokens) if scheduler is not None else None
+    return [note] if note else []
 
 
 def _interrupted(err: RunInterrupted, runs: list[OutputRun], cached: bool) -> str:

@@ -32,3 +32,4 @@ class RunSummary(BaseModel):
     model: str
     endpoint: str
     outputs: dict[str, dict[str, int]] = {}
+    notes: list[str] = []  # what the run learned that a rerun could use, e.g. a smaller --max-tokens

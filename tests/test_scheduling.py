@@ -288,6 +288,22 @@ def test_no_window_holds_more_tokens_than_its_share(sizes: list[int]) -> None:
     assert before_last / (per_second * PACE) * 0.999 <= times[-1] <= before_last / (per_second / 2) * 1.001
 
 
+def test_a_run_bound_by_max_tokens_reservations_says_so_and_suggests_a_value() -> None:
+    async def main(max_tokens: int, rpm: int | None) -> Scheduler:
+        scheduler = Scheduler(max_concurrency=50, rpm=rpm, tpm=60_000, max_tokens=max_tokens)
+        await admit_sized(scheduler, [10] * 40)
+        return scheduler
+
+    bound = run_virtual(lambda: main(256, None))
+    note = bound.reservation_note(output_tokens=40 * 9)  # replies of 9 tokens against 256 reserved
+    assert note is not None
+    assert "--max-tokens 256" in note and "averaged 9 tokens" in note and "--max-tokens 32" in note
+    assert "about 6.3x" in note  # (10 + 256) / (10 + 32)
+    assert bound.reservation_note(output_tokens=40 * 200) is None  # the replies need the room
+    requests_bound = run_virtual(lambda: main(256, 60))  # one a second: the RPM binds, not tokens
+    assert requests_bound.reservation_note(output_tokens=40 * 9) is None
+
+
 # -- (d) the shared pause ----------------------------------------------------------------------
 
 PAUSE = 0.5

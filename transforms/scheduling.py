@@ -91,6 +91,7 @@ class _Waiter:
     future: asyncio.Future[Admission]
     estimated: int
     reserved: int
+    token_bound: bool = False  # it waited for the token pace, not for anything else
 
 
 class Scheduler:
@@ -133,6 +134,8 @@ class Scheduler:
         self._next_request = -math.inf  # GCRA theoretical arrival times
         self._next_tokens = -math.inf
         self._largest = 0  # the largest token reservation so far
+        self._prompt_estimates = 0  # estimated prompt tokens of every admission
+        self._token_bound = 0  # admissions that waited for the token pace
         self._paused_until = -math.inf
         self._last_decrease = -math.inf
         self._consecutive_429 = 0
@@ -224,6 +227,7 @@ class Scheduler:
             credit = self._credit_allows(waiter.reserved, now)
             ready = self._paused_until if credit else max(self._paused_until, self._pacing_ready())
             if ready > now:
+                waiter.token_bound = bool(self.tpm) and ready == self._next_tokens
                 self._timer = loop.call_at(ready, self._pump)
                 return
             self._queue.popleft()
@@ -244,6 +248,8 @@ class Scheduler:
         self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
         self._seq += 1
         self._tokens_seq += waiter.reserved
+        self._prompt_estimates += waiter.estimated
+        self._token_bound += waiter.token_bound
         # Credit-admitted requests advance the pace too, so the two never add up past a window.
         if self.rpm:
             self._next_request = _next_slot(self._next_request, now, 60.0 / (self.rpm * self._pace))
@@ -363,6 +369,23 @@ class Scheduler:
             else:
                 self._slow_start = False
                 self.limit = max(1.0, self.limit / 2)
+
+    def reservation_note(self, output_tokens: int) -> str | None:
+        """A hint when the TPM pace bound the run and replies were far shorter than ``max_tokens``."""
+        if not self.tpm or not self._seq or self.max_tokens <= 0 or self._token_bound < self._seq / 2:
+            return None
+        replies = output_tokens / self._seq
+        if self.max_tokens < 4 * max(replies, 1.0):
+            return None
+        prompt = self._prompt_estimates / self._seq
+        suggest = max(16, 16 * math.ceil(2 * replies / 16))  # twice the average reply, in steps of 16
+        faster = (prompt + self.max_tokens) / (prompt + suggest)
+        return (
+            f"--tpm bound this run through the reservation, not the answers: each request reserves its prompt "
+            f"+ --max-tokens {self.max_tokens} (as OpenAI counts at admission), but replies averaged {replies:.0f} "
+            f"tokens. --max-tokens {suggest} would let about {faster:.1f}x as many requests through per minute, "
+            "if no answer needs more."
+        )
 
     # -- what the retry layer reports ---------------------------------------------------------
 
