@@ -382,7 +382,8 @@ def _run_in_prefect(job: EnrichJob) -> dict[str, Any]:
             _warn_records(lost)
         return state.result()
     if state.is_cancelled():
-        _fail(state.message or "interrupted; the output was not written.", 128 + (received_signal() or 2))
+        # A stop the user asked for is not an error: the message already starts "interrupted by ...".
+        _fail(state.message or "interrupted; the output was not written.", 128 + (received_signal() or 2), label="")
     if state.name == INVALID_STATE:
         _fail(state.message or "the job was rejected", 2)
     _fail(state.message or f"the run ended {state.name}", 1)
@@ -408,8 +409,8 @@ def _signal_seen() -> int:
     return received_signal() or signal.SIGINT
 
 
-def _fail(message: str, code: int) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+def _fail(message: str, code: int, *, label: str = "[bold red]error:[/] ") -> None:
+    err_console.print(f"{label}{message}", highlight=False, soft_wrap=True)
     _leave(code)
     raise typer.Exit(code)
 

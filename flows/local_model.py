@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from llm_enrich.flows.stopping import forget_child, remember_child
+from llm_enrich.flows.stopping import forget_child, remember_child, stop_process_group, wait_healthy
 from llm_enrich.schemas.errors import LocalModelError
 
 __all__ = ["LOCAL_MODEL_NAME", "find_bundled_model", "serve_local_model", "stop_process_group"]
@@ -75,43 +71,13 @@ def serve_local_model(*, startup_timeout: float = 180.0, context_size: int = 204
     remember_child(process)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
-        _wait_healthy(process, base_url, startup_timeout, Path(log.name))
+        wait_healthy(
+            process, f"{base_url}/models", timeout=startup_timeout, log=Path(log.name), error=LocalModelError,
+            what="the bundled model server",
+        )  # fmt: skip
         yield base_url
     finally:
         stop_process_group(process)
         forget_child(process)
         log.close()
         Path(log.name).unlink(missing_ok=True)
-
-
-def _wait_healthy(process: subprocess.Popen[bytes], base_url: str, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-            raise LocalModelError(
-                f"the bundled model server exited with code {process.returncode} while starting: {' | '.join(tail)}"
-            )
-        try:
-            with urllib.request.urlopen(f"{base_url}/models", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.2)
-    raise LocalModelError(f"the bundled model server did not become healthy within {timeout:.0f} s.")
-
-
-def stop_process_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM a process started in its own session, then SIGKILL it if it lingers."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=10)

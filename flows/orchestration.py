@@ -16,21 +16,17 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from llm_enrich.flows.stopping import forget_child, remember_child
+from llm_enrich.flows.stopping import forget_child, remember_child, stop_process_group, wait_healthy
 from llm_enrich.schemas.errors import RuntimeFailure
 
 __all__ = [
@@ -116,36 +112,17 @@ def temporary_prefect_server(home: Path | None = None) -> Iterator[str]:
     )
     remember_child(process)
     try:
-        _wait_healthy(process, api_url, Path(log.name))
+        wait_healthy(
+            process, f"{api_url}/health", timeout=SERVER_STARTUP_SECONDS, log=Path(log.name), error=RuntimeFailure,
+            what="the temporary Prefect server (start one with `prefect server start` and set PREFECT_API_URL)",
+        )  # fmt: skip
         yield api_url
     finally:
         _drain_prefect_workers()
-        _stop(process)
+        stop_process_group(process, grace=_STOP_SECONDS)
         forget_child(process)
         log.close()
         Path(log.name).unlink(missing_ok=True)
-
-
-def _wait_healthy(process: subprocess.Popen[bytes], api_url: str, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-5:])
-            raise RuntimeFailure(
-                f"the temporary Prefect server exited with code {process.returncode} while starting: {tail}. "
-                "Start one with `prefect server start` and set PREFECT_API_URL, or check PREFECT_HOME."
-            )
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.2)
-    raise RuntimeFailure(
-        f"the temporary Prefect server did not answer within {SERVER_STARTUP_SECONDS:.0f} s. Start one with "
-        "`prefect server start` and set PREFECT_API_URL."
-    )
 
 
 def _drain_prefect_workers() -> None:
@@ -159,24 +136,6 @@ def _drain_prefect_workers() -> None:
         try:
             worker.drain_all(timeout=_STOP_SECONDS)
         except Exception:  # noqa: BLE001 - records are best effort; the run's outcome is already decided
-            pass
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's group, SIGKILL it if it lingers; never wait unbounded."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=_STOP_SECONDS)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(timeout=_STOP_SECONDS)
-        except subprocess.TimeoutExpired:
             pass
 
 

@@ -15,11 +15,16 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from llm_enrich.schemas.errors import EnrichError
 from llm_enrich.transforms.calls import CallStats
 from llm_enrich.transforms.guards import StopSignal
 
@@ -35,6 +40,8 @@ __all__ = [
     "received_signal",
     "remember_child",
     "stop_on_signals",
+    "stop_process_group",
+    "wait_healthy",
 ]
 
 GRACE_SECONDS = 5.0
@@ -139,3 +146,40 @@ def exit_now(code: int) -> None:
         except (OSError, ValueError):
             pass
     os._exit(code)
+
+
+def wait_healthy(
+    process: subprocess.Popen[bytes], url: str, *, timeout: float, log: Path, error: type[EnrichError], what: str
+) -> None:
+    """Poll ``url`` until it answers 200; raise ``error`` if the child exits first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-5:])
+            raise error(f"{what} exited with code {process.returncode} while starting: {tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    raise error(f"{what} did not become healthy within {timeout:.0f} s.")
+
+
+def stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM a child started in its own session, SIGKILL it after ``grace`` s; never wait unbounded."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass  # a zombie the kernel will reap with us; nothing is left running
