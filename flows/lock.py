@@ -53,7 +53,7 @@ def hold_lock(
     path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
     told = False
-    while True:
+    while True:  # bounded: the deadline below raises, and every pass sleeps POLL_SECONDS
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
