@@ -50,6 +50,12 @@ Limits, checked when a request arrives (before ``latency``):
 request the limits admitted; ``Stats.in_flight`` counts a request from its body being read until
 its answer is ready (a hanging or trickling one until it ends), as a model server frees a slot.
 Replies go out with TCP_NODELAY: without it Nagle's algorithm held every body back 40 ms.
+
+``service_tier`` is checked ("auto", "default", "flex", "scale", "priority"; else 400) and echoed in a
+200 completion ("auto" -> "default"); ``flex_unavailable_rate`` refuses that share of flex requests
+(by prompt and attempt) with the 429 ``resource_unavailable``; ``Stats.flex_requests`` counts them.
+The Files and Batch APIs (``/v1/files``, ``/v1/batches``, the ``batch_*`` switches and stats) live
+in ``batch_api.py``; batch lines go through ``_answer`` without the online limits.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
+
+from tests.fakes.batch_support import echo_service_tier, service_tier_error
 
 __all__ = ["Behaviour", "FakeOpenAIServer", "Stats", "expected_answer", "expected_object", "format_duration"]
 
@@ -116,6 +124,15 @@ class Behaviour:
     trickle_interval: float = 0.5
     trickle_all: bool = False
     require_key: str | None = None
+    flex_unavailable_rate: float = 0.0  # share of service_tier="flex" requests refused 429 resource_unavailable
+    # The Files and Batch APIs (tests/fakes/batch_api.py).
+    batch_max_bytes: int = 200 * 1024 * 1024
+    batch_max_requests: int = 50_000
+    batch_validating_seconds: float = 0.2
+    batch_line_seconds: float = 0.001
+    batch_finalizing_seconds: float = 0.2
+    batch_expire_seconds: float | None = None
+    batch_enqueued_tokens: int | None = None
 
 
 @dataclass
@@ -132,6 +149,13 @@ class Stats:
     admissions: deque = field(default_factory=lambda: deque(maxlen=200_000))
     in_flight: int = 0
     max_in_flight: int = 0
+    flex_requests: int = 0
+    files_uploaded: int = 0
+    batches_created: int = 0
+    batch_lines_answered: int = 0  # billed (status 200) batch lines
+    batches: list[dict[str, Any]] = field(default_factory=list)  # one record per batch, updated as it runs
+    batch_custom_ids: Counter[str] = field(default_factory=Counter)  # over every batch created
+    max_enqueued_tokens: int = 0
 
 
 class _Meter:
@@ -221,6 +245,9 @@ class FakeOpenAIServer:
         self._httpd = _Server(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        from tests.fakes.batch_api import BatchAPI  # imports this module
+
+        self.batch_api = BatchAPI(self)
 
     @property
     def base_url(self) -> str:
@@ -239,6 +266,7 @@ class FakeOpenAIServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
+        self.batch_api.stop()
 
     def reset(self) -> None:
         """Forget counters, attempts and the limits' state (keeps the behaviour)."""
@@ -334,12 +362,12 @@ class FakeOpenAIServer:
 
     def handle(self, body: dict[str, Any], auth: str | None) -> Reply:
         """Return (status, headers, body); a None body means drop the connection."""
-        status, headers, payload = self._answer(body, auth)
+        status, headers, payload = echo_service_tier(body, self._answer(body, auth))
         if self.behaviour.rpm or self.behaviour.tpm:
             headers = {**self._limit_headers(), **headers}
         return status, headers, payload
 
-    def _answer(self, body: dict[str, Any], auth: str | None) -> Reply:
+    def _answer(self, body: dict[str, Any], auth: str | None, batch: bool = False) -> Reply:
         b = self.behaviour
         messages = body.get("messages", [])
         # The first user message is the row's prompt (later ones are our schema corrections).
@@ -361,14 +389,18 @@ class FakeOpenAIServer:
             return self._count("badkey", _error(401, f"Incorrect API key provided: {auth}.", "invalid_api_key"))
         if quota_spent or "FAULT:quota" in prompt:
             return self._count("quota", _quota())
-        if b.max_in_flight is not None and in_flight > b.max_in_flight:
+        if not batch and body.get("service_tier") is not None:  # a batch line's tier is the batch's
+            flex = self._flex(body, prompt, attempt)
+            if flex is not None:
+                return flex
+        if not batch and b.max_in_flight is not None and in_flight > b.max_in_flight:
             message = f"Too many concurrent requests: this server handles at most {b.max_in_flight} at once."
             return self._count("concurrency", _error(429, message, "too_many_concurrent_requests", "requests"))
         max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
-        rejected, entry = self._admit(count_tokens((system or "") + prompt), max_tokens)
+        rejected, entry = (None, None) if batch else self._admit(count_tokens((system or "") + prompt), max_tokens)
         if rejected is not None:
             return rejected
-        if b.latency:
+        if b.latency and not batch:
             self._stopping.wait(b.latency)
         if "FAULT:echoauth" in prompt:  # a careless server that echoes the credentials back
             return self._count("echoauth", _error(400, f"request with header {auth} is not allowed", "echo"))
@@ -384,6 +416,18 @@ class FakeOpenAIServer:
         if b.trickle_all:
             reply[1][_DELIVERY] = "trickle"
         return self._count("ok" if answer else "empty", reply)
+
+    def _flex(self, body: dict[str, Any], prompt: str, attempt: int) -> Reply | None:
+        invalid = service_tier_error(body)
+        if invalid is not None:
+            return self._count("invalid_service_tier", invalid)
+        if body["service_tier"] != "flex":
+            return None
+        with self._lock:
+            self.stats.flex_requests += 1
+        if _roll(prompt, attempt, "flex") < self.behaviour.flex_unavailable_rate:
+            return self._count("flex_unavailable", _unavailable())
+        return None
 
     def _count(self, kind: str, reply: Reply) -> Reply:
         with self._lock:
@@ -593,12 +637,22 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             pass
 
         def do_GET(self) -> None:
+            reply = server.batch_api.route("GET", self.path, self.headers, b"")
             payload = {"object": "list", "data": [{"id": "fake", "object": "model"}]}
-            self._send(200, {}, json.dumps(payload).encode())
+            self._send(*(reply or (200, {}, json.dumps(payload).encode())))
+
+        def do_DELETE(self) -> None:
+            raw = self.rfile.read(int(self.headers.get("content-length", 0)))
+            reply = server.batch_api.route("DELETE", self.path, self.headers, raw)
+            self._send(*(reply or _error(404, f"Invalid URL (DELETE {self.path})", "unknown_url")))
 
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length", 0))
             raw = self.rfile.read(length)
+            reply = server.batch_api.route("POST", self.path, self.headers, raw)
+            if reply is not None:  # the Files and Batch APIs
+                self._send(*reply)
+                return
             with server._lock:
                 server.stats.in_flight += 1
                 server.stats.max_in_flight = max(server.stats.max_in_flight, server.stats.in_flight)
