@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: run test lint format venv clean
+.PHONY: run test lint typecheck format venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(MAKE) --no-print-directory typecheck
+
+# mypy resolves modules from folders, and ours install under other names (llm_enrich.flows from
+# flows/, ...): a tree of symlinks under build/ gives it the installed layout.
+typecheck: $(STAMP)
+	rm -rf build/typecheck && mkdir -p build/typecheck/llm_enrich
+	ln -s $(CURDIR)/api/__init__.py build/typecheck/llm_enrich/__init__.py
+	for d in flows transforms schemas; do ln -s $(CURDIR)/$$d build/typecheck/llm_enrich/$$d; done
+	cd build/typecheck && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p llm_enrich
 
 format: $(STAMP)
 	$(BIN)/ruff format .

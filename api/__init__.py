@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from llm_enrich.flows.frames import enrich_frame, enrich_task
     from llm_enrich.flows.job import EnrichJob, ExtraOutput
     from llm_enrich.flows.pipeline import enrich_table
-    from llm_enrich.flows.summary import RunSummary
+    from llm_enrich.flows.report.summary import RunSummary
     from llm_enrich.schemas.errors import EnrichError
 
 __all__ = ["EnrichError", "EnrichJob", "ExtraOutput", "RunSummary", "enrich_frame", "enrich_table", "enrich_task"]
@@ -27,7 +27,7 @@ _WHERE = {
     "EnrichError": "llm_enrich.schemas.errors",
     "EnrichJob": "llm_enrich.flows.job",
     "ExtraOutput": "llm_enrich.flows.job",
-    "RunSummary": "llm_enrich.flows.summary",
+    "RunSummary": "llm_enrich.flows.report.summary",
     "enrich_frame": "llm_enrich.flows.frames",
     "enrich_table": "llm_enrich.flows.pipeline",
     "enrich_task": "llm_enrich.flows.frames",

@@ -185,10 +185,10 @@ def scenario_rerun(args: argparse.Namespace, workdir: Path, env: dict[str, str])
 
 def scenario_million(args: argparse.Namespace, workdir: Path, env: dict[str, str]) -> dict[str, Any]:
     """7. A fully cached table of --million-rows distinct prompts, end to end through `enrich run`."""
-    from llm_enrich.flows.cache import ResponseCache, default_cache_dir
+    from llm_enrich.flows.cache.files import ResponseCache, default_cache_dir
     from llm_enrich.flows.job import make_job
-    from llm_enrich.flows.llm import Endpoint
-    from llm_enrich.flows.preparation import build_spec
+    from llm_enrich.flows.llm.endpoint import Endpoint
+    from llm_enrich.flows.plan.specs import build_spec
 
     rows = args.million_rows
     print(f"\n== 7. {rows:,} cached rows end to end through `enrich run`", flush=True)

@@ -19,12 +19,12 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_openai import ChatOpenAI
 
 from benchmarks.common import TEMPLATE, ServerProcess, render, unique_prompts
-from llm_enrich.flows.llm import classify_openai_error
+from llm_enrich.flows.llm.endpoint import classify_openai_error
 from llm_enrich.schemas.enriched import ERROR_COLUMN
+from llm_enrich.transforms.admission import Scheduler
 from llm_enrich.transforms.calls import CallContext, CallStats, Failure, RetryPolicy
 from llm_enrich.transforms.enrichment import AnswerMemo, EnrichSpec, enrich_frame_async
 from llm_enrich.transforms.prompts import parse_template
-from llm_enrich.transforms.scheduling import Scheduler
 from tests.fakes.openai_server import count_tokens, expected_answer
 
 __all__ = ["Limit", "Load", "RunResult", "run_ours", "run_reference", "theoretical_limit"]
@@ -156,7 +156,7 @@ def run_ours(load: Load, topics: list[str], limit: Limit, retry_base_delay: floa
         client = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=load.concurrency, max_keepalive_connections=load.concurrency),
             timeout=30,
-            # As flows/runtime.py wires it: the scheduler reads rate-limit headers and 429 bodies.
+            # As flows/run/runtime.py wires it: the scheduler reads rate-limit headers and 429 bodies.
             event_hooks={"response": [scheduler.on_response]},
         )
         try:

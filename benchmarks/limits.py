@@ -7,7 +7,7 @@ Run from the repository root (a script, not a test; about 6 minutes for everythi
     .venv/bin/python -m benchmarks.limits --scale 0.25          # quick: a quarter of the rows
 
 Each scenario runs ``transforms.enrichment.enrich_frame_async`` with our ``Scheduler`` (wired to the
-HTTP client's response hook as ``flows/runtime.py`` wires it) against the fake OpenAI server in its
+HTTP client's response hook as ``flows/run/runtime.py`` wires it) against the fake OpenAI server in its
 own process, told only ``--rpm``/``--tpm`` (nothing at all against the concurrency-capped server).
 Enforcements: ``1s-sliding`` (a log of the last second), ``1s-bucket`` (a token bucket holding one
 second of budget, refilled continuously) and ``60s-sliding`` (the old fake server); TPM is charged

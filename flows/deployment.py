@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-from prefect.deployments.runner import EntrypointType
+from prefect.types.entrypoint import EntrypointType
 
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.pipeline import enrich_table
@@ -53,7 +53,7 @@ def serve_deployment(job: EnrichJob, *, name: str = DEPLOYMENT_NAME, cron: str |
 def deploy_to_pool(job: EnrichJob, *, pool: str, name: str = DEPLOYMENT_NAME, cron: str | None = DEFAULT_CRON) -> str:
     """Register a deployment on a process work pool; a `prefect worker` on this host runs it."""
     flow = enrich_table.from_source(source=str(REPO_ROOT), entrypoint="flows/pipeline.py:enrich_table")
-    deployment_id = flow.deploy(
+    deployment_id = flow.deploy(  # type: ignore[union-attr]
         name=name,
         work_pool_name=pool,
         cron=cron or None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 from prefect import task
@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.pipeline import INVALID_STATE, enrich_table
-from llm_enrich.flows.summary import RunSummary
+from llm_enrich.flows.report.summary import RunSummary
 from llm_enrich.schemas.errors import ConfigError, RunInterrupted, RuntimeFailure, UserError
 
 __all__ = ["default_cache_dir", "enrich_frame", "enrich_task"]
@@ -72,4 +72,4 @@ def enrich_task(job: EnrichJob) -> RunSummary:
     if not state.is_completed():
         error = UserError if state.name == INVALID_STATE else RuntimeFailure
         raise error(state.message or f"the run ended {state.name}")
-    return RunSummary(**state.result())
+    return RunSummary(**cast(dict[str, Any], state.result()))

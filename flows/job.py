@@ -128,6 +128,41 @@ class EnrichJob(BaseModel):
         description="Stop sending once more than this share of the rows answered so far failed (judged after "
         "50 rows); the answers so far are kept. 1 turns it off.",
     )
+    mode: Literal["online", "batch"] = Field(
+        "online",
+        description="online: one request per distinct prompt, now. batch: the provider's Batch API (half price, "
+        "answers within 24 h); a rerun of the same job resumes the same batches and never submits twice.",
+    )
+    batch_wait: bool = Field(
+        True,
+        description="Batch mode: wait for the batches and write the output (default), or submit, record the "
+        "manifest and end; a later run of the same job collects them.",
+    )
+    batch_max_requests: int = Field(50_000, ge=1, description="Batch mode: most requests per batch file.")
+    batch_max_bytes: int = Field(200_000_000, ge=1_000, description="Batch mode: largest batch file in bytes.")
+    batch_poll_seconds: float = Field(
+        30.0, gt=0, le=3_600, description="Batch mode: longest pause between two looks at a batch's state."
+    )
+    service_tier: Literal["auto", "default", "flex"] | None = Field(
+        None,
+        description="OpenAI service tier for online requests; flex: batch prices, slower replies, 429 "
+        "resource_unavailable when capacity runs out (retried with backoff), a 15-minute timeout by default.",
+    )
+    prompt_cache_key: str | None = Field(
+        None, description="Sent as prompt_cache_key so requests sharing a long prefix hit the provider's cache."
+    )
+    limit: int | None = Field(
+        None,
+        ge=1,
+        description="Trial run: enrich only the first N valid rows and write <output stem>.trial.parquet beside "
+        "the output (never the output itself); the answers go to the cache, so the full run pays only for the rest.",
+    )
+    sample: int | None = Field(
+        None,
+        ge=1,
+        description="Trial run on N valid rows drawn uniformly at random (see seed); written like limit.",
+    )
+    seed: int = Field(0, ge=0, description="The seed of sample: the same seed picks the same rows.")
     on_truncated: Literal["keep", "error"] = Field(
         "keep",
         description="An answer cut off at max_tokens: keep it (flagged in enrich_truncated) or make it the "
@@ -202,6 +237,28 @@ class EnrichJob(BaseModel):
         if not self.in_place and not self.output_path:
             raise ValueError("give an output_path, or set in_place for a Parquet input")
         return self
+
+    @model_validator(mode="after")
+    def _one_trial(self) -> EnrichJob:
+        if self.limit is not None and self.sample is not None:
+            raise ValueError("limit and sample each choose the trial's rows: give one of them")
+        return self
+
+    @property
+    def trial(self) -> str | None:
+        """How a trial run picks its rows ('the first 20 valid rows'), or None for a full run."""
+        if self.limit is not None:
+            return f"the first {self.limit} valid rows"
+        if self.sample is not None:
+            return f"{self.sample} valid rows drawn at random (seed {self.seed})"
+        return None
+
+    def trial_job(self) -> EnrichJob:
+        """The same job writing ``<output stem>.trial.parquet`` beside the output (for in_place, the input)."""
+        target = self.destination
+        stem = target[: -len(".parquet")] if target.lower().endswith(".parquet") else target.rstrip("/")
+        suffix = ".trial.parquet" if target.lower().endswith(".parquet") or not self.output_partition_by else ".trial"
+        return self.model_copy(update={"output_path": stem + suffix, "in_place": False})
 
     def output_jobs(self) -> list[EnrichJob]:
         """This job's outputs as single-output jobs; the first is the primary one."""

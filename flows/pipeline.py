@@ -3,49 +3,51 @@
 # No `from __future__ import annotations` here: Prefect builds the parameter model from this
 # module's real annotations when a deployment loads the flow.
 import time
-from collections import deque
-from collections.abc import Callable
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import polars as pl
 from prefect import flow, get_run_logger
-from prefect.futures import PrefectFuture, as_completed
-from prefect.states import Cancelled, Failed, State
+from prefect.client.schemas.objects import State
+from prefect.states import Cancelled, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from llm_enrich.flows.destination import check_destination
 from llm_enrich.flows.job import EnrichJob
-from llm_enrich.flows.lease import hold_lease
-from llm_enrich.flows.llm import describe_url, resolve_endpoint
-from llm_enrich.flows.local_model import LOCAL_MODEL_NOTICE, serve_local_model
-from llm_enrich.flows.lock import hold_lock, sweep_debris
-from llm_enrich.flows.orchestration import begin_records
-from llm_enrich.flows.outputs import OutputRun, plan_outputs
-from llm_enrich.flows.partitions import SAMPLE_ROWS, ask_partition, enrich_partition
-from llm_enrich.flows.progress import current_sink
-from llm_enrich.flows.provenance import footer_metadata
-from llm_enrich.flows.reports import FAILURE_ROWS, Progress, publish_failure, publish_report
-from llm_enrich.flows.runtime import (
+from llm_enrich.flows.llm.endpoint import describe_url, resolve_endpoint
+from llm_enrich.flows.llm.local_model import LOCAL_MODEL_NOTICE, serve_local_model
+from llm_enrich.flows.plan.estimate import estimate_job, project_full_run
+from llm_enrich.flows.plan.lanes import OutputRun, plan_outputs
+from llm_enrich.flows.plan.survey import choose_input_schema, read_columns, survey_input
+from llm_enrich.flows.plan.trial import TrialPick
+from llm_enrich.flows.report.artifacts import FAILURE_ROWS, Progress, publish_failure, publish_report
+from llm_enrich.flows.report.orchestration import begin_records
+from llm_enrich.flows.report.progress import current_sink
+from llm_enrich.flows.report.summary import RunSummary
+from llm_enrich.flows.run.dispatch import dispatch_partitions
+from llm_enrich.flows.run.partitions import SAMPLE_ROWS, PartitionWork, enrich_partition
+from llm_enrich.flows.run.runtime import (
     EventLoopThread,
     Runtime,
     build_lane,
     forget_runtime,
     register_runtime,
 )
-from llm_enrich.flows.scaling import count_workers, dask_runner, workers_report_here
-from llm_enrich.flows.staging import open_staging
-from llm_enrich.flows.stopping import drain_on_stop, stop_on_signals
-from llm_enrich.flows.storage import is_remote
-from llm_enrich.flows.summary import RunSummary
-from llm_enrich.flows.survey import Slice, Survey, choose_input_schema, read_columns, survey_input
-from llm_enrich.flows.writing import publish_parquet, rejected_path, write_parquet_dataset_atomic
+from llm_enrich.flows.run.stopping import drain_on_stop, stop_on_signals
+from llm_enrich.flows.tables.destination import check_destination
+from llm_enrich.flows.tables.lease import hold_lease
+from llm_enrich.flows.tables.lock import hold_lock, sweep_debris
+from llm_enrich.flows.tables.paths import is_remote
+from llm_enrich.flows.tables.provenance import footer_metadata
+from llm_enrich.flows.tables.staging import open_staging
+from llm_enrich.flows.tables.writing import publish_parquet, rejected_path, write_parquet_dataset_atomic
 from llm_enrich.schemas.errors import ConfigError, EnrichError, RunInterrupted, UserError
+from llm_enrich.transforms.admission import Scheduler
 from llm_enrich.transforms.enrichment import EnrichSpec
 from llm_enrich.transforms.guards import StopSignal
 from llm_enrich.transforms.prompts import parse_template
-from llm_enrich.transforms.scheduling import Scheduler
 
 __all__ = ["INVALID_STATE", "enrich_partition", "enrich_table", "finished_summary", "run_enrichment"]
 
@@ -55,12 +57,11 @@ INVALID_STATE = "Invalid"
 # The pool is sized for the largest partition_workers a job may ask for; the flow itself
 # keeps at most job.partition_workers partitions submitted at once.
 _MAX_PARTITION_WORKERS = 64
-_REPORT_SLICES = 100
 
 
 @flow(
     name="enrich-table",
-    task_runner=ThreadPoolTaskRunner(max_workers=_MAX_PARTITION_WORKERS),
+    task_runner=ThreadPoolTaskRunner(max_workers=_MAX_PARTITION_WORKERS),  # type: ignore[arg-type]
     validate_parameters=True,
     persist_result=False,
 )
@@ -99,6 +100,13 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
         log.info(choice.describe())
         schema = choice.schema
         check_destination(job)
+        pick, before = TrialPick.of(job), None
+        if pick is not None:
+            # The whole table first (counts, and a sample's rows), then the trial on its own file.
+            before = estimate_job(job, pick if not pick.ready else None)
+            job = job.trial_job()
+            check_destination(job)
+            log.info("trial run on %s, written to %s", job.trial, job.destination)
         endpoint = resolve_endpoint(job)
         if not is_remote(job.destination):
             held.enter_context(
@@ -117,13 +125,17 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
                     check_stop=stop.check, storage=job.storage(),
                 )
             )  # fmt: skip
-        summary = _enrich(job, template, schema, endpoint, stop, started)
+        summary = _enrich(job, template, schema, endpoint, stop, started, pick)
+    if before is not None:
+        summary.trial = job.trial
+        summary.full_run_estimate = project_full_run(before, summary)
     _FINISHED.append(summary)
     return summary
 
 
 def _enrich(
-    job: EnrichJob, template: Any, schema: Any, endpoint: Any, stop: StopSignal, started: float
+    job: EnrichJob, template: Any, schema: Any, endpoint: Any, stop: StopSignal, started: float,
+    pick: TrialPick | None = None,
 ) -> RunSummary:  # fmt: skip
     """Survey, enrich the partitions, publish; a stop keeps the answers and publishes nothing."""
     log = get_run_logger()
@@ -133,7 +145,7 @@ def _enrich(
     primary = runs[0]
     staging = open_staging(job.destination, job.staging_dir, shared=bool(job.dask_address), storage=job.storage())
     try:
-        survey = survey_input(job, schema, template, runs, staging)
+        survey = survey_input(job, schema, template, runs, staging, pick)
         log.info(
             "loaded %d rows from %s in %d slices; %d valid", survey.rows_in, job.input_path, len(survey.slices),
             survey.rows_valid,
@@ -167,19 +179,19 @@ def _enrich(
                         "%s: asking %s at %s", run.job.output_column, run.spec.identity.model, describe_url(base_url)
                     )
                 lane, http = build_lane(run.job, run.spec, run.ctx, endpoint, base_url=base_url, cache=cache)
-                stack.callback(lambda http=http: loop.run(http.aclose()))
+                stack.callback(partial(_close_client, loop, http))
                 lanes.append(lane)
             if cache is not None:
                 stack.callback(cache.close)
             runtime = Runtime(lanes=lanes, loop=loop, secret=secret, cache=cache, schema=schema)
             stack.callback(forget_runtime, register_runtime(runtime))
-            shared = {
-                "columns": survey.input_columns, "staging_root": staging.root, "runtime_key": runtime.key,
-                "job": job, "local": endpoint.local, "served_url": base_url,
-            }  # fmt: skip
-            results = _enrich_partitions(survey, job, progress, runs, shared)
+            work = PartitionWork(
+                job=job, columns=tuple(survey.input_columns), staging_root=staging.root, runtime_key=runtime.key,
+                local=endpoint.local, served_url=base_url,
+            )  # fmt: skip
+            results = dispatch_partitions(survey, job, progress, runs, work)
         stop.check()  # a stop that came as the last answers landed still publishes nothing
-        enriched = staging.scan([r["path"] for r in results])
+        enriched = staging.scan([r.path for r in results])
         _publish(job, enriched, primary.spec, survey.input_columns)
         rejected = pl.DataFrame()
         if survey.rows_rejected:
@@ -192,8 +204,8 @@ def _enrich(
     finally:
         staging.remove()
 
-    failed = sum(r["failed_any"] for r in results)
-    truncated = sum(r.get("truncated_any", 0) for r in results)
+    failed = sum(r.failed_any for r in results)
+    truncated = sum(r.truncated_any for r in results)
     if truncated:
         log.warning(
             "%d rows have an answer cut off at max_tokens (%d; enrich_truncated is true): raise max_tokens "
@@ -226,7 +238,7 @@ def _enrich(
         endpoint=_describe_endpoint(base_url, local=endpoint.local),
         outputs={
             run.job.output_column: {
-                "rows_failed": sum(r["failed"][i] for r in results),
+                "rows_failed": sum(r.failed[i] for r in results),
                 "rows_cached": run.tally.rows_cached,
                 "requests": run.ctx.stats.requests,
             }
@@ -235,8 +247,8 @@ def _enrich(
         notes=_notes(primary.ctx.scheduler, sum(s.output_tokens for s in stats)),
     )
     log.info("wrote %s: %d rows ok, %d failed", job.destination, summary.rows_ok, summary.rows_failed)
-    sample = pl.DataFrame([row for r in results for row in r["sample"]][:SAMPLE_ROWS], infer_schema_length=None)
-    problems = pl.DataFrame([row for r in results for row in r["problems"]][:FAILURE_ROWS], infer_schema_length=None)
+    sample = pl.DataFrame([row for r in results for row in r.sample][:SAMPLE_ROWS], infer_schema_length=None)
+    problems = pl.DataFrame([row for r in results for row in r.problems][:FAILURE_ROWS], infer_schema_length=None)
     publish_report(summary, sample, problems, rejected)
     return summary
 
@@ -257,6 +269,11 @@ def _interrupted(err: RunInterrupted, runs: list[OutputRun], cached: bool) -> st
         "written (a previous one is untouched). Rerun the same command to finish"
         + (" without paying for them again." if cached else ".")
     )
+
+
+def _close_client(loop: EventLoopThread, http: httpx.AsyncClient) -> None:
+    """Close one lane's HTTP client on the run's loop."""
+    loop.run(http.aclose())
 
 
 def _describe_endpoint(base_url: str | None, *, local: bool) -> str:
@@ -284,76 +301,3 @@ def _publish(job: EnrichJob, enriched: pl.LazyFrame, spec: EnrichSpec, input_col
             f"it has: {', '.join(columns)}."
         )
     write_parquet_dataset_atomic(enriched, job.destination, job.output_partition_by, metadata)
-
-
-def _enrich_partitions(
-    survey: Survey, job: EnrichJob, progress: Progress, runs: list[OutputRun], shared: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """Run the partition tasks (two phases on Dask, see flows.partitions); results in slice order."""
-    with ExitStack() as stack:
-        runner = None
-        if job.dask_address or job.dask_local:
-            if job.dask_local:
-                stack.enter_context(workers_report_here())
-            runner = stack.enter_context(dask_runner(job))
-            shared = {**shared, "workers": count_workers(job)}
-        owning = [piece for piece in survey.slices if piece.owned]
-        if runner is not None and owning:
-            asked = _run_tasks(ask_partition, owning, job, runner, shared, runs, lambda piece: None)
-            shared = {**shared, "answers": [r["path"] for r in asked if r["path"]]}
-
-        def finished(piece: Slice) -> None:
-            progress.advance(piece.to_ask)
-
-        return _run_tasks(enrich_partition, survey.slices, job, runner, shared, runs, finished)
-
-
-def _run_tasks(
-    task: Any, pieces: list[Slice], job: EnrichJob, runner: Any, shared: dict[str, Any], runs: list[OutputRun],
-    finished: Callable[[Slice], None],
-) -> list[dict[str, Any]]:  # fmt: skip
-    """Submit one task per slice, at most partition_workers at once; their results in slice order."""
-    log = get_run_logger()
-    results: dict[int, dict[str, Any]] = {}
-    waiting = deque(pieces)
-    running: dict[PrefectFuture[dict[str, Any]], Slice] = {}
-    first_error: BaseException | None = None
-    stop = runs[0].ctx.stop
-    while waiting or running:
-        if stop.is_set:
-            waiting.clear()  # nothing new starts; the running tasks end on their own
-            if not running:
-                stop.check()
-        while waiting and first_error is None and len(running) < job.partition_workers:
-            piece = waiting.popleft()
-            if runner is None:
-                running[task.submit(piece, **shared)] = piece
-            else:  # tasks get a descriptor; the rows stay in the staging area
-                running[runner.submit(task, {"piece": piece, **shared})] = piece
-        future = next(as_completed(list(running)))
-        piece = running.pop(future)
-        try:
-            result = future.result()
-        except BaseException as exc:  # noqa: BLE001 - keep draining, re-raise the first
-            first_error = first_error or exc
-            waiting.clear()
-            # The run is lost: the other partitions stop sending instead of finishing their slices.
-            stop.set(f"stopped after an error in another partition ({type(exc).__name__})")
-            continue
-        results[piece.number] = result
-        # Only the first rows make the sample and failures artifacts; keep little per slice.
-        if piece.number >= _REPORT_SLICES and "sample" in result:
-            result["sample"], result["problems"] = [], result["problems"][:1]
-        for run, delta in zip(runs, result["stats"] or [], strict=False):
-            run.ctx.stats.add(
-                requests=delta["requests"], retries=delta["retries"],
-                tokens=(delta["input_tokens"], delta["output_tokens"]),
-            )  # fmt: skip
-            run.ctx.stats.rate_limited += delta["rate_limited"]
-            run.ctx.stats.timeouts += delta.get("timeouts", 0)
-            run.ctx.stats.rows_deduplicated += delta["rows_deduplicated"]
-        finished(piece)
-        log.info("%s %d/%d done", task.name, len(results), len(pieces))
-    if first_error is not None:
-        raise first_error
-    return [results[number] for number in sorted(results)]

@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from llm_enrich.flows.cache import CACHE_SCHEMA, ResponseCache
+from llm_enrich.flows.cache.files import CACHE_SCHEMA, ResponseCache
 from llm_enrich.schemas.errors import OutputError
 from llm_enrich.transforms.calls import Outcome
 

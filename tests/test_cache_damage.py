@@ -14,11 +14,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-import llm_enrich.flows.cache
-from llm_enrich.flows import cache_check
-from llm_enrich.flows.cache import ResponseCache
-from llm_enrich.flows.cache_check import parse_segment, verify_cache
-from llm_enrich.flows.object_cache import parse_parquet
+import llm_enrich.flows.cache.files
+from llm_enrich.flows.cache import reading as cache_check
+from llm_enrich.flows.cache.files import ResponseCache
+from llm_enrich.flows.cache.objects import parse_parquet
+from llm_enrich.flows.cache.reading import parse_segment, verify_cache
 from llm_enrich.schemas.errors import ConfigError, OutputError
 from llm_enrich.transforms.calls import Outcome
 from tests.conftest import REPO
@@ -179,17 +179,17 @@ def test_after_a_failed_write_the_next_answer_starts_a_new_segment(
 ) -> None:
     cache = ResponseCache(str(tmp_path))
     cache.append("before", answer("kept"), model="m")
-    real_write = llm_enrich.flows.cache.os.write
+    real_write = llm_enrich.flows.cache.files.os.write
 
     def disk_full(fd: int, data: memoryview) -> int:
         if len(data) > 10:
             return real_write(fd, data[: len(data) // 2])  # half a record reaches the disk...
         raise OSError(errno.ENOSPC, "No space left on device")  # ...then the disk is full
 
-    monkeypatch.setattr(llm_enrich.flows.cache.os, "write", disk_full)
+    monkeypatch.setattr(llm_enrich.flows.cache.files.os, "write", disk_full)
     with pytest.raises(OutputError, match="No space left"):
         cache.append("lost", answer("torn"), model="m")
-    monkeypatch.setattr(llm_enrich.flows.cache.os, "write", real_write)
+    monkeypatch.setattr(llm_enrich.flows.cache.files.os, "write", real_write)
     cache.append("after", answer("kept"), model="m")  # space is back
     cache.close()
     segments = sorted((tmp_path / "v1").glob("seg-*.jsonl"), key=lambda p: p.stat().st_size)

@@ -13,7 +13,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from llm_enrich.flows.job import EnrichJob
-from llm_enrich.flows.local_model import stop_process_group
+from llm_enrich.flows.llm.local_model import stop_process_group
 from llm_enrich.flows.pipeline import enrich_table
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 from tests.prefect_server import free_port
@@ -88,7 +88,7 @@ def test_a_job_on_a_dask_cluster_equals_the_single_machine_run(
 
 
 def _built_runtimes() -> list:  # type: ignore[type-arg]
-    from llm_enrich.flows.workers import _BUILT
+    from llm_enrich.flows.run.workers import _BUILT
 
     return list(_BUILT.values())
 

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from llm_enrich.flows.job import EnrichJob
-from llm_enrich.flows.local_model import LOCAL_MODEL_NAME, find_bundled_model, serve_local_model
+from llm_enrich.flows.llm.local_model import LOCAL_MODEL_NAME, find_bundled_model, serve_local_model
 from llm_enrich.flows.pipeline import enrich_table
 from llm_enrich.schemas.enriched import ERROR_COLUMN, OUTPUT_TOKENS_COLUMN
 

@@ -77,11 +77,11 @@ def test_the_wheel_installs_one_package_that_imports_next_to_a_users_flows_and_s
     (project / "flows" / "__init__.py").write_text("MINE = 'the user flows package'\n")
     (project / "schemas.py").write_text("MINE = 'the user schemas module'\n")
     probe = (
-        "import flows, schemas, llm_enrich, llm_enrich.flows.storage, llm_enrich.schemas.errors, "
+        "import flows, schemas, llm_enrich, llm_enrich.flows.tables.paths, llm_enrich.schemas.errors, "
         "llm_enrich.transforms.keys\n"
         "assert flows.MINE and schemas.MINE\n"
         f"assert llm_enrich.__file__.startswith({str(target)!r}), llm_enrich.__file__\n"
-        "assert llm_enrich.flows.storage.is_remote('s3://bucket/x')\n"
+        "assert llm_enrich.flows.tables.paths.is_remote('s3://bucket/x')\n"
         "print('ok')\n"
     )
     ran = subprocess.run(

@@ -11,8 +11,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from llm_enrich.flows import parse_errors
-from llm_enrich.flows.loading import load_table, read_error
+from llm_enrich.flows.tables import parse_errors
+from llm_enrich.flows.tables.reading import load_table, read_error
 from llm_enrich.schemas.errors import InputError
 from tests.conftest import REPO
 from tests.fakes.openai_server import FakeOpenAIServer

@@ -19,7 +19,7 @@ import polars as pl
 import psutil
 import pytest
 
-from llm_enrich.flows.scaling import _ending_local_processes
+from llm_enrich.flows.run.scaling import _ending_local_processes
 from tests.conftest import REPO
 from tests.fakes.openai_server import Behaviour, FakeOpenAIServer
 

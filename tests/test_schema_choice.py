@@ -9,10 +9,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from llm_enrich.flows.estimate import estimate_job
 from llm_enrich.flows.job import EnrichJob
-from llm_enrich.flows.schema_choice import choose_schema
-from llm_enrich.flows.validation import split_valid
+from llm_enrich.flows.plan.estimate import estimate_job
+from llm_enrich.flows.tables.schema_choice import choose_schema
+from llm_enrich.flows.tables.validation import split_valid
 from llm_enrich.schemas.errors import ConfigError, ValidationFailed
 from llm_enrich.transforms.prompts import parse_template
 from tests.conftest import DATA, REPO

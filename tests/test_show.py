@@ -14,8 +14,8 @@ import polars as pl
 import pytest
 from obstore.store import from_url
 
-from llm_enrich.flows.show import error_kind
-from llm_enrich.flows.writing import write_parquet_dataset_atomic
+from llm_enrich.flows.cli.show import error_kind
+from llm_enrich.flows.tables.writing import write_parquet_dataset_atomic
 from tests.conftest import REPO
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 from tests.test_object_store import s3_endpoint  # noqa: F401  (the moto_server fixture)

@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from llm_enrich.flows.lock import hold_lock, lock_path
+from llm_enrich.flows.tables.lock import hold_lock, lock_path
 from tests.conftest import REPO
 from tests.fakes.openai_server import Behaviour, FakeOpenAIServer, expected_answer
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from llm_enrich.flows import survey
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.pipeline import INVALID_STATE, enrich_table
+from llm_enrich.flows.plan import survey
 from llm_enrich.schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 

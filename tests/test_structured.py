@@ -11,9 +11,9 @@ import polars as pl
 import pytest
 
 from llm_enrich.flows.job import EnrichJob, load_job_file, make_job
-from llm_enrich.flows.llm import Endpoint
+from llm_enrich.flows.llm.endpoint import Endpoint
 from llm_enrich.flows.pipeline import INVALID_STATE, enrich_table
-from llm_enrich.flows.preparation import resolve_structured
+from llm_enrich.flows.plan.specs import resolve_structured
 from llm_enrich.schemas.enriched import ERROR_COLUMN
 from llm_enrich.schemas.errors import ConfigError
 from llm_enrich.transforms.structured import field_dtypes, parse_inline_spec

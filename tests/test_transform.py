@@ -9,7 +9,7 @@ import pytest
 from langchain_openai import ChatOpenAI
 from polars.testing import assert_frame_equal
 
-from llm_enrich.flows.llm import classify_openai_error
+from llm_enrich.flows.llm.endpoint import classify_openai_error
 from llm_enrich.schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, added_columns
 from llm_enrich.schemas.errors import EndpointRejected, TemplateError
 from llm_enrich.transforms.calls import CallContext, CallStats, RetryPolicy

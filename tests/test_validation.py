@@ -9,8 +9,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from llm_enrich.flows.loading import load_table
-from llm_enrich.flows.validation import REJECT_REASON, resolve_schema, split_valid, validate_output
+from llm_enrich.flows.tables.reading import load_table
+from llm_enrich.flows.tables.validation import REJECT_REASON, resolve_schema, split_valid, validate_output
 from llm_enrich.schemas.enriched import (
     ERROR_COLUMN,
     INPUT_TOKENS_COLUMN,

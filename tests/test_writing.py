@@ -7,7 +7,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from llm_enrich.flows.writing import rejected_path, write_parquet_atomic, write_parquet_dataset_atomic
+from llm_enrich.flows.tables.writing import rejected_path, write_parquet_atomic, write_parquet_dataset_atomic
 from llm_enrich.schemas.errors import OutputError
 
 

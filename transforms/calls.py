@@ -7,7 +7,7 @@ Who owns which failure (so attempts never multiply silently):
 * ``ask_model`` here owns retries for everything transient: 429, 408/409, 5xx, timeouts,
   dropped connections, malformed bodies and empty replies, up to ``RetryPolicy.max_retries``,
   with exponential backoff, jitter, and the server's ``retry-after`` when it gives one.
-* A 429 also pauses the whole run's Scheduler (transforms.scheduling), so in-flight
+* A 429 also pauses the whole run's Scheduler (transforms.admission), so in-flight
   neighbours do not each discover the limit on their own.
 * A 400/422 (bad request, context too long) fails its row at once with the server's message.
 * A 401/403/404 (bad key, no access, unknown model) or an exhausted quota aborts the job:
@@ -37,14 +37,15 @@ from langchain_core.runnables import Runnable
 from pydantic import BaseModel
 
 from llm_enrich.schemas.errors import EndpointRejected, RunInterrupted, UserError
+from llm_enrich.transforms.admission import Scheduler, estimate_tokens
 from llm_enrich.transforms.costs import Budget, Price
 from llm_enrich.transforms.guards import ErrorRate, StopSignal
-from llm_enrich.transforms.scheduling import Scheduler, estimate_tokens
 
 __all__ = [
     "AttemptDeadline",
     "CallContext",
     "CallStats",
+    "StatsCounts",
     "EmptyReply",
     "Failure",
     "InvalidStructuredReply",
@@ -119,7 +120,7 @@ class RetryPolicy:
         """Exponential backoff with jitter, never shorter than the server asked for."""
         backoff = min(self.max_delay, self.base_delay * 2**retry_number)
         jittered = backoff * _JITTER.uniform(0.5, 1.0)
-        return max(jittered, retry_after or 0.0)
+        return float(max(jittered, retry_after or 0.0))
 
 
 @dataclass
@@ -154,11 +155,39 @@ class CallStats:
 
     def add(self, *, requests: int = 0, retries: int = 0, tokens: tuple[int, int] = (0, 0)) -> None:
         """Add to the counters."""
+        self.bump(requests=requests, retries=retries, input_tokens=tokens[0], output_tokens=tokens[1])
+
+    def bump(self, **deltas: int) -> None:
+        """Add each of ``deltas`` to the counter of that name, under the lock."""
         with self._lock:
-            self.requests += requests
-            self.retries += retries
-            self.input_tokens += tokens[0]
-            self.output_tokens += tokens[1]
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def snapshot(self) -> StatsCounts:
+        """The counters a partition reports, read together under the lock."""
+        with self._lock:
+            return StatsCounts(**{name: getattr(self, name) for name in StatsCounts.__dataclass_fields__})
+
+    def merge(self, counts: StatsCounts) -> None:
+        """Add counts measured elsewhere (a Dask worker's share of this run)."""
+        self.bump(**{name: getattr(counts, name) for name in StatsCounts.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class StatsCounts:
+    """A picklable copy of the counters a partition task reports back to the flow."""
+
+    requests: int = 0
+    retries: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    rate_limited: int = 0
+    timeouts: int = 0
+    rows_deduplicated: int = 0
+
+    def minus(self, before: StatsCounts) -> StatsCounts:
+        """What was counted since ``before``."""
+        return StatsCounts(**{n: getattr(self, n) - getattr(before, n) for n in self.__dataclass_fields__})
 
 
 @dataclass
@@ -246,15 +275,13 @@ async def ask_model(
                 return outcome
             outcome.truncated = _finish_reason(reply["raw"] if structured else reply) == "length"
             if outcome.truncated:
-                with stats._lock:
-                    stats.truncated += 1
+                stats.bump(truncated=1)
             text = _structured_text(reply) if structured else _plain_text(reply)
             if ctx.scheduler is not None:
                 await ctx.scheduler.succeeded()
             ctx.reachability.record(ok=True)
             outcome.text, outcome.error = text, None
-            with stats._lock:
-                stats.answered += 1
+            stats.bump(answered=1)
             return outcome
         except (asyncio.CancelledError, RunInterrupted, EndpointRejected):
             raise
@@ -268,8 +295,7 @@ async def ask_model(
         except Exception as exc:  # noqa: BLE001 - every failure is classified: retried, the row's, or fatal
             failure = policy.classify(exc)
             if failure.timed_out:
-                with stats._lock:
-                    stats.timeouts += 1
+                stats.bump(timeouts=1)
             if failure.kind == "fatal":
                 stats.aborted = (
                     failure.message
@@ -288,8 +314,7 @@ async def ask_model(
                 ctx.stop.set(stats.aborted, fatal=True)
                 raise EndpointRejected(stats.aborted) from _portable(exc)
             if failure.rate_limited:
-                with stats._lock:
-                    stats.rate_limited += 1
+                stats.bump(rate_limited=1)
                 if ctx.scheduler is not None:
                     await ctx.scheduler.rate_limited_by_server(failure.retry_after)
             outcome.error = failure.message
@@ -309,16 +334,14 @@ def _portable(exc: BaseException) -> Exception:
 async def _invoke(model: Runnable[Any, Any], messages: list[BaseMessage], ctx: CallContext) -> Any:
     """One HTTP attempt under the whole-attempt deadline, counted while in flight."""
     stats, limit = ctx.stats, ctx.policy.attempt_timeout
-    with stats._lock:
-        stats.in_flight += 1
+    stats.bump(in_flight=1)
     try:
         async with asyncio.timeout(limit):
             return await model.ainvoke(messages)
     except TimeoutError as exc:
         raise AttemptDeadline(f"no complete reply within --timeout {limit:g} s") from exc
     finally:
-        with stats._lock:
-            stats.in_flight -= 1
+        stats.bump(in_flight=-1)
 
 
 _CORRECTION = (
@@ -338,8 +361,7 @@ def _incomplete(reply: Any, ctx: CallContext, *, structured: bool) -> str | None
     finish = _finish_reason(raw)
     refusal = (getattr(raw, "additional_kwargs", None) or {}).get("refusal")
     if finish == "content_filter" or refusal:
-        with ctx.stats._lock:
-            ctx.stats.filtered += 1
+        ctx.stats.bump(filtered=1)
         why = (
             f"the model refused: {' '.join(str(refusal).split())[:300]}"
             if refusal
@@ -347,8 +369,7 @@ def _incomplete(reply: Any, ctx: CallContext, *, structured: bool) -> str | None
         )
         return f"{why}; not retried, since the same prompt gets the same verdict"
     if finish == "length" and (structured or ctx.on_truncated == "error"):
-        with ctx.stats._lock:
-            ctx.stats.truncated += 1
+        ctx.stats.bump(truncated=1)
         if structured:
             return (
                 f"the reply was cut off at max_tokens ({ctx.max_tokens}) before the structured answer was complete, "

@@ -135,8 +135,7 @@ async def enrich_frame_async(
     if outcomes:
         reused = sum(rows_of[k] for k in outcomes)
         failed = sum(rows_of[k] for k, o in outcomes.items() if o.error)
-        with ctx.stats._lock:
-            ctx.stats.rows_deduplicated += reused
+        ctx.stats.bump(rows_deduplicated=reused)
         if on_rows_done is not None:
             on_rows_done(reused - failed, failed)
     todo = firsts.filter(~pl.col(KEY_COLUMN).is_in(pl.Series(list(outcomes), dtype=pl.String).implode()))
@@ -148,8 +147,7 @@ async def enrich_frame_async(
         ctx.errors.record(rows_of[key], outcome.error, ctx.stop)
         reused = rows_of[key] - (1 if asked else 0)
         if reused:
-            with ctx.stats._lock:
-                ctx.stats.rows_deduplicated += reused
+            ctx.stats.bump(rows_deduplicated=reused)
         if on_rows_done is not None:
             n = rows_of[key]
             on_rows_done(0 if outcome.error else n, n if outcome.error else 0)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import polars as pl
+from polars.datatypes import DataTypeClass
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from llm_enrich.schemas.errors import ConfigError
@@ -77,7 +78,7 @@ def _annotation(kind: str, name: str) -> Any:
         values = tuple(v.strip() for v in kind.strip()[5:-1].split(",") if v.strip())
         if not values:
             raise ConfigError(f"--output-schema: enum() of field {name!r} has no values.")
-        return Literal[values]  # type: ignore[valid-type]
+        return Literal[values]
     if lowered.startswith("list[") and lowered.endswith("]"):
         return list[_annotation(kind.strip()[5:-1], name)]  # type: ignore[misc]
     raise ConfigError(
@@ -87,7 +88,9 @@ def _annotation(kind: str, name: str) -> Any:
 
 
 def _split_top_level(spec: str) -> list[str]:
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in spec:
         if ch in "([":
             depth += 1
@@ -116,7 +119,7 @@ def model_from_json_schema(schema: dict[str, Any], name: str = "Answer") -> type
 
 def _json_annotation(spec: dict[str, Any], name: str) -> Any:
     if "enum" in spec:
-        return Literal[tuple(spec["enum"])]  # type: ignore[valid-type]
+        return Literal[tuple(spec["enum"])]
     kind = spec.get("type")
     if kind == "string":
         return str
@@ -164,7 +167,7 @@ def expand_columns(frame: pl.DataFrame, json_column: str, structured: Structured
     )
 
 
-def _decodable(dtype: pl.DataType) -> pl.DataType:
+def _decodable(dtype: pl.DataType | DataTypeClass) -> pl.DataType:
     # JSON decoding reads enums as text; the cast to pl.Enum happens after.
     if isinstance(dtype, pl.Enum):
         return pl.String()
@@ -172,4 +175,4 @@ def _decodable(dtype: pl.DataType) -> pl.DataType:
         return pl.List(_decodable(dtype.inner))
     if isinstance(dtype, pl.Struct):
         return pl.Struct({f.name: _decodable(f.dtype) for f in dtype.fields})
-    return dtype
+    return dtype if isinstance(dtype, pl.DataType) else dtype()  # a bare class such as pl.Int64

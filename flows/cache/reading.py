@@ -1,0 +1,297 @@
+"""Checking a response cache record by record, and repairing it: damage costs only what is damaged.
+
+``CACHE_SCHEMA`` and the one segment reader both caches use live here. A torn, undecodable,
+mistyped or half-written record, or a zero-length or corrupt file, loses only itself, is logged
+once as a WARNING naming the file (stdlib ``logging``: it shows inside a Prefect run and out),
+and never fails a run. ``enrich cache verify --repair`` keeps every good record: a file is
+rewritten through a temporary file and ``os.replace``; an object is written anew before the
+damaged one is deleted. Repair while no run writes to the cache (a writer would keep appending
+to the replaced file).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from llm_enrich.flows.tables.paths import is_remote
+from llm_enrich.schemas.errors import ConfigError
+
+__all__ = [
+    "CACHE_SCHEMA",
+    "CacheReport",
+    "SegmentHealth",
+    "cache_location",
+    "parse_segment",
+    "read_segment",
+    "render_report",
+    "report_damage",
+    "verify_cache",
+]
+
+CACHE_SCHEMA = {
+    "seq": pl.Int64,
+    "key": pl.String,
+    "text": pl.String,
+    "input_tokens": pl.Int64,
+    "output_tokens": pl.Int64,
+}
+# A record without any of these is half-written: it cannot serve an answer.
+REQUIRED = ("key", "text", "input_tokens", "output_tokens")
+_INT64 = (-(2**63), 2**63)
+_CHUNK = 1 << 20  # bytes of a damaged segment that polars re-reads at once
+
+log = logging.getLogger(__name__)
+_reported: set[tuple[str, str]] = set()
+_reported_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class SegmentHealth:
+    """What reading one segment found: records kept, records lost, or why the whole file was lost."""
+
+    location: str
+    ok: int = 0
+    damaged: int = 0
+    damaged_lines: tuple[int, ...] = ()
+    unreadable: str | None = None
+
+    @property
+    def clean(self) -> bool:
+        """True when nothing in the segment was lost."""
+        return self.damaged == 0 and self.unreadable is None
+
+
+def read_segment(path: Path, *, exact: bool = False) -> tuple[pl.DataFrame, SegmentHealth]:
+    """The good records of one segment file and what was lost; never raises for a damaged file."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return pl.DataFrame(schema=CACHE_SCHEMA), SegmentHealth(str(path), unreadable=exc.strerror or str(exc))
+    if not data:
+        return pl.DataFrame(schema=CACHE_SCHEMA), SegmentHealth(str(path), unreadable="empty file")
+    frame, damaged_lines = parse_segment(data, exact=exact)
+    return frame, SegmentHealth(str(path), frame.height, len(damaged_lines), damaged_lines)
+
+
+def parse_segment(data: bytes, *, exact: bool = False) -> tuple[pl.DataFrame, tuple[int, ...]]:
+    """The good records of JSONL segment bytes, and the line numbers (from 1) of the damaged ones."""
+    # ``exact`` (cache verify) checks every line instead of trusting polars where it parses.
+    end = data.rfind(b"\n") + 1
+    body, tail = data[:end], data[end:]
+    # Bytes after the last newline are a record whose append never finished.
+    torn = (body.count(b"\n") + 1,) if tail.strip() else ()
+    if not body or body.isspace():
+        return pl.DataFrame(schema=CACHE_SCHEMA), torn
+    frame = None if exact else _parse_intact(body)
+    if frame is not None:
+        return frame, torn
+    # Some record is bad. Re-read in chunks so that polars still parses the intact ones, and
+    # go line by line (exact, but ten times slower) only through a chunk that holds damage.
+    frames, bad, start, line = [], [], 0, 0
+    while start < len(body):
+        stop = body.find(b"\n", min(start + _CHUNK, len(body) - 1)) + 1
+        chunk = body[start:stop]
+        frame = None if exact else _parse_intact(chunk)
+        if frame is None:
+            good, numbers = parse_lines(chunk)
+            frame = pl.DataFrame(good, schema=CACHE_SCHEMA, orient="row")
+            bad += [line + n for n in numbers]
+        frames.append(frame)
+        line += chunk.count(b"\n")
+        start = stop
+    return pl.concat(frames), (*bad, *torn)
+
+
+def parse_lines(body: bytes) -> tuple[list[tuple[Any, ...]], tuple[int, ...]]:
+    """Each line checked on its own: the good records as rows, and the numbers of the bad lines."""
+    good: list[tuple[Any, ...]] = []
+    bad: list[int] = []
+    for number, raw in enumerate(body.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        record = _decode(raw)
+        if record is None:
+            bad.append(number)
+        else:
+            good.append(tuple(record.get(name) for name in CACHE_SCHEMA))
+    return good, tuple(bad)
+
+
+def good_lines(body: bytes) -> list[bytes]:
+    """The raw lines of the good records, as written (for a repair that keeps them byte for byte)."""
+    return [raw for raw in body.split(b"\n") if raw.strip() and _decode(raw) is not None]
+
+
+def report_damage(health: SegmentHealth, *, version: str = "") -> None:
+    """Log a damaged segment as one WARNING naming it, once per process for each state of the file."""
+    if health.clean:
+        return
+    with _reported_lock:
+        # A run may load the cache more than once (every output, every worker); say it once.
+        if (health.location, version) in _reported:
+            return
+        _reported.add((health.location, version))
+    remedy = "their rows will be asked again; `enrich cache verify --repair` rewrites the segment"
+    if health.unreadable is not None:
+        log.warning("cache segment '%s' could not be read (%s): %s.", health.location, health.unreadable, remedy)
+        return
+    where = f" (line {_numbers(health.damaged_lines, 5)})" if health.damaged_lines else ""
+    log.warning(
+        "cache segment '%s' has %d damaged record(s)%s, skipped; %d good record(s) kept; %s.",
+        health.location, health.damaged, where, health.ok, remedy,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    """What checking one cache found, segment by segment, and which segments a repair rewrote."""
+
+    location: str
+    segments: tuple[SegmentHealth, ...]
+    repaired: frozenset[str] = frozenset()
+
+    @property
+    def records_ok(self) -> int:
+        """Records that load."""
+        return sum(s.ok for s in self.segments)
+
+    @property
+    def records_damaged(self) -> int:
+        """Records lost inside readable segments."""
+        return sum(s.damaged for s in self.segments)
+
+    @property
+    def files_unreadable(self) -> int:
+        """Segments lost as a whole (zero-length, not Parquet, cannot be fetched)."""
+        return sum(s.unreadable is not None for s in self.segments)
+
+    @property
+    def clean(self) -> bool:
+        """True when nothing was damaged."""
+        return all(s.clean for s in self.segments)
+
+
+def cache_location(*, output: str | None, cache_dir: str | None) -> str:
+    """The cache to check: --cache-dir, or the default one beside OUTPUT."""
+    if (output is None) == (cache_dir is None):
+        raise ConfigError(
+            "name the cache to check: either --cache-dir DIR, or the run's OUTPUT (its cache is the "
+            ".enrich-cache beside it)."
+        )
+    from llm_enrich.flows.cache.files import default_cache_dir  # flows.cache imports this module
+
+    return cache_dir if cache_dir is not None else default_cache_dir(output or "")
+
+
+def verify_cache(location: str, storage: dict[str, str] | None = None, *, repair: bool = False) -> CacheReport:
+    """Read every segment of the cache record by record; with ``repair``, rewrite the damaged ones."""
+    if is_remote(location):
+        return _verify_objects(location, storage, repair=repair)
+    from llm_enrich.flows.cache.files import ResponseCache  # flows.cache imports this module
+
+    cache = ResponseCache(location)
+    if not cache.directory.is_dir():
+        raise ConfigError(
+            f"there is no response cache at '{location}' (no v1/ directory in it). "
+            "Pass the --cache-dir the runs used, or the run's OUTPUT."
+        )
+    found: list[SegmentHealth] = []
+    repaired: set[str] = set()
+    for path in cache.segments():
+        _, health = read_segment(path, exact=True)
+        found.append(health)
+        if repair and not health.clean:
+            cache.replace_segment(path)
+            repaired.add(health.location)
+    return CacheReport(location, tuple(found), frozenset(repaired))
+
+
+def render_report(report: CacheReport) -> list[str]:
+    """The report as lines for people: one per segment, then the totals."""
+    lines = []
+    for health in report.segments:
+        line = f"  {health.location.rsplit('/', 1)[-1]}: {health.ok} ok, {health.damaged} damaged"
+        if health.unreadable is not None:
+            line = f"  {health.location.rsplit('/', 1)[-1]}: unreadable ({health.unreadable})"
+        elif health.damaged_lines:
+            line += f" (line {_numbers(health.damaged_lines, 10)})"
+        if health.location in report.repaired:
+            line += ": removed" if health.ok == 0 else ": repaired"
+        lines.append(line)
+    verdict = "clean" if report.clean else ("repaired" if report.repaired else "damaged")
+    lines.append(
+        f"cache {report.location}: {verdict}; segments {len(report.segments)}, records ok {report.records_ok}, "
+        f"records damaged {report.records_damaged}, files unreadable {report.files_unreadable}."
+    )
+    if not report.clean and not report.repaired:
+        lines.append("Run again with --repair (while no run writes to this cache) to keep only the good records.")
+    return lines
+
+
+def _verify_objects(location: str, storage: dict[str, str] | None, *, repair: bool) -> CacheReport:
+    from llm_enrich.flows.cache.objects import ObjectStoreCache
+
+    cache = ObjectStoreCache(location, storage)
+    found: list[SegmentHealth] = []
+    repaired: set[str] = set()
+    for name, _ in cache.segments():
+        frame, health = cache.read_segment(name)
+        found.append(health)
+        if repair and not health.clean:
+            cache.replace_segment(name, frame)
+            repaired.add(health.location)
+    return CacheReport(location, tuple(found), frozenset(repaired))
+
+
+def _decode(raw: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    for name in ("key", "text"):
+        value = record.get(name)
+        if not isinstance(value, str):
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape
+            return None
+    for name in ("seq", "input_tokens", "output_tokens"):
+        value = record.get(name)
+        if value is None and name == "seq":
+            continue  # entries written before seq existed sort first
+        if not isinstance(value, int) or isinstance(value, bool) or not _INT64[0] <= value < _INT64[1]:
+            return None
+    return record
+
+
+def _parse_intact(body: bytes) -> pl.DataFrame | None:
+    """polars' parse of JSONL whose every record can serve an answer, or None when some cannot."""
+    try:
+        frame = pl.read_ndjson(body, schema=CACHE_SCHEMA)
+    except pl.exceptions.PolarsError:
+        return None
+    # polars turns a lone surrogate escape into NUL, and a JSON object or array into a string
+    # without complaint. Our writer writes the text as a JSON string, so when it looks converted
+    # the raw bytes decide. (A key of the wrong type is harmless here: it matches no lookup.)
+    nul = pl.col("text").str.contains("\x00", literal=True)
+    if frame.select((pl.any_horizontal(pl.col(REQUIRED).is_null()) | nul).any()).item():
+        return None
+    text = pl.col("text")
+    if frame.select((text.str.starts_with("{") | text.str.starts_with("[")).any()).item():
+        if body.count(b'"text": "') != body.count(b"\n"):
+            return None
+    return frame
+
+
+def _numbers(numbers: tuple[int, ...], most: int) -> str:
+    return ", ".join(map(str, numbers[:most])) + (", ..." if len(numbers) > most else "")

@@ -1,0 +1,10 @@
+"""The `enrich` command: typer commands, terminal progress, `enrich show`.
+
+Owns: parsing flags into an ``EnrichJob``, mapping job fields back to flag names in messages,
+exit codes, and what a terminal shows. May import every other part of ``flows``; nothing
+imports it (the CLI is a thin layer over the flow).
+"""
+
+from llm_enrich.flows.cli.app import app
+
+__all__ = ["app"]

@@ -1,0 +1,574 @@
+"""The `enrich` command: a thin typer layer that builds an EnrichJob and runs the flow."""
+
+from __future__ import annotations
+
+import os
+import signal
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Any, Optional, cast
+
+import typer
+from rich.console import Console
+
+from llm_enrich.flows.job import EnrichJob, load_job_file, make_job
+from llm_enrich.schemas.errors import ConfigError, EnrichError
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    name="enrich",
+    help="Enrich a table (CSV, Parquet, NDJSON) with an LLM column, as a Prefect flow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err_console = Console(stderr=True)
+out_console = Console()
+
+# CLI option name -> EnrichJob field, for the options that map one to one.
+_FIELD_OF = {
+    "input_path": "input_path",
+    "output": "output_path",
+    "in_place": "in_place",
+    "output_partition_by": "output_partition_by",
+    "input_format": "input_format",
+    "prompt": "prompt",
+    "system": "system",
+    "output_column": "output_column",
+    "model": "model",
+    "base_url": "base_url",
+    "api_key_env": "api_key_env",
+    "max_concurrency": "max_concurrency",
+    "max_retries": "max_retries",
+    "retry_base_delay": "retry_base_delay",
+    "timeout": "timeout",
+    "temperature": "temperature",
+    "max_tokens": "max_tokens",
+    "partition_rows": "partition_rows",
+    "partition_workers": "partition_workers",
+    "on_invalid": "on_invalid",
+    "schema": "input_schema",
+    "output_schema": "output_schema",
+    "output_prefix": "output_prefix",
+    "structured_method": "structured_method",
+    "dask_address": "dask_address",
+    "dask_local": "dask_local",
+    "staging_dir": "staging_dir",
+    "rpm": "rpm",
+    "tpm": "tpm",
+    "on_truncated": "on_truncated",
+    "max_error_rate": "max_error_rate",
+    "limit": "limit",
+    "mode": "mode",
+    "batch_wait": "batch_wait",
+    "batch_max_requests": "batch_max_requests",
+    "batch_max_bytes": "batch_max_bytes",
+    "batch_poll_seconds": "batch_poll_seconds",
+    "service_tier": "service_tier",
+    "prompt_cache_key": "prompt_cache_key",
+    "sample": "sample",
+    "seed": "seed",
+    "wait": "wait",
+    "wait_timeout": "wait_timeout",
+    "cache": "cache",
+    "cache_dir": "cache_dir",
+    "refresh_cache": "refresh_cache",
+    "retry_failed": "retry_failed",
+    "max_cost": "max_cost",
+    "input_price": "input_price",
+    "output_price": "output_price",
+}
+
+
+@app.callback()
+def main() -> None:
+    """Enrich tables with an LLM."""
+
+
+@app.command()
+def run(
+    input_path: Annotated[
+        Optional[str], typer.Argument(help="Input .csv/.parquet/.ndjson/.jsonl file.", show_default=False)
+    ] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output Parquet path.")] = None,
+    in_place: Annotated[
+        Optional[bool], typer.Option("--in-place", help="Rewrite the Parquet input atomically.")
+    ] = None,
+    output_partition_by: Annotated[
+        Optional[str], typer.Option(help="Write a Hive-partitioned dataset directory by this column.")
+    ] = None,
+    input_format: Annotated[
+        Optional[str], typer.Option("--format", help="csv, parquet or ndjson (default: from the extension).")
+    ] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Prompt template; {column} is filled from each row.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System message.")] = None,
+    output_column: Annotated[Optional[str], typer.Option(help="Name of the answer column.")] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="Model name (default gpt-4o-mini; the bundled model without a key).")
+    ] = None,
+    base_url: Annotated[
+        Optional[str], typer.Option(help="OpenAI-compatible endpoint; default OPENAI_BASE_URL.")
+    ] = None,
+    api_key_env: Annotated[
+        Optional[str], typer.Option(help="Environment variable holding the API key (default OPENAI_API_KEY).")
+    ] = None,
+    max_concurrency: Annotated[Optional[int], typer.Option(help="Requests in flight at once, run-wide.")] = None,
+    max_retries: Annotated[Optional[int], typer.Option(help="Retries per row for transient failures.")] = None,
+    retry_base_delay: Annotated[
+        Optional[float], typer.Option(help="First retry wait in seconds (doubles, jittered).")
+    ] = None,
+    timeout: Annotated[Optional[float], typer.Option(help="Seconds to wait for one reply.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Maximum tokens per answer.")] = None,
+    partition_rows: Annotated[Optional[int], typer.Option(help="Rows per partition task.")] = None,
+    partition_workers: Annotated[Optional[int], typer.Option(help="Partition tasks at once.")] = None,
+    on_invalid: Annotated[
+        Optional[str], typer.Option(help="fail (default) or quarantine rows that fail the schema.")
+    ] = None,
+    schema: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Input schema: auto (default: topics if the table has id and topic, else template), "
+            "topics, template (the prompt's columns, non-null), or module:Class."
+        ),
+    ] = None,
+    output_schema: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Typed answer: 'summary:str, difficulty:int[1..5], kind:enum(a,b)', FILE.json or module:Model."
+        ),
+    ] = None,
+    output_prefix: Annotated[Optional[str], typer.Option(help="Prefix for the typed answer columns.")] = None,
+    structured_method: Annotated[
+        Optional[str], typer.Option(help="auto, json_schema, function_calling or json_mode.")
+    ] = None,
+    dask_address: Annotated[Optional[str], typer.Option(help="Run partitions on this Dask scheduler.")] = None,
+    dask_local: Annotated[Optional[int], typer.Option(help="Run partitions on N local Dask workers.")] = None,
+    staging_dir: Annotated[
+        Optional[str], typer.Option(help="Where slices wait before publishing (default: beside the output).")
+    ] = None,
+    storage_option: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Object-store setting KEY=VALUE for polars (repeatable), e.g. aws_region=eu-west-1."),
+    ] = None,
+    rpm: Annotated[Optional[int], typer.Option(help="Provider limit, requests per minute (held run-wide).")] = None,
+    tpm: Annotated[Optional[int], typer.Option(help="Provider limit, tokens per minute (held run-wide).")] = None,
+    max_error_rate: Annotated[
+        Optional[float],
+        typer.Option(help="Stop once more than this share of answered rows failed (default 0.5; 1 = off)."),
+    ] = None,
+    on_truncated: Annotated[
+        Optional[str], typer.Option(help="An answer cut off at --max-tokens: keep (flagged) or error.")
+    ] = None,
+    mode: Annotated[
+        Optional[str], typer.Option(help="online (default) or batch: the provider's Batch API at half price.")
+    ] = None,
+    batch_wait: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--batch-wait/--batch-no-wait",
+            help="Batch mode: wait and write the output (default), or submit and end; rerun to collect.",
+        ),
+    ] = None,
+    batch_max_requests: Annotated[Optional[int], typer.Option(help="Batch mode: requests per file (50,000).")] = None,
+    batch_max_bytes: Annotated[Optional[int], typer.Option(help="Batch mode: bytes per file (200 MB).")] = None,
+    batch_poll_seconds: Annotated[
+        Optional[float], typer.Option(help="Batch mode: longest pause between looks at a batch (30 s).")
+    ] = None,
+    service_tier: Annotated[
+        Optional[str], typer.Option(help="OpenAI service tier: auto, default or flex (batch prices, slower).")
+    ] = None,
+    prompt_cache_key: Annotated[
+        Optional[str], typer.Option(help="prompt_cache_key sent with each request (provider prompt caching).")
+    ] = None,
+    limit: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Trial: only the first N valid rows, into <output stem>.trial.parquet; the output is untouched."
+        ),
+    ] = None,
+    sample: Annotated[
+        Optional[int], typer.Option(help="Trial: N valid rows drawn at random (--seed), written like --limit.")
+    ] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of --sample (default 0: the same rows each time).")] = None,
+    wait: Annotated[
+        Optional[bool],
+        typer.Option("--wait/--no-wait", help="Wait for another run writing the same output (default), or refuse."),
+    ] = None,
+    wait_timeout: Annotated[
+        Optional[float], typer.Option(help="Longest wait (s) for another run on the same output (default 6 h).")
+    ] = None,
+    cache: Annotated[
+        Optional[bool], typer.Option("--cache/--no-cache", help="Use the persistent response cache (default on).")
+    ] = None,
+    cache_dir: Annotated[Optional[str], typer.Option(help="Cache directory (default: beside the output).")] = None,
+    refresh_cache: Annotated[
+        Optional[bool], typer.Option("--refresh-cache", help="Ask again even for cached or previously answered rows.")
+    ] = None,
+    retry_failed: Annotated[
+        Optional[bool],
+        typer.Option("--retry-failed/--no-retry-failed", help="On a rerun, ask again for failed rows (default on)."),
+    ] = None,
+    max_cost: Annotated[Optional[float], typer.Option(help="Stop sending before this many USD would be spent.")] = None,
+    input_price: Annotated[Optional[float], typer.Option(help="USD per 1M input tokens (override).")] = None,
+    output_price: Annotated[Optional[float], typer.Option(help="USD per 1M output tokens (override).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only estimate rows, prompts, tokens and cost.")] = False,
+    columns: Annotated[
+        bool, typer.Option("--columns", help="Same as --schema template: only check the template's columns.")
+    ] = False,
+    config: Annotated[
+        Optional[Path], typer.Option(help="TOML or YAML job file; options given here override it.")
+    ] = None,
+    summary_json: Annotated[Optional[Path], typer.Option(help="Write the run summary as JSON here.")] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show Prefect's log lines on a terminal too.")
+    ] = False,
+) -> None:
+    """Enrich INPUT_PATH with an LLM and write an enriched Parquet file."""
+    given = {name: value for name, value in locals().items() if name in _FIELD_OF and value is not None}
+    try:
+        values: dict[str, Any] = load_job_file(str(config)) if config else {}
+        values.update({_FIELD_OF[name]: value for name, value in given.items()})
+        if columns:
+            values["input_schema"] = "template"
+        if storage_option:
+            values["storage_options"] = {**values.get("storage_options", {}), **_pairs(storage_option)}
+        job = make_job(values, source=str(config) if config else "the options")
+        if summary_json is not None:
+            _check_summary_path(job, str(summary_json))
+        if not dry_run:
+            from llm_enrich.flows.tables.destination import check_destination
+
+            check_destination(job)  # at once, before Prefect starts; the flow checks again (deployments)
+    except EnrichError as err:
+        _fail(err.message, err.exit_code)
+    if dry_run:
+        summary = _estimate(job)
+        _print_estimate(summary)
+    else:
+        summary = _run_flow(job, verbose=verbose)
+        _print_summary(summary)
+    if summary_json:
+        from llm_enrich.flows.tables.writing import write_json_atomic
+
+        write_json_atomic(summary, str(summary_json))
+    _leave(0)
+
+
+def _check_summary_path(job: EnrichJob, path: str) -> None:
+    """--summary-json must not overwrite the input or the output."""
+    from llm_enrich.flows.tables.destination import same_location
+
+    if same_location(path, job.input_path) or same_location(path, job.destination):
+        raise ConfigError(
+            f"--summary-json '{path}' is the input or the output file; give the summary its own .json path. "
+            "Nothing was sent or written."
+        )
+
+
+def _pairs(items: list[str]) -> dict[str, str]:
+    """KEY=VALUE strings as a dict; a malformed one is a ConfigError."""
+    pairs = {}
+    for number, item in enumerate(items, start=1):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            # The value is not echoed: it may be a credential.
+            raise ConfigError(
+                f"--storage-option number {number} must look like KEY=VALUE (for example aws_region=us-east-1)."
+            )
+        pairs[key.strip()] = value
+    return pairs
+
+
+def estimate(**options: Any) -> None:
+    """Estimate rows, distinct prompts, cache hits, tokens and cost without calling the model."""
+    run(**{**options, "dry_run": True})
+
+
+estimate.__wrapped__ = run  # type: ignore[attr-defined]  # typer reads run's options
+app.command("estimate")(estimate)
+
+
+@app.command()
+def serve(
+    config: Annotated[Optional[Path], typer.Option(help="TOML or YAML job file (default: the sample job).")] = None,
+    cron: Annotated[str, typer.Option(help="Cron schedule; '' for none.")] = "0 2 * * *",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
+) -> None:
+    """Serve the enrich flow as a scheduled deployment until stopped (Ctrl-C); runs can be started from the UI."""
+    job = _job_from_config(config)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from llm_enrich.flows.deployment import serve_deployment
+
+    try:
+        serve_deployment(job, name=name, cron=cron)
+    except EnrichError as err:
+        _fail(err.message, err.exit_code)
+
+
+@app.command()
+def deploy(
+    pool: Annotated[str, typer.Option(help="Process work pool that will run it.")] = "local-process",
+    config: Annotated[Optional[Path], typer.Option(help="TOML or YAML job file (default: the sample job).")] = None,
+    cron: Annotated[str, typer.Option(help="Cron schedule; '' for none.")] = "0 2 * * *",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
+) -> None:
+    """Register the enrich flow on a work pool; start it with `prefect worker start --pool POOL`."""
+    job = _job_from_config(config)
+    from llm_enrich.flows.deployment import deploy_to_pool
+
+    try:
+        deployment_id = deploy_to_pool(job, pool=pool, name=name, cron=cron)
+    except EnrichError as err:
+        _fail(err.message, err.exit_code)
+    out_console.print(
+        f"Deployment enrich-table/{name} ({deployment_id}) is on work pool '{pool}'. Start a worker with "
+        f"`prefect worker start --pool {pool}`; trigger a run with `prefect deployment run enrich-table/{name}`.",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _job_from_config(config: Path | None) -> EnrichJob:
+    try:
+        values = load_job_file(str(config)) if config else {}
+        return make_job(values, source=str(config) if config else "the defaults")
+    except EnrichError as err:
+        _fail(err.message, err.exit_code)
+        raise  # unreachable: _fail exits
+
+
+def _estimate(job: EnrichJob) -> dict[str, Any]:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from llm_enrich.flows.plan.estimate import estimate_job
+
+    try:
+        return estimate_job(job).model_dump()
+    except EnrichError as err:
+        _fail(err.message, err.exit_code)
+        raise  # unreachable: _fail exits
+
+
+def _print_estimate(e: dict[str, Any]) -> None:
+    cost = "unknown (no price for this model; pass --input-price/--output-price)"
+    if e["estimated_cost_usd"] is not None:
+        cost = f"at most ${e['estimated_cost_usd']:.4f}"
+    out_console.print(
+        f"[bold]Estimate[/] (nothing was sent): {e['rows_valid']} of {e['rows_in']} rows valid, "
+        f"{e['rows_rejected']} rejected; {e['rows_cached']} already answered, {e['rows_kept_failed']} kept as failed; "
+        f"{e['rows_to_ask']} rows to ask as {e['unique_prompts']} distinct prompts; "
+        f"about {e['estimated_input_tokens']:,} input tokens and at most {e['max_output_tokens']:,} output tokens; "
+        f"cost {cost} with {e['model']}.",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _run_flow(job: EnrichJob, *, verbose: bool) -> dict[str, Any]:
+    """Run the flow in this process (reporting to PREFECT_API_URL or a temporary server of our own)."""
+    from llm_enrich.flows.report.orchestration import bound_prefect_client, temporary_prefect_server
+    from llm_enrich.flows.run.stopping import interrupt_on_sigterm
+
+    interrupt_on_sigterm()
+    bound_prefect_client()
+    if out_console.is_terminal and not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    with ExitStack() as stack:
+        try:
+            if not os.environ.get("PREFECT_API_URL"):
+                os.environ["PREFECT_API_URL"] = stack.enter_context(temporary_prefect_server())
+            return _run_in_prefect(job)
+        except KeyboardInterrupt:
+            _fail("interrupted before the run started; nothing was sent or written.", 128 + _signal_seen())
+        except EnrichError as err:
+            _fail(err.message, err.exit_code)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _run_in_prefect(job: EnrichJob) -> dict[str, Any]:
+    """The flow's final state as a summary or an exit code."""
+    # Prefect reads its settings at import time, so it is imported only now.
+    from llm_enrich.flows.cli.progress_bar import RichProgress
+    from llm_enrich.flows.pipeline import INVALID_STATE, enrich_table, finished_summary
+    from llm_enrich.flows.report.orchestration import records_incomplete
+    from llm_enrich.flows.report.progress import reporting_to
+    from llm_enrich.flows.run.stopping import received_signal
+
+    sink = RichProgress(out_console) if out_console.is_terminal else None
+    try:
+        if sink is None:
+            state = enrich_table(job, return_state=True)
+        else:
+            with sink, reporting_to(sink):
+                state = enrich_table(job, return_state=True)
+    except (KeyboardInterrupt, EnrichError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the orchestration API failed us, not the data work
+        done = finished_summary()
+        if done is None:
+            _RECORDS_LOST.append(f"{type(exc).__name__}: {exc}")
+            _fail(
+                f"the Prefect API at {os.environ.get('PREFECT_API_URL')} stopped answering ({type(exc).__name__}: "
+                f"{exc}), so the run could not go on. The answers received so far are kept in the cache: rerun the "
+                "same command when the API is back (or without PREFECT_API_URL) to finish without paying for them "
+                "again.",
+                1,
+            )
+        _warn_records(f"{type(exc).__name__}: {exc}")
+        assert done is not None  # the branch above exits when the run did not finish
+        return done.model_dump()
+    if state.is_completed():
+        if (lost := records_incomplete()) is not None:
+            _warn_records(lost)
+        return cast(dict[str, Any], state.result())
+    if state.is_cancelled():
+        # A stop the user asked for is not an error: the message already starts "interrupted by ...".
+        _fail(state.message or "interrupted; the output was not written.", 128 + (received_signal() or 2), label="")
+    if state.name == INVALID_STATE:
+        _fail(state.message or "the job was rejected", 2)
+    _fail(state.message or f"the run ended {state.name}", 1)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_RECORDS_LOST: list[str] = []
+
+
+def _warn_records(why: str) -> None:
+    _RECORDS_LOST.append(why)
+    err_console.print(
+        f"[bold yellow]warning:[/] the output was written, but the Prefect API stopped answering ({why}); "
+        "this run's records there (state, artifacts, logs) are incomplete.",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _signal_seen() -> int:
+    from llm_enrich.flows.run.stopping import received_signal
+
+    return received_signal() or signal.SIGINT
+
+
+def _fail(message: str, code: int, *, label: str = "[bold red]error:[/] ") -> None:
+    err_console.print(f"{label}{message}", highlight=False, soft_wrap=True)
+    _leave(code)
+    raise typer.Exit(code)
+
+
+def _leave(code: int) -> None:
+    """With the Prefect API gone, exit now: its workers would retry it for minutes at interpreter exit."""
+    if _RECORDS_LOST:
+        from llm_enrich.flows.children import exit_now
+
+        exit_now(code)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    rejected = f", {s['rows_rejected']} rejected (see {s['rejected_output']})" if s["rows_rejected"] else ""
+    cost = f", ${s['cost_usd']:.4f}" if s["cost_usd"] is not None else ""
+    out_console.print(
+        f"[bold green]Enriched[/] {s['rows_valid']} of {s['rows_in']} rows into [bold]{s['output']}[/]: "
+        f"{s['rows_ok']} ok, {s['rows_failed']} failed{rejected}"
+        f"{f', {truncated} cut off at --max-tokens' if (truncated := s.get('rows_truncated')) else ''}.\n"
+        f"{s['rows_cached']} from the cache, {s['rows_deduplicated']} deduplicated; {s['requests']} requests "
+        f"({s['retries']} retries, {s['rate_limited']} rate-limited, {s.get('timeouts', 0)} timed out), "
+        f"tokens {s['input_tokens']:,} in / "
+        f"{s['output_tokens']:,} out{cost}, {s['wall_seconds']:.1f} s, model {s['model']} at {s['endpoint']}.",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for note in s.get("notes") or []:
+        out_console.print(f"[bold]Note:[/] {note}", highlight=False, soft_wrap=True)
+    if (whole := s.get("full_run_estimate")) is not None:
+        _print_full_run(s, whole)
+
+
+def _print_full_run(s: dict[str, Any], whole: dict[str, Any]) -> None:
+    """After a trial: where it went, and what the whole table would still cost."""
+    cost = whole["projected_cost_usd"]
+    ceiling = whole["ceiling_cost_usd"]
+    basis = (
+        f"at the tokens this trial used per prompt ({whole['based_on_prompts']} prompts)"
+        if whole["based_on_prompts"]
+        else "from estimated tokens (the trial sent nothing)"
+    )
+    out_console.print(
+        f"[bold]Trial[/] on {s['trial']}: the output itself was not written. The whole table: "
+        f"{whole['rows']:,} valid rows, {whole['distinct_prompts_to_send']:,} distinct prompts still to send, "
+        f"about {whole['projected_input_tokens']:,} tokens in / {whole['projected_output_tokens']:,} out"
+        + (f", about ${cost:.4f} {basis}" if cost is not None else f" {basis}")
+        + (f" (ceiling ${ceiling:.4f} if every answer used --max-tokens)" if ceiling is not None else "")
+        + ". Run again without --limit/--sample to enrich the rest; the trial's answers come from the cache.",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def show(
+    output: Annotated[
+        str,
+        typer.Argument(
+            metavar="OUTPUT",
+            help="An enriched Parquet file or dataset directory (or s3://, gs://, az:// URI).",
+            show_default=False,
+        ),
+    ],
+    rows: Annotated[int, typer.Option("--rows", "-n", min=0, help="How many rows to show; 0 for all.")] = 20,
+    columns: Annotated[
+        Optional[str], typer.Option(help="Comma-separated columns to show (default: all but keys and tokens).")
+    ] = None,
+    failed: Annotated[
+        bool, typer.Option("--failed", help="Only the failed rows, with their errors and a count per error kind.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per row (NDJSON), nothing else.")] = False,
+    storage_option: Annotated[
+        Optional[list[str]], typer.Option(help="Object-store setting KEY=VALUE (repeatable), as for `run`.")
+    ] = None,
+) -> None:
+    """Show an enriched output: its provenance and first rows, or its failed rows by error kind."""
+    from llm_enrich.flows.cli.show import open_output, print_rows, write_ndjson
+
+    wanted = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+    try:
+        enriched = open_output(output, _pairs(storage_option) if storage_option else None)
+        if as_json:
+            write_ndjson(enriched, wanted, limit=rows, failed=failed)
+        else:
+            print_rows(out_console, enriched, wanted, limit=rows, failed=failed)
+    except EnrichError as err:
+        _fail(err.message, err.exit_code)
+
+
+cache_app = typer.Typer(help="Check and repair the persistent response cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("verify")
+def cache_verify(
+    output: Annotated[
+        Optional[str],
+        typer.Argument(metavar="OUTPUT", help="A run's output: check the .enrich-cache beside it.", show_default=False),
+    ] = None,
+    cache_dir: Annotated[
+        Optional[str], typer.Option(help="The cache directory or s3://, gs://, az:// prefix to check.")
+    ] = None,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Rewrite damaged segments keeping only their good records.")
+    ] = False,
+    storage_option: Annotated[
+        Optional[list[str]], typer.Option(help="Object-store setting KEY=VALUE (repeatable), as for `run`.")
+    ] = None,
+) -> None:
+    """Read every cache record; exit 0 when all are intact, 1 when damage was found (and, with --repair, removed)."""
+    from llm_enrich.flows.cache.reading import cache_location, render_report, verify_cache
+
+    try:
+        storage = _pairs(storage_option) if storage_option else None
+        report = verify_cache(cache_location(output=output, cache_dir=cache_dir), storage, repair=repair)
+    except EnrichError as err:
+        _fail(err.message, err.exit_code)
+    for line in render_report(report):
+        out_console.print(line, markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if report.clean else 1)

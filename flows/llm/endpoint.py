@@ -1,0 +1,238 @@
+"""The LLM endpoint: read credentials once, build ChatOpenAI, translate openai errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
+
+import httpx
+import openai
+from langchain_openai import ChatOpenAI
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.schemas.errors import ConfigError, UserError
+from llm_enrich.transforms.calls import AttemptDeadline, EmptyReply, Failure
+
+__all__ = [
+    "DEFAULT_REMOTE_MODEL",
+    "MAX_SERVER_WAIT",
+    "Endpoint",
+    "build_chat_model",
+    "classify_openai_error",
+    "describe_url",
+    "redacting",
+    "resolve_endpoint",
+]
+
+DEFAULT_REMOTE_MODEL = "gpt-4o-mini"
+MAX_SERVER_WAIT = 120.0
+"""Longest single wait a server's retry-after / x-ratelimit-reset-* can impose (seconds)."""
+# Local servers accept any key, but the OpenAI client insists on one.
+_PLACEHOLDER_KEY = "sk-local-no-key"
+
+
+class _EnvSettings(BaseSettings):
+    """The environment variables we read (once, here)."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+    openai_base_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where requests go and with which key; ``local`` means the bundled model must be started."""
+
+    base_url: str | None
+    api_key: SecretStr | None
+    local: bool
+
+
+def resolve_endpoint(job: EnrichJob) -> Endpoint:
+    """Job base URL, else OPENAI_BASE_URL; key from a Secret block or the named variable; else local."""
+    base_url = job.base_url or _EnvSettings().openai_base_url or None
+    raw_key = _secret_block_value(job.api_key_secret) if job.api_key_secret else os.environ.get(job.api_key_env)
+    key = SecretStr(raw_key) if raw_key else None
+    return Endpoint(base_url=base_url, api_key=key, local=base_url is None and key is None)
+
+
+def build_chat_model(
+    job: EnrichJob, endpoint: Endpoint, *, base_url: str | None, model_name: str, max_concurrency: int
+) -> tuple[ChatOpenAI, httpx.AsyncClient]:
+    """ChatOpenAI on the Chat Completions API with SDK retries off (transforms.calls owns them).
+
+    The run owns its HTTP client (close it when the run ends): langchain-openai's shared
+    default client would stay bound to the event loop of the first run in this process.
+    """
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(job.timeout),
+        limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+    )
+    # ChatOpenAI sends max_tokens as max_completion_tokens, which llama.cpp and older
+    # OpenAI-compatible servers ignore; they get the classic field as well.
+    extra_body = {"max_tokens": job.max_tokens} if base_url else None
+    model = ChatOpenAI(
+        model=model_name,
+        base_url=base_url,
+        extra_body=extra_body,
+        api_key=endpoint.api_key or SecretStr(_PLACEHOLDER_KEY),
+        temperature=job.temperature,
+        max_tokens=job.max_tokens,
+        timeout=job.timeout,
+        max_retries=0,
+        use_responses_api=False,
+        http_async_client=client,
+    )
+    return model, client
+
+
+def _secret_block_value(name: str) -> str:
+    """The value of a Prefect Secret block, read at the edge like an environment variable."""
+    from prefect.blocks.system import Secret
+
+    try:
+        return str(Secret.load(name).get())  # type: ignore[union-attr]  # sync call: a value, not a coroutine
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(
+            f"the Prefect Secret block '{name}' (api_key_secret) could not be loaded; create it in the UI "
+            "(Blocks -> Secret) or with `Secret(value=...).save(name)`, or use api_key_env instead."
+        ) from exc
+
+
+def describe_url(url: str | None) -> str:
+    """A URL fit for logs: scheme, host and path, without credentials or query."""
+    if not url:
+        return "the OpenAI API"
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def redacting(classify: Callable[[BaseException], Failure], secret: str | None) -> Callable[[BaseException], Failure]:
+    """A classifier whose messages never contain the API key, even when a server echoes it."""
+    if not secret:
+        return classify
+
+    def classify_redacted(exc: BaseException) -> Failure:
+        failure = classify(exc)
+        return replace(failure, message=failure.message.replace(secret, "***"))
+
+    return classify_redacted
+
+
+def classify_openai_error(exc: BaseException) -> Failure:
+    """Map an openai/httpx/langchain exception to retry, row failure or job failure."""
+    if isinstance(exc, EmptyReply):
+        return Failure("retry", "the model returned an empty reply")
+    if isinstance(exc, UserError):  # e.g. a missing Prefect rate limit: every row would fail
+        return Failure("fatal", exc.message)
+    if isinstance(exc, AttemptDeadline):
+        return Failure("retry", f"{exc} (raise --timeout for slow models)", timed_out=True)
+    if isinstance(exc, openai.APITimeoutError):
+        return Failure("retry", "the request timed out (raise --timeout for slow models)", timed_out=True)
+    if isinstance(exc, openai.APIConnectionError):
+        return Failure("retry", f"connection failed: {_short(exc.__cause__ or exc)}", unreachable=True)
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        detail = _server_message(exc)
+        if status in (401, 403, 404):
+            return Failure("fatal", f"HTTP {status}: {detail}")
+        code = _error_code(exc)
+        if status == 429 and code == "insufficient_quota":
+            # A billing or quota problem: unlike a rate limit it never clears by waiting.
+            return Failure(
+                "fatal",
+                f"the provider says the quota or billing of this API key is exhausted (HTTP 429 "
+                f"insufficient_quota: {detail}). Waiting will not help: add credit or raise the limit in the "
+                "provider's billing settings, then rerun the same command. The answers received so far are kept "
+                "in the cache and will not be paid for again.",
+                explained=True,
+            )
+        if status == 429 and code in _CAPACITY_CODES:
+            # Capacity (e.g. the flex tier) is not our rate: back off this request, do not pause the run.
+            return Failure("retry", f"HTTP 429 {code}: {detail}", _retry_after(exc.response))  # type: ignore[arg-type]
+        if status == 429:
+            return Failure("retry", f"HTTP 429 rate limited: {detail}", _retry_after(exc.response), rate_limited=True)  # type: ignore[arg-type]
+        if status in (408, 409) or status >= 500:
+            return Failure("retry", f"HTTP {status}: {detail}", _retry_after(exc.response))  # type: ignore[arg-type]
+        return Failure("row", f"HTTP {status}: {detail}")
+    if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, KeyError, TypeError)):
+        return Failure("retry", f"malformed response body ({_short(exc)})")
+    return Failure("retry", f"{type(exc).__name__}: {_short(exc)}")
+
+
+_CAPACITY_CODES = ("resource_unavailable", "capacity_exceeded", "overloaded")
+
+
+def _error_code(exc: openai.APIStatusError) -> str | None:
+    """The error's ``code`` (or ``type``) from the body: what a status alone cannot say."""
+    body = exc.body
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    if not isinstance(inner, dict):
+        return getattr(exc, "code", None)
+    for name in ("code", "type"):
+        value = inner.get(name)
+        if isinstance(value, str) and value in ("insufficient_quota", *_CAPACITY_CODES):
+            return value
+    return inner.get("code") if isinstance(inner.get("code"), str) else None
+
+
+def _server_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return _short(inner["message"])
+    return _short(exc.message)
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?$")
+
+
+def _retry_after(response: httpx.Response | None) -> float | None:
+    """Seconds the server asked us to wait: retry-after-ms, retry-after, x-ratelimit-reset-*."""
+    if response is None:
+        return None
+    headers = response.headers
+    waits: list[float] = []
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            waits.append(float(ms) / 1000)
+        except ValueError:
+            pass
+    if (secs := headers.get("retry-after")) is not None:
+        try:
+            waits.append(float(secs))
+        except ValueError:
+            pass
+    if waits or response.status_code != 429:
+        # The reset headers (on every response) say when the whole budget is back, up to a minute
+        # on a 60 s window, not when one request fits: they are the wait only for a 429 that gives
+        # no retry time, never for a 500.
+        return max(waits) if waits else None
+    for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
+        if (value := headers.get(name)) and (parsed := _parse_duration(value)) is not None:
+            waits.append(parsed)
+    # A server asking for more than MAX_SERVER_WAIT is not waited for in full (as the OpenAI SDK does):
+    # the wait is capped, and the retry budget decides when the row gives up.
+    return min(max(waits), MAX_SERVER_WAIT) if waits else None
+
+
+def _parse_duration(text: str) -> float | None:
+    """OpenAI's reset headers look like '1s', '6m0s', '120ms' or '0.5s'."""
+    match = _DURATION.match(text.strip())
+    if not match or not any(match.groups()):
+        return None
+    h, m, s, ms = (float(g) if g else 0.0 for g in match.groups())
+    return h * 3600 + m * 60 + s + ms / 1000
+
+
+def _short(value: object, limit: int = 300) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,141 @@
+"""A job's lanes, one per output (the primary answer column and any extra ones): spec, known answers, call context."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from llm_enrich.flows.cache.files import AnswerStore, default_cache_dir, open_cache
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.llm.endpoint import Endpoint, classify_openai_error, redacting
+from llm_enrich.flows.plan.known_answers import LaneColumns, Tally, build_known, load_previous
+from llm_enrich.flows.plan.specs import build_spec, check_structured_fields
+from llm_enrich.schemas.enriched import (
+    bookkeeping_names,
+)
+from llm_enrich.schemas.errors import ConfigError
+from llm_enrich.transforms.admission import Scheduler
+from llm_enrich.transforms.calls import CallContext, RetryPolicy
+from llm_enrich.transforms.costs import DEFAULT_PRICES, Budget, Price, price_for
+from llm_enrich.transforms.enrichment import EnrichSpec
+from llm_enrich.transforms.guards import ErrorRate
+
+__all__ = ["OutputRun", "build_context", "plan_outputs", "resolve_price", "share_limits"]
+
+
+@dataclass
+class OutputRun:
+    """One answer column: its single-output job, spec, settled keys, column names, price and counters."""
+
+    job: EnrichJob
+    spec: EnrichSpec
+    known: pl.DataFrame
+    names: dict[str, str]
+    price: Price | None
+    ctx: CallContext
+    lane: LaneColumns
+    tally: Tally = field(default_factory=Tally)
+
+    @property
+    def cost_usd(self) -> float | None:
+        """What this output's requests cost in this run."""
+        stats = self.ctx.stats
+        return self.price.cost(stats.input_tokens, stats.output_tokens) if self.price else None
+
+
+def plan_outputs(
+    job: EnrichJob, input_columns: list[str], endpoint: Endpoint
+) -> tuple[list[OutputRun], AnswerStore | None]:
+    """Spec and settled answers for every output; they share one scheduler and budget (and the cache)."""
+    runs: list[OutputRun] = []
+    cache = open_cache(job.cache_dir or default_cache_dir(job.destination), job.storage()) if job.cache else None
+    cached = cache.load() if cache is not None and not job.refresh_cache else None
+    shared: CallContext | None = None
+    taken = list(input_columns)
+    for number, single in enumerate(job.output_jobs()):
+        spec = build_spec(single, endpoint)
+        check_structured_fields(spec, taken)
+        names = bookkeeping_names(single.output_column, primary=number == 0)
+        taken += [single.output_column, *names.values()]
+        if spec.structured is not None:
+            taken += [f"{spec.structured.prefix}{n}" for n in spec.structured.model.model_fields]
+        if len(set(taken)) != len(taken):
+            raise ConfigError(f"output '{single.output_column}' would overwrite another column; rename it.")
+        previous = (
+            None if job.refresh_cache else load_previous(job.destination, single.output_column, names, job.storage())
+        )
+        known = build_known(cached, previous, retry_failed=job.retry_failed)
+        price = resolve_price(single, spec.identity.model, local=endpoint.local)
+        secret = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else None
+        ctx = build_context(single, price, max_concurrency=spec.max_concurrency, secret=secret)
+        if shared is None:
+            shared = ctx
+        else:
+            share_limits(ctx, shared)
+        runs.append(OutputRun(single, spec, known, names, price, ctx, LaneColumns.of(number)))
+    return runs, cache
+
+
+def resolve_price(job: EnrichJob, model_name: str, *, local: bool) -> Price | None:
+    """The job's price override, else the shipped table; the bundled model is free."""
+    if local:
+        return Price(0.0, 0.0)
+    listed = price_for(model_name, DEFAULT_PRICES)
+    if job.input_price is None and job.output_price is None:
+        return listed
+    return Price(
+        job.input_price if job.input_price is not None else (listed.input_per_million if listed else 0.0),
+        job.output_price if job.output_price is not None else (listed.output_per_million if listed else 0.0),
+    )
+
+
+def build_context(
+    job: EnrichJob, price: Price | None, *, max_concurrency: int, secret: str | None = None, shared_by: int = 1
+) -> CallContext:
+    """Retry policy, scheduler and budget for one run, from the job (``shared_by`` processes share the limits)."""
+    return CallContext(
+        policy=RetryPolicy(
+            max_retries=job.max_retries,
+            base_delay=job.retry_base_delay,
+            attempt_timeout=job.timeout,
+            classify=redacting(classify_openai_error, secret),
+        ),
+        scheduler=Scheduler(
+            max_concurrency=max_concurrency,
+            rpm=job.rpm,
+            tpm=job.tpm,
+            max_tokens=job.max_tokens,
+            base_pause=max(job.retry_base_delay, 0.05),
+            before_send=_prefect_rate_limit(job.prefect_rate_limit) if job.prefect_rate_limit else None,
+            shared_by=shared_by,
+        ),
+        budget=Budget(job.max_cost) if job.max_cost is not None else None,
+        on_truncated=job.on_truncated,
+        errors=ErrorRate(limit=job.max_error_rate),
+        price=price,
+        max_tokens=job.max_tokens,
+    )
+
+
+def _prefect_rate_limit(name: str) -> Callable[[], Awaitable[None]]:
+    """Take one slot of a Prefect global rate limit per request (strict: a missing limit fails)."""
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError, rate_limit
+
+    async def take() -> None:
+        try:
+            await rate_limit(name, occupy=1, strict=True)
+        except ConcurrencySlotAcquisitionError as exc:
+            raise ConfigError(
+                f"the Prefect rate limit '{name}' (prefect_rate_limit) does not exist or cannot be taken; "
+                f"create it with `prefect gcl create {name} --limit N --slot-decay-per-second N/60`."
+            ) from exc
+
+    return take
+
+
+def share_limits(ctx: CallContext, first: CallContext) -> None:
+    """Outputs in one process share the first one's scheduler, budget, reachability and stop; counters stay apart."""
+    ctx.scheduler, ctx.budget, ctx.reachability = first.scheduler, first.budget, first.reachability
+    ctx.stop, ctx.errors = first.stop, first.errors

@@ -1,0 +1,49 @@
+"""The small summary a run returns (and the CLI writes with --summary-json)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+__all__ = ["FullRunEstimate", "RunSummary"]
+
+
+class FullRunEstimate(BaseModel):
+    """What the whole table would cost after a trial, scaled from the tokens the trial really used."""
+
+    rows: int  # valid rows in the whole table
+    distinct_prompts_to_send: int  # not answered by the cache, a previous output or this trial
+    projected_input_tokens: int
+    projected_output_tokens: int
+    projected_cost_usd: float | None
+    ceiling_cost_usd: float | None  # the worst case `enrich estimate` gives: every answer max_tokens long
+    based_on_prompts: int  # distinct prompts the trial sent (0: the projection falls back on estimates)
+
+
+class RunSummary(BaseModel):
+    """Counts and totals of one run; no frames, no secrets."""
+
+    rows_in: int
+    rows_valid: int
+    rows_rejected: int
+    rows_ok: int
+    rows_failed: int
+    rows_truncated: int = 0
+    rows_cached: int
+    rows_deduplicated: int
+    unique_prompts_sent: int
+    requests: int
+    retries: int
+    rate_limited: int
+    timeouts: int = 0
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None
+    wall_seconds: float
+    output: str
+    rejected_output: str | None = None
+    model: str
+    endpoint: str
+    outputs: dict[str, dict[str, int]] = {}
+    trial: str | None = None  # how a trial run picked its rows; None for a full run
+    full_run_estimate: FullRunEstimate | None = None
+    notes: list[str] = []  # what the run learned that a rerun could use, e.g. a smaller --max-tokens

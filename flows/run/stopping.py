@@ -1,0 +1,108 @@
+"""Stopping a run on request: Ctrl-C, SIGTERM (a Prefect cancel, systemd, Docker) or a fatal failure.
+
+The first signal sets the run's ``StopSignal``: nothing more is sent, replies already in flight
+get ``GRACE_SECONDS`` to land (they go to the cache), then everything still waiting on the run's
+event loop is cancelled, the partition tasks end, staging is removed and the flow returns a
+Cancelled state with one line saying what was kept. A second signal exits at once, after
+stopping the child processes this run started (they would otherwise outlive it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from llm_enrich.flows.children import exit_now
+from llm_enrich.transforms.calls import CallStats
+from llm_enrich.transforms.guards import StopSignal
+
+if TYPE_CHECKING:
+    from llm_enrich.flows.run.runtime import EventLoopThread
+
+__all__ = [
+    "GRACE_SECONDS",
+    "drain_on_stop",
+    "exit_now",
+    "interrupt_on_sigterm",
+    "received_signal",
+    "stop_on_signals",
+]
+
+GRACE_SECONDS = 5.0
+"""How long replies already in flight may still land after a stop (bounded; then they are cancelled)."""
+
+_received: list[int] = []
+
+
+def received_signal() -> int | None:
+    """The first stop signal this process received during a run, if any."""
+    return _received[0] if _received else None
+
+
+def interrupt_on_sigterm() -> None:
+    """Outside a run (start-up), SIGTERM ends the process like Ctrl-C, so cleanup still runs."""
+
+    def handle(number: int, frame: FrameType | None) -> None:
+        _received.append(number)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handle)
+
+
+@contextmanager
+def stop_on_signals(stop: StopSignal) -> Iterator[None]:
+    """While the block runs, SIGINT/SIGTERM stop the run gracefully; a second one exits at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+
+    def handle(number: int, frame: FrameType | None) -> None:
+        if number in _received or stop.signal_number is not None:
+            _exit_now(number)
+        _received.append(number)
+        stop.set(f"interrupted by {signal.Signals(number).name}", signal_number=number)
+
+    previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def drain_on_stop(
+    stop: StopSignal, loop: EventLoopThread, stats: list[CallStats], grace: float = GRACE_SECONDS
+) -> None:
+    """Once ``stop`` is set, let in-flight replies land for up to ``grace`` s, then cancel the loop's tasks."""
+
+    async def drain() -> None:
+        deadline = loop.loop.time() + grace
+        while any(s.in_flight for s in stats) and loop.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        current = asyncio.current_task()
+        for task in asyncio.all_tasks():
+            if task is not current:
+                task.cancel()
+
+    def schedule() -> None:
+        if loop.loop.is_closed():
+            return
+        try:
+            loop.loop.call_soon_threadsafe(lambda: loop.loop.create_task(drain()))
+        except RuntimeError:
+            pass  # the loop closed meanwhile: nothing left to drain
+
+    stop.on_set(schedule)
+
+
+def _exit_now(number: int) -> None:
+    """The second signal: stop our child processes and leave without any cleanup that could block."""
+    os.write(2, b"\nstopped at once (second signal); a rerun of the same command finishes the job.\n")
+    exit_now(128 + number)
