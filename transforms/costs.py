@@ -6,7 +6,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["DEFAULT_PRICES", "Budget", "Price", "price_for"]
+__all__ = ["BATCH_DISCOUNT", "DEFAULT_PRICES", "Budget", "Price", "price_for"]
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,14 @@ class Price:
     def cost(self, input_tokens: float, output_tokens: float) -> float:
         """Dollars for so many tokens."""
         return (input_tokens * self.input_per_million + output_tokens * self.output_per_million) / 1e6
+
+    def discounted(self, share: float) -> Price:
+        """The same price with ``share`` of it off."""
+        return Price(self.input_per_million * (1 - share), self.output_per_million * (1 - share))
+
+
+BATCH_DISCOUNT = 0.5
+"""OpenAI's Batch API and flex tier cost half the standard list price."""
 
 
 # Standard (non-batch, non-cached) list prices for OpenAI chat models, USD per 1M tokens.

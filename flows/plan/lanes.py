@@ -18,7 +18,7 @@ from llm_enrich.schemas.enriched import (
 from llm_enrich.schemas.errors import ConfigError
 from llm_enrich.transforms.admission import Scheduler
 from llm_enrich.transforms.calls import CallContext, RetryPolicy
-from llm_enrich.transforms.costs import DEFAULT_PRICES, Budget, Price, price_for
+from llm_enrich.transforms.costs import BATCH_DISCOUNT, DEFAULT_PRICES, Budget, Price, price_for
 from llm_enrich.transforms.enrichment import EnrichSpec
 from llm_enrich.transforms.guards import ErrorRate
 
@@ -79,10 +79,15 @@ def plan_outputs(
 
 
 def resolve_price(job: EnrichJob, model_name: str, *, local: bool) -> Price | None:
-    """The job's price override, else the shipped table; the bundled model is free."""
+    """The job's price override, else the shipped table (halved for batch and flex); the bundled model is free.
+
+    A price given in the job is what the user pays, so it is never discounted.
+    """
     if local:
         return Price(0.0, 0.0)
     listed = price_for(model_name, DEFAULT_PRICES)
+    if listed is not None and (job.mode == "batch" or job.service_tier == "flex"):
+        listed = listed.discounted(BATCH_DISCOUNT)
     if job.input_price is None and job.output_price is None:
         return listed
     return Price(
