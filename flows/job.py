@@ -32,6 +32,10 @@ class ExtraOutput(BaseModel):
     )
 
 
+FLEX_TIMEOUT = 900.0
+"""Seconds a flex-tier reply may take when the job sets no timeout (flex replies are slower)."""
+
+
 class EnrichJob(BaseModel):
     """Everything that defines a run. No secrets: the API key is read from the environment."""
 
@@ -243,6 +247,13 @@ class EnrichJob(BaseModel):
         if self.limit is not None and self.sample is not None:
             raise ValueError("limit and sample each choose the trial's rows: give one of them")
         return self
+
+    @property
+    def reply_timeout(self) -> float:
+        """The whole-attempt deadline: timeout, or 15 minutes on the flex tier when none was given (OpenAI's advice)."""
+        if self.service_tier == "flex" and "timeout" not in self.model_fields_set:
+            return FLEX_TIMEOUT
+        return self.timeout
 
     @property
     def trial(self) -> str | None:

@@ -229,6 +229,7 @@ def _enrich(
         rate_limited=sum(s.rate_limited for s in stats),
         timeouts=sum(s.timeouts for s in stats),
         input_tokens=sum(s.input_tokens for s in stats),
+        cached_input_tokens=sum(s.cached_input_tokens for s in stats),
         output_tokens=sum(s.output_tokens for s in stats),
         cost_usd=None if any(c is None for c in costs) else round(sum(c or 0.0 for c in costs), 6),
         wall_seconds=round(time.perf_counter() - started, 3),

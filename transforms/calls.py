@@ -54,6 +54,7 @@ __all__ = [
     "RetryPolicy",
     "ask_model",
     "classify_generic",
+    "judge_reply",
 ]
 
 
@@ -145,6 +146,7 @@ class CallStats:
     output_tokens: int = 0
     rate_limited: int = 0
     timeouts: int = 0
+    cached_input_tokens: int = 0  # input tokens the provider served from its prompt cache
     truncated: int = 0
     filtered: int = 0
     rows_deduplicated: int = 0
@@ -184,6 +186,7 @@ class StatsCounts:
     rate_limited: int = 0
     timeouts: int = 0
     rows_deduplicated: int = 0
+    cached_input_tokens: int = 0
 
     def minus(self, before: StatsCounts) -> StatsCounts:
         """What was counted since ``before``."""
@@ -267,6 +270,7 @@ async def ask_model(
             finally:
                 _settle(ctx, reserved, tokens)
             stats.add(tokens=tokens)
+            stats.bump(cached_input_tokens=cached_tokens(reply["raw"] if structured else reply))
             outcome.input_tokens += tokens[0]
             outcome.output_tokens += tokens[1]
             if (verdict := _incomplete(reply, ctx, structured=structured)) is not None:
@@ -323,6 +327,30 @@ async def ask_model(
             await asyncio.sleep(policy.delay(attempt, failure.retry_after))
     tries = f"after {outcome.attempts} attempt{'s' if outcome.attempts > 1 else ''}"
     outcome.error = f"{outcome.error} ({tries})"
+    return outcome
+
+
+def judge_reply(reply: Any, ctx: CallContext, *, structured: bool = False) -> Outcome:
+    """One finished reply (a batch line's) as an Outcome, by the rules ``ask_model`` applies; never retried.
+
+    ``reply`` is what the model runnable returns: an AIMessage, or with ``structured`` the
+    ``{"raw", "parsed", "parsing_error"}`` dict of ``with_structured_output(..., include_raw=True)``.
+    """
+    raw = reply["raw"] if structured else reply
+    tokens = _usage(raw)
+    outcome = Outcome(input_tokens=tokens[0], output_tokens=tokens[1], attempts=1)
+    if (verdict := _incomplete(reply, ctx, structured=structured)) is not None:
+        outcome.error = verdict
+        return outcome
+    outcome.truncated = _finish_reason(raw) == "length"
+    if outcome.truncated:
+        ctx.stats.bump(truncated=1)
+    try:
+        outcome.text = _structured_text(reply) if structured else _plain_text(reply)
+    except InvalidStructuredReply as exc:
+        outcome.error = f"the reply does not match the output schema: {exc}"
+    except EmptyReply:
+        outcome.error = "the model returned an empty reply"
     return outcome
 
 
@@ -402,6 +430,12 @@ def _structured_text(reply: dict[str, Any]) -> str:
 def _usage(reply: BaseMessage) -> tuple[int, int]:
     usage = getattr(reply, "usage_metadata", None) or {}
     return int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
+
+
+def cached_tokens(reply: Any) -> int:
+    """Input tokens the provider read from its prompt cache (flex replies name them ``flex_cache_read``)."""
+    details = (getattr(reply, "usage_metadata", None) or {}).get("input_token_details") or {}
+    return sum(int(v or 0) for k, v in details.items() if k.endswith("cache_read"))
 
 
 def _reserve(ctx: CallContext, text: str) -> float | None:

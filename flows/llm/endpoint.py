@@ -70,20 +70,24 @@ def build_chat_model(
     default client would stay bound to the event loop of the first run in this process.
     """
     client = httpx.AsyncClient(
-        timeout=httpx.Timeout(job.timeout),
+        timeout=httpx.Timeout(job.reply_timeout),
         limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
     )
     # ChatOpenAI sends max_tokens as max_completion_tokens, which llama.cpp and older
     # OpenAI-compatible servers ignore; they get the classic field as well.
-    extra_body = {"max_tokens": job.max_tokens} if base_url else None
+    extra_body: dict[str, object] = {"max_tokens": job.max_tokens} if base_url else {}
+    if job.prompt_cache_key:
+        # In the body, so it reaches the server whatever the installed SDK's create() accepts.
+        extra_body["prompt_cache_key"] = job.prompt_cache_key
     model = ChatOpenAI(
         model=model_name,
         base_url=base_url,
-        extra_body=extra_body,
+        extra_body=extra_body or None,
+        service_tier=job.service_tier,
         api_key=endpoint.api_key or SecretStr(_PLACEHOLDER_KEY),
         temperature=job.temperature,
         max_tokens=job.max_tokens,
-        timeout=job.timeout,
+        timeout=job.reply_timeout,
         max_retries=0,
         use_responses_api=False,
         http_async_client=client,

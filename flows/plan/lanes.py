@@ -104,7 +104,7 @@ def build_context(
         policy=RetryPolicy(
             max_retries=job.max_retries,
             base_delay=job.retry_base_delay,
-            attempt_timeout=job.timeout,
+            attempt_timeout=job.reply_timeout,
             classify=redacting(classify_openai_error, secret),
         ),
         scheduler=Scheduler(

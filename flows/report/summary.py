@@ -36,6 +36,7 @@ class RunSummary(BaseModel):
     rate_limited: int
     timeouts: int = 0
     input_tokens: int
+    cached_input_tokens: int = 0  # of input_tokens, served from the provider's prompt cache
     output_tokens: int
     cost_usd: float | None
     wall_seconds: float

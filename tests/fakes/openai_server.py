@@ -239,6 +239,7 @@ class FakeOpenAIServer:
         self.stats = Stats()
         self._lock = threading.Lock()
         self._attempts: Counter = Counter()
+        self._cached_prefixes: set[tuple[Any, str]] = set()
         self._meters: dict[str, _Meter] = {}
         self._meter_config: tuple[Any, ...] | None = None
         self._stopping = threading.Event()
@@ -443,10 +444,26 @@ class FakeOpenAIServer:
             "completion_tokens": completion_tokens if completion_tokens is not None else count_tokens(answer),
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if (cached := self._prompt_cache(body, (system or "") + prompt, usage["prompt_tokens"])) is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
         self._charge_usage(entry, usage["completion_tokens"])
         with self._lock:
             self.stats.completions += 1
         return 200, {}, json.dumps(_completion(body.get("model", "fake"), answer, usage, finish)).encode()
+
+    def _prompt_cache(self, body: dict[str, Any], text: str, tokens: int) -> int | None:
+        """OpenAI's automatic prompt caching: prompts of 1,024 tokens and more, routed by key and prefix.
+
+        A request whose first 1,024 tokens (and ``prompt_cache_key``) an earlier request shared reads
+        those 1,024 from the cache; the first one only writes them. None below 1,024 tokens.
+        """
+        if tokens < 1024:
+            return None
+        route = (body.get("prompt_cache_key"), text[: 1024 * 4])
+        with self._lock:
+            seen = route in self._cached_prefixes
+            self._cached_prefixes.add(route)
+        return 1024 if seen else 0
 
     def _structured(self, body: dict[str, Any], prompt: str, attempt: int, entry: list[float] | None) -> Reply:
         schema = _schema_of(body)

@@ -1,0 +1,71 @@
+"""The flex tier and prompt caching: passed through, priced and counted, against the fake server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from llm_enrich.flows.job import FLEX_TIMEOUT, EnrichJob
+from llm_enrich.transforms.costs import DEFAULT_PRICES
+from tests.conftest import REPO
+from tests.fakes.openai_server import Behaviour, FakeOpenAIServer
+
+pytestmark = pytest.mark.usefixtures("prefect_backend")
+
+
+@pytest.fixture(autouse=True)
+def _prefect_url(prefect_backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", prefect_backend)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+
+
+def enrich(server: FakeOpenAIServer, source: Path, out: Path, *extra: str) -> dict:
+    """Run the real CLI and return its summary."""
+    summary = out.parent / "summary.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "llm_enrich.flows.cli", "run", str(source), "-o", str(out), "--base-url",
+         server.base_url, "--model", "gpt-4o-mini", "--summary-json", str(summary), "--no-cache", *extra],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(summary.read_text())
+
+
+def test_flex_is_sent_priced_at_half_and_capacity_429s_are_retried_not_paced(tmp_path: Path) -> None:
+    source = tmp_path / "in.csv"
+    pl.DataFrame({"id": range(1, 41), "topic": [f"topic {i}" for i in range(40)]}).write_csv(source)
+    with FakeOpenAIServer(Behaviour(flex_unavailable_rate=0.3)) as server:
+        summary = enrich(server, source, tmp_path / "out.parquet", "--service-tier", "flex", "--max-retries", "8",
+                         "--retry-base-delay", "0.01")  # fmt: skip
+        tiers = {body.get("service_tier") for body in server.stats.bodies}
+        refused = server.stats.statuses[429]
+    assert tiers == {"flex"}
+    assert summary["rows_ok"] == 40 and summary["rows_failed"] == 0
+    assert refused > 0 and summary["retries"] >= refused
+    assert summary["rate_limited"] == 0, "capacity is not our pace: no rate-limit pause, no AIMD cut"
+    listed = DEFAULT_PRICES["gpt-4o-mini"]
+    full = listed.cost(summary["input_tokens"], summary["output_tokens"])
+    assert summary["cost_usd"] == pytest.approx(full / 2, rel=1e-3)
+
+
+def test_flex_waits_longer_for_a_reply_unless_told_otherwise() -> None:
+    assert EnrichJob(service_tier="flex").reply_timeout == FLEX_TIMEOUT == 900
+    assert EnrichJob(service_tier="flex", timeout=20).reply_timeout == 20
+    assert EnrichJob().reply_timeout == 60
+
+
+def test_prompt_cache_key_is_sent_and_cached_tokens_are_counted(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
+    source = tmp_path / "in.csv"
+    pl.DataFrame({"id": range(1, 11), "topic": [f"topic {i}" for i in range(10)]}).write_csv(source)
+    # Static instructions first, the row's value last: every prompt shares a 1,024-token prefix.
+    system = "You write encyclopedia entries. " + "Follow the house style carefully. " * 150
+    summary = enrich(fake_llm, source, tmp_path / "out.parquet", "--system", system, "--prompt-cache-key", "entries",
+                     "--max-concurrency", "1")  # fmt: skip
+    assert {body.get("prompt_cache_key") for body in fake_llm.stats.bodies} == {"entries"}
+    assert summary["requests"] == 10
+    assert summary["cached_input_tokens"] == 9 * 1024, "the first request writes the cache, the other nine read it"
