@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import subprocess
 import sys
 import urllib.error
@@ -219,7 +220,8 @@ def _damaged_bucket_cache(prefix: str) -> tuple[set[str], dict[str, str]]:
     buffer = io.BytesIO()
     half.write_parquet(buffer)
     damage = {
-        names[1]: b"PAR1\x00\x01garbage, not a Parquet file",  # a corrupt object: its 10 answers are lost
+        names[1]: b"PAR1\x00\x01garbage, not a Parquet file",  # its checksum fails: its 10 answers are lost
+        "seg-oldhost-1-000000000000-000001.parquet": b"PAR1\x00\x01garbage",  # no checksum (older versions)
         "seg-otherhost-1-000000000000-000001.parquet": b"",  # a zero-length object
         "seg-otherhost-2-000000000000-000001.parquet": buffer.getvalue(),  # one half-written record
     }
@@ -238,6 +240,7 @@ def test_a_corrupt_empty_or_half_written_cache_object_costs_only_itself(caplog: 
     for name in damage:
         assert sum(f"s3://data/damaged-cache/v1/{name}'" in message for message in warned) == 1, warned
     assert any("not a readable Parquet file" in m for m in warned) and any("(empty object)" in m for m in warned)
+    assert any("do not match the checksum in its name" in m for m in warned)
     assert any("1 damaged record(s), skipped; 1 good record(s) kept" in m for m in warned)
 
 
@@ -268,9 +271,9 @@ def test_cache_verify_repairs_a_bucket_cache(s3_endpoint: str, monkeypatch: pyte
         return done.returncode, done.stdout + done.stderr
 
     code, output = verify()
-    assert code == 1 and "records ok 21, records damaged 1, files unreadable 2" in output, output
+    assert code == 1 and "records ok 21, records damaged 1, files unreadable 3" in output, output
     code, output = verify("--repair")
-    assert code == 1 and output.count(": removed") == 2 and output.count("damaged: repaired") == 1, output
+    assert code == 1 and output.count(": removed") == 3 and output.count("damaged: repaired") == 1, output
     code, output = verify()
     assert code == 0 and "clean; segments 3, records ok 21, records damaged 0, files unreadable 0" in output, output
     assert set(ObjectStoreCache("s3://data/verified-cache", options).load()["key"]) == survivors
@@ -301,3 +304,27 @@ def test_a_rerun_pays_only_for_a_corrupt_cache_object(fake_llm: FakeOpenAIServer
     assert again["requests"] == lost.height and again["rows_ok"] == 30
     answers = {expected_answer(f"Explain {t}"): t for t in topics}
     assert set(fake_llm.stats.prompts) == {f"Explain {answers[text]}" for text in lost["text"]}
+
+
+@pytest.mark.usefixtures("s3_env")
+def test_a_flipped_byte_in_a_segment_costs_that_segment_and_never_a_wrong_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import obstore
+
+    cache = ObjectStoreCache("s3://data/flipped-cache", flush_every=5, flush_seconds=3600)
+    for n in range(10):
+        cache.append(f"k{n}", Outcome(text=f"answer {n}", input_tokens=1, output_tokens=1), model="m")
+    cache.close()
+    names = [name for name, _ in cache.segments()]
+    assert len(names) == 2 and all(re.search(r"-[0-9a-f]{16}\.parquet$", n) for n in names)
+    store = cache._store()
+    data = bytearray(obstore.get(store, names[0]).bytes())
+    at = bytes(data).find(b"answer 3")
+    data[at + 7] ^= 0x01  # "answer 3" becomes "answer 2" in the page: parseable, and wrong
+    obstore.put(store, names[0], bytes(data))
+    with caplog.at_level("WARNING"):
+        loaded = ObjectStoreCache("s3://data/flipped-cache").load()
+    assert sorted(loaded["key"].to_list()) == [f"k{n}" for n in range(5, 10)], "only the damaged object is lost"
+    assert "answer 2" not in loaded.filter(pl.col("key") == "k3")["text"].to_list()
+    assert "checksum" in caplog.text and names[0] in caplog.text

@@ -15,8 +15,10 @@ fails, and logs each damaged object once as a WARNING naming it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import re
 import socket
 import threading
 import time
@@ -60,19 +62,18 @@ class ObjectStoreCache:
         self._segments = 0
 
     def load(self) -> pl.DataFrame:
-        """Every cached answer, newest entry per key winning; damaged objects are skipped and logged."""
-        try:
-            merged = pl.scan_parquet(f"{self.prefix}/seg-*.parquet", storage_options=self.storage).collect()
-            merged = merged.select(list(_SCHEMA))
-        except _UNREADABLE:
-            merged = None  # an empty prefix, or one damaged object: find out object by object
-        if merged is None or dict(merged.schema) != _SCHEMA or _has_holes(merged):
-            listed = self.segments()
-            frames = []
-            for (_, version), (frame, health) in zip(listed, self._read_all([n for n, _ in listed]), strict=True):
-                report_damage(health, version=version)
-                frames.append(frame)
-            merged = pl.concat(frames) if frames else pl.DataFrame(schema=_SCHEMA)
+        """Every cached answer, newest entry per key winning; damaged objects are skipped and logged.
+
+        Objects are fetched one by one (in parallel) and each one's bytes are checked against the
+        checksum in its name before polars parses them: a flipped bit in a bucket must cost that
+        object, not feed polars a page it could misread or crash on.
+        """
+        listed = self.segments()
+        frames = []
+        for (_, version), (frame, health) in zip(listed, self._read_all([n for n, _ in listed]), strict=True):
+            report_damage(health, version=version)
+            frames.append(frame)
+        merged = pl.concat(frames) if frames else pl.DataFrame(schema=_SCHEMA)
         merged = merged.sort("seq", nulls_last=False, maintain_order=True)
         return merged.unique("key", keep="last", maintain_order=True)
 
@@ -102,6 +103,10 @@ class ObjectStoreCache:
             return pl.DataFrame(schema=_SCHEMA), SegmentHealth(location)  # removed since it was listed
         except Exception as exc:  # noqa: BLE001 - one object that cannot be fetched costs only its answers
             return pl.DataFrame(schema=_SCHEMA), SegmentHealth(location, unreadable=f"cannot fetch it: {exc}")
+        expected = _CHECKSUM.search(name)
+        if expected is not None and _checksum(data) != expected.group(1):
+            why = "its bytes do not match the checksum in its name (damaged in storage)"
+            return pl.DataFrame(schema=_SCHEMA), SegmentHealth(location, unreadable=why)
         return parse_parquet(data, location)
 
     def replace_segment(self, name: str, frame: pl.DataFrame) -> str | None:
@@ -114,10 +119,10 @@ class ObjectStoreCache:
             # New object first, then the delete: a crash in between leaves the good records twice
             # (harmless, same answers), never zero times.
             if frame.height:
-                new = f"seg-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}-repaired.parquet"
-                buffer = io.BytesIO()
-                frame.select(list(_SCHEMA)).write_parquet(buffer)
-                obstore.put(store, new, buffer.getvalue())
+                data = _segment_bytes(frame.select(list(_SCHEMA)))
+                tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+                new = f"seg-{tag}-repaired-{_checksum(data)}.parquet"
+                obstore.put(store, new, data)
             obstore.delete(store, name)
         except Exception as exc:
             raise OutputError(f"cannot rewrite the cache segment '{self.prefix}/{name}': {exc}.") from exc
@@ -166,10 +171,14 @@ class ObjectStoreCache:
             return
         rows, self._rows = self._rows, []
         self._segments += 1
-        target = f"{self.prefix}/{self._name}-{self._segments:06d}.parquet"
+        data = _segment_bytes(pl.DataFrame(rows, schema=_SCHEMA))
+        name = f"{self._name}-{self._segments:06d}-{_checksum(data)}.parquet"
+        target = f"{self.prefix}/{name}"
         try:
-            pl.DataFrame(rows, schema=_SCHEMA).write_parquet(target, storage_options=self.storage)
-        except (pl.exceptions.PolarsError, OSError) as exc:
+            import obstore
+
+            obstore.put(self._store(), name, data)
+        except Exception as exc:
             raise OutputError(
                 f"cannot write the response cache at '{target}': {exc}. Pass --cache-dir somewhere "
                 "writable, or --no-cache."
@@ -197,8 +206,18 @@ def parse_parquet(data: bytes, location: str) -> tuple[pl.DataFrame, SegmentHeal
     return good, SegmentHealth(location, ok=good.height, damaged=frame.height - good.height)
 
 
-def _has_holes(frame: pl.DataFrame) -> bool:
-    return bool(frame.select(pl.any_horizontal(pl.col(REQUIRED).is_null()).any()).item())
+_CHECKSUM = re.compile(r"-([0-9a-f]{16})\.parquet$")
+
+
+def _checksum(data: bytes) -> str:
+    """The first 16 hex digits of the bytes' SHA-256: in a segment's name, checked on every read."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _segment_bytes(frame: pl.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    return buffer.getvalue()
 
 
 def _first_line(exc: BaseException) -> str:
