@@ -15,6 +15,7 @@ from prefect.client.schemas.objects import State
 from prefect.states import Cancelled, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from llm_enrich.flows.batch.collect import answer_by_batch, batch_pending_summary
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.llm.endpoint import describe_url, resolve_endpoint
 from llm_enrich.flows.llm.local_model import LOCAL_MODEL_NOTICE, serve_local_model
@@ -183,6 +184,10 @@ def _enrich(
                 lanes.append(lane)
             if cache is not None:
                 stack.callback(cache.close)
+            if job.mode == "batch":
+                sent = answer_by_batch(job, runs, lanes, endpoint, base_url, stop, log)
+                if sent.pending:
+                    return batch_pending_summary(sent, survey, runs, job, started)
             runtime = Runtime(lanes=lanes, loop=loop, secret=secret, cache=cache, schema=schema)
             stack.callback(forget_runtime, register_runtime(runtime))
             work = PartitionWork(

@@ -465,6 +465,9 @@ def _leave(code: int) -> None:
 
 
 def _print_summary(s: dict[str, Any]) -> None:
+    if s.get("batches_pending"):  # --batch-no-wait: submitted, nothing written yet
+        out_console.print(f"[bold]Batch mode:[/] {s['notes'][0]}.", highlight=False, soft_wrap=True)
+        return
     rejected = f", {s['rows_rejected']} rejected (see {s['rejected_output']})" if s["rows_rejected"] else ""
     cost = f", ${s['cost_usd']:.4f}" if s["cost_usd"] is not None else ""
     out_console.print(

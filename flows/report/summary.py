@@ -47,4 +47,6 @@ class RunSummary(BaseModel):
     outputs: dict[str, dict[str, int]] = {}
     trial: str | None = None  # how a trial run picked its rows; None for a full run
     full_run_estimate: FullRunEstimate | None = None
+    batches_submitted: int = 0  # batch mode: batches this run submitted
+    batches_pending: int = 0  # batch mode: still running when the run ended (--batch-no-wait); no output yet
     notes: list[str] = []  # what the run learned that a rerun could use, e.g. a smaller --max-tokens

@@ -1,0 +1,286 @@
+"""Answer a run's prompts through the Batch API before the partition pass: split, submit, poll, collect.
+
+Every answer lands in its lane's memo (and, when whole, the cache), so the partition pass that
+follows sends nothing online. The manifest is written before the first upload and after every
+step, so a run killed at any point resumes the same files and batches when it is run again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from langchain_openai import ChatOpenAI
+from openai.lib._parsing._completions import type_to_response_format_param
+from openai.types import Batch
+
+from llm_enrich.flows.batch.client import BatchClient
+from llm_enrich.flows.batch.manifest import BatchEntry, Manifest, manifest_path
+from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.llm.endpoint import Endpoint, describe_url
+from llm_enrich.flows.plan.lanes import OutputRun
+from llm_enrich.flows.plan.survey import Survey
+from llm_enrich.flows.report.summary import RunSummary
+from llm_enrich.flows.run.runtime import Lane
+from llm_enrich.flows.tables.paths import is_remote
+from llm_enrich.schemas.errors import ConfigError, RunAborted
+from llm_enrich.transforms.batch_lines import line_outcome, request_line, split_lines
+from llm_enrich.transforms.calls import Outcome
+from llm_enrich.transforms.guards import StopSignal
+from llm_enrich.transforms.prompts import build_messages
+
+__all__ = ["BatchRun", "answer_by_batch", "batch_pending_summary"]
+
+_TERMINAL = ("completed", "failed", "expired", "cancelled")
+_UNFINISHED_CODES = ("batch_expired", "batch_cancelled")
+_REFUSED = "token_limit_exceeded"
+_MAX_LONE_REFUSALS = 5  # refused with nothing else in flight: the file alone is over the limit
+_FIRST_PAUSE = 0.05
+
+
+@dataclass
+class BatchRun:
+    """What batch mode did: batches submitted now, batches still running, prompts sent by batch."""
+
+    submitted: int = 0
+    pending: int = 0
+    prompts: int = 0
+
+    def describe(self) -> str:
+        """The line a --batch-no-wait run ends with."""
+        return (
+            f"submitted {self.submitted} batches for {self.prompts} prompts; {self.pending} still running; "
+            "run the same command again to collect"
+        )
+
+
+@dataclass
+class _LaneBatch:
+    """One lane's way to and from batch lines."""
+
+    number: int
+    lane: Lane
+    todo: dict[str, str]  # key -> prompt still to ask
+    body_of: Callable[[str], dict[str, Any]]
+    reply_of: Callable[[dict[str, Any]], Any]
+
+
+def answer_by_batch(
+    job: EnrichJob, runs: list[OutputRun], lanes: list[Lane], endpoint: Endpoint, base_url: str | None,
+    stop: StopSignal, log: logging.Logger | logging.LoggerAdapter[Any],
+) -> BatchRun:  # fmt: skip
+    """Send every prompt still to ask by batch and put the answers in the lanes' memos; see the module doc."""
+    if endpoint.local:
+        raise ConfigError(
+            "--mode batch needs an endpoint with the Batch API (--base-url or OPENAI_API_KEY), not the bundled "
+            "local model; use --mode online."
+        )
+    secret = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else None
+    work = [_lane_batch(i, run, lane) for i, (run, lane) in enumerate(zip(runs, lanes, strict=True))]
+    manifest = Manifest.load(manifest_path(job.destination, is_remote(job.destination)))
+    result = BatchRun(prompts=sum(len(w.todo) for w in work))
+    if not result.prompts:
+        manifest.remove()
+        return result
+    _plan(manifest, work, job)
+    client = BatchClient(base_url, secret, timeout=job.timeout, secret=secret)
+    try:
+        pause = _FIRST_PAUSE
+        while manifest.pending:
+            stop.check()
+            progressed = False
+            for entry in [e for e in manifest.pending if e.state == "submitted"]:
+                assert entry.batch_id is not None
+                batch = client.retrieve(entry.batch_id)
+                entry.status = batch.status
+                if batch.status in _TERMINAL:
+                    _finish(entry, batch, client, work, manifest, job, secret, log)
+                    progressed = True
+                    manifest.save()
+            in_flight = any(e.state == "submitted" for e in manifest.pending)
+            for entry in [e for e in manifest.pending if e.state in ("new", "uploaded")]:
+                if entry.refusals and in_flight and job.batch_wait:
+                    continue  # the enqueued-token limit: wait for this wave to finish
+                stop.check()
+                _submit(entry, client, work, manifest, job)
+                result.submitted += 1
+                in_flight = progressed = True
+            if not job.batch_wait:
+                break
+            if manifest.pending:
+                pause = _FIRST_PAUSE if progressed else min(pause * 2, job.batch_poll_seconds)
+                _sleep(pause, stop)
+    finally:
+        client.close()
+    result.pending = len(manifest.pending)
+    if not result.pending:
+        manifest.remove()
+    return result
+
+
+def batch_pending_summary(
+    sent: BatchRun, survey: Survey, runs: list[OutputRun], job: EnrichJob, started: float
+) -> RunSummary:
+    """The summary of a run that submitted batches and did not wait for them (no output written)."""
+    primary = runs[0]
+    stats = [run.ctx.stats for run in runs]
+    costs = [run.cost_usd for run in runs]
+    return RunSummary(
+        rows_in=survey.rows_in, rows_valid=survey.rows_valid, rows_rejected=survey.rows_rejected, rows_ok=0,
+        rows_failed=0, rows_cached=primary.tally.rows_cached, rows_deduplicated=0,
+        unique_prompts_sent=sent.prompts, requests=sum(s.requests for s in stats), retries=0, rate_limited=0,
+        input_tokens=sum(s.input_tokens for s in stats), output_tokens=sum(s.output_tokens for s in stats),
+        cost_usd=None if any(c is None for c in costs) else round(sum(c or 0.0 for c in costs), 6),
+        wall_seconds=round(time.perf_counter() - started, 3), output=job.destination,
+        model=primary.spec.identity.model, endpoint=describe_url(job.base_url),
+        batches_submitted=sent.submitted, batches_pending=sent.pending, notes=[sent.describe()],
+    )  # fmt: skip
+
+
+def _lane_batch(number: int, run: OutputRun, lane: Lane) -> _LaneBatch:
+    """How one lane's prompts become request bodies, and result bodies become replies (as ChatOpenAI does)."""
+    chat = cast(ChatOpenAI, lane.model)
+    spec = lane.spec
+    kwargs: dict[str, Any] = {}
+    parser: Any = None
+    if spec.structured is not None:
+        structured: Any = chat.with_structured_output(
+            spec.structured.model, method=spec.structured.method, include_raw=True
+        )
+        kwargs = dict(structured.first.steps__["raw"].kwargs)
+        parser = structured.last
+
+    def body_of(prompt: str) -> dict[str, Any]:
+        payload = chat._get_request_payload(build_messages(prompt, spec.system), **kwargs)
+        for name in ("stream", "ls_structured_output_format"):
+            payload.pop(name, None)
+        payload.update(payload.pop("extra_body", None) or {})
+        if isinstance(payload.get("response_format"), type):
+            payload["response_format"] = type_to_response_format_param(payload["response_format"])
+        return cast(dict[str, Any], payload)
+
+    def reply_of(body: dict[str, Any]) -> Any:
+        message = chat._create_chat_result(body).generations[0].message
+        return parser.invoke({"raw": message}) if parser is not None else message
+
+    todo = {k: p for k, p in run.tally.todo.items() if k not in lane.memo.done}
+    return _LaneBatch(number, lane, todo, body_of, reply_of)
+
+
+def _plan(manifest: Manifest, work: list[_LaneBatch], job: EnrichJob) -> None:
+    """Keep the manifest's files that still hold keys to ask; split the other keys into new files."""
+    kept: list[BatchEntry] = []
+    covered: set[tuple[int, str]] = set()
+    for entry in manifest.entries:
+        if entry.state in ("uploaded", "submitted") and entry.lane < len(work):
+            if any(k in work[entry.lane].todo for k in entry.custom_ids):
+                kept.append(entry)
+                covered.update((entry.lane, k) for k in entry.custom_ids)
+    manifest.entries = kept
+    for w in work:
+        fresh = [k for k in w.todo if (w.number, k) not in covered]
+        manifest.entries += _split(w, fresh, job)
+    manifest.save()
+
+
+def _split(w: _LaneBatch, keys: list[str], job: EnrichJob, *, resubmitted: bool = False) -> list[BatchEntry]:
+    """New entries for ``keys``, each file within --batch-max-requests and --batch-max-bytes."""
+    sizes = [len(json.dumps(_line(w, k), ensure_ascii=False).encode()) + 1 for k in keys]
+    ranges = split_lines(sizes, max_requests=job.batch_max_requests, max_bytes=job.batch_max_bytes)
+    return [BatchEntry(lane=w.number, custom_ids=keys[a:b], resubmitted=resubmitted) for a, b in ranges]
+
+
+def _line(w: _LaneBatch, key: str) -> dict[str, Any]:
+    return request_line(key, w.body_of(w.todo[key]))
+
+
+def _submit(entry: BatchEntry, client: BatchClient, work: list[_LaneBatch], manifest: Manifest, job: EnrichJob) -> None:
+    """Upload (if not yet) and create the batch, recording each step before the next."""
+    if entry.state == "new":
+        w = work[entry.lane]
+        entry.file_id = client.upload([_line(w, k) for k in entry.custom_ids])
+        entry.state = "uploaded"
+        manifest.save()
+    assert entry.file_id is not None
+    found = client.find(entry.file_id) if not entry.refusals else None  # created before a kill, not recorded
+    batch = found or client.create(
+        entry.file_id, {"llm_enrich_output": Path(job.destination.rstrip("/")).name, "lane": str(entry.lane)}
+    )
+    entry.batch_id, entry.status, entry.state = batch.id, batch.status, "submitted"
+    manifest.save()
+
+
+def _finish(
+    entry: BatchEntry, batch: Batch, client: BatchClient, work: list[_LaneBatch], manifest: Manifest,
+    job: EnrichJob, secret: str | None, log: logging.Logger | logging.LoggerAdapter[Any],
+) -> None:  # fmt: skip
+    """A batch reached a final state: collect its lines, resubmit what is left, or report why it failed."""
+    w = work[entry.lane]
+    if batch.status == "failed":
+        errors = list(batch.errors.data or []) if batch.errors is not None else []
+        if errors and all(e.code == _REFUSED for e in errors):
+            entry.refusals += 1
+            lone = not any(e.state == "submitted" for e in manifest.pending if e is not entry)
+            if lone and entry.refusals > _MAX_LONE_REFUSALS:
+                raise RunAborted(
+                    f"the Batch API keeps refusing batch file {entry.file_id} over the enqueued-token limit "
+                    f"({errors[0].message}); lower --batch-max-requests or --batch-max-bytes and rerun."
+                )
+            log.warning("batch %s waits for earlier batches: %s", entry.batch_id, errors[0].message)
+            entry.state, entry.batch_id = "uploaded", None
+            return
+        manifest.entries.remove(entry)
+        manifest.save()
+        first = errors[0] if errors else None
+        where = f"line {first.line}: " if first is not None and first.line else ""
+        what = f"{first.message} ({first.code})" if first is not None else "no reason given"
+        raise ConfigError(f"the Batch API refused batch {batch.id} (file {entry.file_id}): {where}{what}")
+    records = client.records(batch.output_file_id) + client.records(batch.error_file_id)
+    unfinished = set(entry.custom_ids)
+    for record in records:
+        key = record.get("custom_id")
+        if key not in w.todo or key in w.lane.memo.done:
+            continue
+        error = record.get("error") or {}
+        if isinstance(error, dict) and error.get("code") in _UNFINISHED_CODES:
+            continue
+        unfinished.discard(key)
+        outcome = line_outcome(
+            record, w.reply_of, w.lane.ctx, structured=w.lane.spec.structured is not None, secret=secret
+        )
+        _record(w.lane, key, outcome)
+    left = [k for k in entry.custom_ids if k in unfinished and k in w.todo and k not in w.lane.memo.done]
+    entry.state = "done"
+    if not left:
+        return
+    if not entry.resubmitted:
+        log.warning("batch %s ended %s with %d lines unanswered; sending them again", batch.id, batch.status, len(left))
+        manifest.entries += _split(w, left, job, resubmitted=True)
+        return
+    for key in left:
+        _record(w.lane, key, Outcome(error=f"the batch ended {batch.status} before this prompt was answered, twice; "
+                                     "rerun the same command to send it again"))  # fmt: skip
+
+
+def _record(lane: Lane, key: str, outcome: Outcome) -> None:
+    """An answer into the lane's memo, its counters, and (when whole) the cache."""
+    lane.memo.done[key] = outcome
+    lane.ctx.stats.add(requests=1, tokens=(outcome.input_tokens, outcome.output_tokens))
+    if outcome.error is None:
+        lane.ctx.stats.bump(answered=1)
+        if not outcome.truncated and lane.memo.on_answer is not None:
+            lane.memo.on_answer(key, outcome)
+
+
+def _sleep(seconds: float, stop: StopSignal) -> None:
+    """A pause that a stop (Ctrl-C, SIGTERM) cuts short within 0.1 s."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        stop.check()
+        time.sleep(min(0.1, left))
+    stop.check()
