@@ -30,7 +30,9 @@ def test_the_deployment_offers_the_job_as_a_form(prefect_server: str, served: Pa
     assert {"input_path", "prompt", "output_column", "max_concurrency", "rpm", "api_key_secret"} <= set(fields)
     assert all(field.get("description") for field in fields.values())
     assert fields["max_concurrency"]["minimum"] == 1 and fields["max_concurrency"]["maximum"] == 512
-    assert not any("key" in name and "secret" not in name and "env" not in name for name in fields)
+    # No field takes an API key (prompt_cache_key is a routing hint for the provider's prompt cache).
+    keyed = {name for name in fields if "key" in name and "secret" not in name and "env" not in name}
+    assert keyed == {"prompt_cache_key"}
     assert deployment.parameters["job"]["input_path"] == str(DATA / "topics.csv")
     assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
 
