@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,11 +95,107 @@ def test_a_batch_run_answers_every_row_at_half_the_online_price(tmp_path: Path) 
     assert not (tmp_path / ".out.parquet.batches.json").exists(), "a finished run leaves no manifest"
 
 
-def test_files_are_split_at_batch_max_requests(tmp_path: Path) -> None:
-    source, out = table(tmp_path, rows=25, distinct=25), tmp_path / "out.parquet"
+def test_files_are_split_at_batch_max_requests_and_failed_lines_become_row_errors(tmp_path: Path) -> None:
+    faults = {3: "FAULT:invalid_prompt", 7: "FAULT:500", 11: "FAULT:content_filter"}
+    source, out = table(tmp_path, rows=25, distinct=25, faults=faults), tmp_path / "out.parquet"
     with serving() as server:
-        code, text, _ = enrich(server, source, out, "--batch-max-requests", "10")
+        code, text, summary = enrich(server, source, out, "--batch-max-requests", "10")
         assert code == 0, text
-        assert server.stats.batches_created == 3 and server.stats.batch_lines_answered == 25
+        assert server.stats.batches_created == 3 and server.stats.batch_lines_answered == 23
         assert sorted(len(b["custom_ids"]) for b in server.stats.batches) == [5, 10, 10]
+    frame = pl.read_parquet(out)
+    errors = dict(zip(frame.get_column("id"), frame.get_column("enrich_error"), strict=True))
+    assert errors[3] is not None and errors[3].startswith("HTTP 400") and "invalid_prompt" in errors[3]
+    assert errors[7] is not None and errors[7].startswith("HTTP 500")
+    assert errors[11] is not None and "content filter" in errors[11]  # judged as online: finish_reason
+    assert [i for i, e in errors.items() if e is not None] == [3, 7, 11] and summary["rows_failed"] == 3
+    good = frame.filter(pl.col("enrich_error").is_null())
+    for topic, answer in zip(good.get_column("topic"), good.get_column("explanation"), strict=True):
+        assert answer == expected_answer(f"Describe {topic}", SYSTEM)
+
+
+@pytest.mark.parametrize("method", ["function_calling", "json_schema"])
+def test_structured_output_goes_through_a_batch(tmp_path: Path, method: str) -> None:
+    source, out = table(tmp_path, rows=6, distinct=6), tmp_path / "out.parquet"
+    with serving() as server:
+        code, text, summary = enrich(
+            server, source, out, "--output-schema", "summary:str, level:int[1..5]", "--output-prefix", "ai_",
+            "--structured-method", method,
+        )  # fmt: skip
+        assert code == 0, text
+        assert server.stats.batch_lines_answered == 6 and server.stats.kinds["structured"] == 6
+    frame = pl.read_parquet(out)
+    assert frame.schema["ai_level"] == pl.Int64 and summary["rows_ok"] == 6
+    assert frame.get_column("ai_summary").null_count() == 0
+    assert frame.get_column("ai_level").is_between(1, 5).all()
+
+
+def test_no_wait_submits_and_a_second_run_collects(tmp_path: Path) -> None:
+    source, out = table(tmp_path), tmp_path / "out.parquet"
+    manifest = tmp_path / ".out.parquet.batches.json"
+    with serving(batch_line_seconds=0.02) as server:
+        code, text, summary = enrich(server, source, out, "--batch-no-wait")
+        assert code == 0, text
+        assert "submitted 1 batches for 20 prompts" in text and "run the same command again to collect" in text
+        assert summary["batches_pending"] == 1 and not out.exists() and manifest.exists()
+        code, text, summary = enrich(server, source, out)
+        assert code == 0, text
+        assert server.stats.batches_created == 1 and server.stats.batch_lines_answered == 20
+    check_answers(out)
+    assert summary["rows_ok"] == 30 and not manifest.exists()
+
+
+def test_a_killed_run_resumes_its_batch_instead_of_submitting_again(tmp_path: Path) -> None:
+    source, out = table(tmp_path), tmp_path / "out.parquet"
+    manifest = tmp_path / ".out.parquet.batches.json"
+    with serving(batch_line_seconds=0.15) as server:
+        child = subprocess.Popen(
+            command(server, source, out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not (manifest.exists() and '"submitted"' in manifest.read_text()):
+                assert time.monotonic() < deadline and child.poll() is None, "the batch was never submitted"
+                time.sleep(0.02)
+            assert server.stats.batches_created == 1
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait(timeout=10)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(timeout=10)
+        assert server.stats.batch_lines_answered < 20, "killed before the batch completed"
+        code, text, _ = enrich(server, source, out)
+        assert code == 0, text
+        assert server.stats.batches_created == 1 and server.stats.batch_lines_answered == 20
+    check_answers(out)
+
+
+def test_an_expired_batch_keeps_its_answers_and_resubmits_the_rest_once(tmp_path: Path) -> None:
+    source, out = table(tmp_path), tmp_path / "out.parquet"
+    with serving(batch_line_seconds=0.05, batch_expire_seconds=0.4) as server:
+        code, text, summary = enrich(server, source, out)
+        assert code == 0, text
+        stats = server.stats
+        assert stats.batches_created == 2 and [b["status"] for b in stats.batches] == ["expired", "expired"]
+        second = set(stats.batches[1]["custom_ids"])
+        assert second < set(stats.batches[0]["custom_ids"]), "only the unfinished lines went again"
+    frame = pl.read_parquet(out)
+    answered = frame.filter(pl.col("enrich_error").is_null())
+    assert 0 < summary["rows_failed"] < 30 and answered.height == 30 - summary["rows_failed"]
+    for topic, answer in zip(answered.get_column("topic"), answered.get_column("explanation"), strict=True):
+        assert answer == expected_answer(f"Describe {topic}", SYSTEM)
+    failed = frame.filter(pl.col("enrich_error").is_not_null()).get_column("enrich_error")
+    assert all("ended expired" in e for e in failed)
+
+
+def test_the_enqueued_token_limit_sends_the_files_in_waves(tmp_path: Path) -> None:
+    source, out = table(tmp_path), tmp_path / "out.parquet"  # 20 prompts of 6 tokens: 30 a file of 5
+    with serving(batch_enqueued_tokens=40, batch_line_seconds=0.01) as server:
+        code, text, _ = enrich(server, source, out, "--batch-max-requests", "5")
+        assert code == 0, text
+        stats = server.stats
+        assert stats.batch_lines_answered == 20 and stats.max_enqueued_tokens <= 40
+        refused = [b for b in stats.batches if b["status"] == "failed"]
+        assert refused and stats.batches_created == 4 + len(refused)
     check_answers(out)

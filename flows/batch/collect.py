@@ -18,6 +18,7 @@ from typing import Any, cast
 from langchain_openai import ChatOpenAI
 from openai.lib._parsing._completions import type_to_response_format_param
 from openai.types import Batch
+from pydantic import ValidationError
 
 from llm_enrich.flows.batch.client import BatchClient
 from llm_enrich.flows.batch.manifest import BatchEntry, Manifest, manifest_path
@@ -165,7 +166,17 @@ def _lane_batch(number: int, run: OutputRun, lane: Lane) -> _LaneBatch:
         return cast(dict[str, Any], payload)
 
     def reply_of(body: dict[str, Any]) -> Any:
-        message = chat._create_chat_result(body).generations[0].message
+        generation = chat._create_chat_result(body).generations[0]
+        message = generation.message
+        # What BaseChatModel.generate adds online: finish_reason and the rest of the generation info.
+        message.response_metadata = {**(generation.generation_info or {}), **message.response_metadata}
+        if spec.structured is not None and spec.structured.method == "json_schema":
+            # Online, the SDK's parse() fills additional_kwargs["parsed"]; a batch line is parsed here.
+            try:
+                parsed = spec.structured.model.model_validate_json(message.text)
+            except ValidationError as exc:
+                return {"raw": message, "parsed": None, "parsing_error": exc}
+            return {"raw": message, "parsed": parsed, "parsing_error": None}
         return parser.invoke({"raw": message}) if parser is not None else message
 
     todo = {k: p for k, p in run.tally.todo.items() if k not in lane.memo.done}
