@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional, cast
 import typer
 from rich.console import Console
 
+from llm_enrich.flows.cli.messages import print_estimate, print_summary
 from llm_enrich.flows.job import EnrichJob, load_job_file, make_job
 from llm_enrich.schemas.errors import ConfigError, EnrichError
 
@@ -245,10 +246,10 @@ def run(
         _fail(err.message, err.exit_code)
     if dry_run:
         summary = _estimate(job)
-        _print_estimate(summary)
+        print_estimate(out_console, summary)
     else:
         summary = _run_flow(job, verbose=verbose)
-        _print_summary(summary)
+        print_summary(out_console, summary)
     if summary_json:
         from llm_enrich.flows.tables.writing import write_json_atomic
 
@@ -350,21 +351,6 @@ def _estimate(job: EnrichJob) -> dict[str, Any]:
         raise  # unreachable: _fail exits
 
 
-def _print_estimate(e: dict[str, Any]) -> None:
-    cost = "unknown (no price for this model; pass --input-price/--output-price)"
-    if e["estimated_cost_usd"] is not None:
-        cost = f"at most ${e['estimated_cost_usd']:.4f}"
-    out_console.print(
-        f"[bold]Estimate[/] (nothing was sent): {e['rows_valid']} of {e['rows_in']} rows valid, "
-        f"{e['rows_rejected']} rejected; {e['rows_cached']} already answered, {e['rows_kept_failed']} kept as failed; "
-        f"{e['rows_to_ask']} rows to ask as {e['unique_prompts']} distinct prompts; "
-        f"about {e['estimated_input_tokens']:,} input tokens and at most {e['max_output_tokens']:,} output tokens; "
-        f"cost {cost} with {e['model']}.",
-        highlight=False,
-        soft_wrap=True,
-    )
-
-
 def _run_flow(job: EnrichJob, *, verbose: bool) -> dict[str, Any]:
     """Run the flow in this process (reporting to PREFECT_API_URL or a temporary server of our own)."""
     from llm_enrich.flows.report.orchestration import bound_prefect_client, temporary_prefect_server
@@ -462,116 +448,3 @@ def _leave(code: int) -> None:
         from llm_enrich.flows.children import exit_now
 
         exit_now(code)
-
-
-def _print_summary(s: dict[str, Any]) -> None:
-    if s.get("batches_pending"):  # --batch-no-wait: submitted, nothing written yet
-        out_console.print(f"[bold]Batch mode:[/] {s['notes'][0]}.", highlight=False, soft_wrap=True)
-        return
-    rejected = f", {s['rows_rejected']} rejected (see {s['rejected_output']})" if s["rows_rejected"] else ""
-    cost = f", ${s['cost_usd']:.4f}" if s["cost_usd"] is not None else ""
-    out_console.print(
-        f"[bold green]Enriched[/] {s['rows_valid']} of {s['rows_in']} rows into [bold]{s['output']}[/]: "
-        f"{s['rows_ok']} ok, {s['rows_failed']} failed{rejected}"
-        f"{f', {truncated} cut off at --max-tokens' if (truncated := s.get('rows_truncated')) else ''}.\n"
-        f"{s['rows_cached']} from the cache, {s['rows_deduplicated']} deduplicated; {s['requests']} requests "
-        f"({s['retries']} retries, {s['rate_limited']} rate-limited, {s.get('timeouts', 0)} timed out), "
-        f"tokens {s['input_tokens']:,} in / "
-        f"{s['output_tokens']:,} out{cost}, {s['wall_seconds']:.1f} s, model {s['model']} at {s['endpoint']}.",
-        highlight=False,
-        soft_wrap=True,
-    )
-    for note in s.get("notes") or []:
-        out_console.print(f"[bold]Note:[/] {note}", highlight=False, soft_wrap=True)
-    if (whole := s.get("full_run_estimate")) is not None:
-        _print_full_run(s, whole)
-
-
-def _print_full_run(s: dict[str, Any], whole: dict[str, Any]) -> None:
-    """After a trial: where it went, and what the whole table would still cost."""
-    cost = whole["projected_cost_usd"]
-    ceiling = whole["ceiling_cost_usd"]
-    basis = (
-        f"at the tokens this trial used per prompt ({whole['based_on_prompts']} prompts)"
-        if whole["based_on_prompts"]
-        else "from estimated tokens (the trial sent nothing)"
-    )
-    out_console.print(
-        f"[bold]Trial[/] on {s['trial']}: the output itself was not written. The whole table: "
-        f"{whole['rows']:,} valid rows, {whole['distinct_prompts_to_send']:,} distinct prompts still to send, "
-        f"about {whole['projected_input_tokens']:,} tokens in / {whole['projected_output_tokens']:,} out"
-        + (f", about ${cost:.4f} {basis}" if cost is not None else f" {basis}")
-        + (f" (ceiling ${ceiling:.4f} if every answer used --max-tokens)" if ceiling is not None else "")
-        + ". Run again without --limit/--sample to enrich the rest; the trial's answers come from the cache.",
-        highlight=False,
-        soft_wrap=True,
-    )
-
-
-@app.command()
-def show(
-    output: Annotated[
-        str,
-        typer.Argument(
-            metavar="OUTPUT",
-            help="An enriched Parquet file or dataset directory (or s3://, gs://, az:// URI).",
-            show_default=False,
-        ),
-    ],
-    rows: Annotated[int, typer.Option("--rows", "-n", min=0, help="How many rows to show; 0 for all.")] = 20,
-    columns: Annotated[
-        Optional[str], typer.Option(help="Comma-separated columns to show (default: all but keys and tokens).")
-    ] = None,
-    failed: Annotated[
-        bool, typer.Option("--failed", help="Only the failed rows, with their errors and a count per error kind.")
-    ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per row (NDJSON), nothing else.")] = False,
-    storage_option: Annotated[
-        Optional[list[str]], typer.Option(help="Object-store setting KEY=VALUE (repeatable), as for `run`.")
-    ] = None,
-) -> None:
-    """Show an enriched output: its provenance and first rows, or its failed rows by error kind."""
-    from llm_enrich.flows.cli.show import open_output, print_rows, write_ndjson
-
-    wanted = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
-    try:
-        enriched = open_output(output, _pairs(storage_option) if storage_option else None)
-        if as_json:
-            write_ndjson(enriched, wanted, limit=rows, failed=failed)
-        else:
-            print_rows(out_console, enriched, wanted, limit=rows, failed=failed)
-    except EnrichError as err:
-        _fail(err.message, err.exit_code)
-
-
-cache_app = typer.Typer(help="Check and repair the persistent response cache.", no_args_is_help=True)
-app.add_typer(cache_app, name="cache")
-
-
-@cache_app.command("verify")
-def cache_verify(
-    output: Annotated[
-        Optional[str],
-        typer.Argument(metavar="OUTPUT", help="A run's output: check the .enrich-cache beside it.", show_default=False),
-    ] = None,
-    cache_dir: Annotated[
-        Optional[str], typer.Option(help="The cache directory or s3://, gs://, az:// prefix to check.")
-    ] = None,
-    repair: Annotated[
-        bool, typer.Option("--repair", help="Rewrite damaged segments keeping only their good records.")
-    ] = False,
-    storage_option: Annotated[
-        Optional[list[str]], typer.Option(help="Object-store setting KEY=VALUE (repeatable), as for `run`.")
-    ] = None,
-) -> None:
-    """Read every cache record; exit 0 when all are intact, 1 when damage was found (and, with --repair, removed)."""
-    from llm_enrich.flows.cache.reading import cache_location, render_report, verify_cache
-
-    try:
-        storage = _pairs(storage_option) if storage_option else None
-        report = verify_cache(cache_location(output=output, cache_dir=cache_dir), storage, repair=repair)
-    except EnrichError as err:
-        _fail(err.message, err.exit_code)
-    for line in render_report(report):
-        out_console.print(line, markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(0 if report.clean else 1)
