@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -145,26 +145,49 @@ def test_no_wait_submits_and_a_second_run_collects(tmp_path: Path) -> None:
     assert summary["rows_ok"] == 30 and not manifest.exists()
 
 
+def started(server: FakeOpenAIServer, source: Path, out: Path, ready: Callable[[], bool]) -> subprocess.Popen[bytes]:
+    """The CLI in batch mode as a child process, once ``ready()`` holds (within 60 s)."""
+    child = subprocess.Popen(
+        command(server, source, out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 60
+    while not ready():
+        if time.monotonic() > deadline or child.poll() is not None:
+            child.kill()
+            child.wait(timeout=10)
+            raise AssertionError("the run never got there")
+        time.sleep(0.02)
+    return child
+
+
 def test_a_killed_run_resumes_its_batch_instead_of_submitting_again(tmp_path: Path) -> None:
     source, out = table(tmp_path), tmp_path / "out.parquet"
     manifest = tmp_path / ".out.parquet.batches.json"
-    with serving(batch_line_seconds=0.15) as server:
-        child = subprocess.Popen(
-            command(server, source, out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+    with serving(batch_line_seconds=0.4) as server:
+        child = started(server, source, out, lambda: manifest.exists() and '"submitted"' in manifest.read_text())
         try:
-            deadline = time.monotonic() + 60
-            while not (manifest.exists() and '"submitted"' in manifest.read_text()):
-                assert time.monotonic() < deadline and child.poll() is None, "the batch was never submitted"
-                time.sleep(0.02)
             assert server.stats.batches_created == 1
-            os.kill(child.pid, signal.SIGKILL)
+            os.kill(child.pid, signal.SIGKILL)  # a real SIGKILL: nothing runs after it
             child.wait(timeout=10)
         finally:
             if child.poll() is None:
                 child.kill()
                 child.wait(timeout=10)
         assert server.stats.batch_lines_answered < 20, "killed before the batch completed"
+        # The rerun polls the same batch; Ctrl-C there stops it at once (exit 130) and writes nothing.
+        killed_at = manifest.stat().st_mtime
+        child = started(server, source, out, lambda: manifest.stat().st_mtime > killed_at)
+        try:
+            time.sleep(0.3)
+            os.kill(child.pid, signal.SIGINT)
+            asked = time.monotonic()
+            assert child.wait(timeout=15) == 130
+            stopped_after = time.monotonic() - asked
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(timeout=10)
+        assert stopped_after < 5 and not out.exists() and manifest.exists()
         code, text, _ = enrich(server, source, out)
         assert code == 0, text
         assert server.stats.batches_created == 1 and server.stats.batch_lines_answered == 20
@@ -199,3 +222,12 @@ def test_the_enqueued_token_limit_sends_the_files_in_waves(tmp_path: Path) -> No
         refused = [b for b in stats.batches if b["status"] == "failed"]
         assert refused and stats.batches_created == 4 + len(refused)
     check_answers(out)
+
+
+def test_a_request_the_batch_api_rejects_is_a_user_error(tmp_path: Path) -> None:
+    source, out = table(tmp_path), tmp_path / "out.parquet"
+    with serving(batch_max_requests=5) as server:  # the provider's limit is below --batch-max-requests
+        code, text, _ = enrich(server, source, out)
+    assert code == 2, text
+    assert "the Batch API rejected the request (HTTP 400" in text and "at most 5" in text
+    assert not out.exists()

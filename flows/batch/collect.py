@@ -100,8 +100,8 @@ def answer_by_batch(
                 batch = client.retrieve(entry.batch_id)
                 entry.status = batch.status
                 if batch.status in _TERMINAL:
-                    _finish(entry, batch, client, work, manifest, job, secret, log)
-                    progressed = True
+                    # A refusal is no progress: the pause keeps growing until earlier batches finish.
+                    progressed = _finish(entry, batch, client, work, manifest, job, secret, log) or progressed
                     manifest.save()
             in_flight = any(e.state == "submitted" for e in manifest.pending)
             for entry in [e for e in manifest.pending if e.state in ("new", "uploaded")]:
@@ -229,8 +229,11 @@ def _submit(entry: BatchEntry, client: BatchClient, work: list[_LaneBatch], mani
 def _finish(
     entry: BatchEntry, batch: Batch, client: BatchClient, work: list[_LaneBatch], manifest: Manifest,
     job: EnrichJob, secret: str | None, log: logging.Logger | logging.LoggerAdapter[Any],
-) -> None:  # fmt: skip
-    """A batch reached a final state: collect its lines, resubmit what is left, or report why it failed."""
+) -> bool:  # fmt: skip
+    """A batch reached a final state: collect its lines, resubmit what is left, or report why it failed.
+
+    False when the enqueued-token limit refused it (it waits to be submitted again).
+    """
     w = work[entry.lane]
     if batch.status == "failed":
         errors = list(batch.errors.data or []) if batch.errors is not None else []
@@ -244,7 +247,7 @@ def _finish(
                 )
             log.warning("batch %s waits for earlier batches: %s", entry.batch_id, errors[0].message)
             entry.state, entry.batch_id = "uploaded", None
-            return
+            return False
         manifest.entries.remove(entry)
         manifest.save()
         first = errors[0] if errors else None
@@ -268,14 +271,15 @@ def _finish(
     left = [k for k in entry.custom_ids if k in unfinished and k in w.todo and k not in w.lane.memo.done]
     entry.state = "done"
     if not left:
-        return
+        return True
     if not entry.resubmitted:
         log.warning("batch %s ended %s with %d lines unanswered; sending them again", batch.id, batch.status, len(left))
         manifest.entries += _split(w, left, job, resubmitted=True)
-        return
+        return True
     for key in left:
         _record(w.lane, key, Outcome(error=f"the batch ended {batch.status} before this prompt was answered, twice; "
                                      "rerun the same command to send it again"))  # fmt: skip
+    return True
 
 
 def _record(lane: Lane, key: str, outcome: Outcome) -> None:
