@@ -16,6 +16,7 @@ from typing import Any
 import polars as pl
 import pytest
 
+from llm_enrich.transforms.batch_lines import split_lines
 from llm_enrich.transforms.costs import DEFAULT_PRICES, price_for
 from tests.conftest import REPO
 from tests.fakes.openai_server import Behaviour, FakeOpenAIServer, expected_answer
@@ -231,3 +232,12 @@ def test_a_request_the_batch_api_rejects_is_a_user_error(tmp_path: Path) -> None
     assert code == 2, text
     assert "the Batch API rejected the request (HTTP 400" in text and "at most 5" in text
     assert not out.exists()
+    manifest = json.loads((tmp_path / ".out.parquet.batches.json").read_text())
+    assert manifest["entries"] == [], "a rerun with a smaller --batch-max-requests splits afresh"
+
+
+def test_lines_are_split_within_both_limits() -> None:
+    assert split_lines([10] * 5, max_requests=2, max_bytes=1_000) == [(0, 2), (2, 4), (4, 5)]
+    assert split_lines([400, 400, 400, 100], max_requests=10, max_bytes=1_000) == [(0, 2), (2, 4)]
+    assert split_lines([5_000, 10], max_requests=10, max_bytes=1_000) == [(0, 1), (1, 2)]  # one line at least
+    assert split_lines([], max_requests=10, max_bytes=1_000) == []

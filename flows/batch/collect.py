@@ -219,9 +219,15 @@ def _submit(entry: BatchEntry, client: BatchClient, work: list[_LaneBatch], mani
         manifest.save()
     assert entry.file_id is not None
     found = client.find(entry.file_id) if not entry.refusals else None  # created before a kill, not recorded
-    batch = found or client.create(
-        entry.file_id, {"llm_enrich_output": Path(job.destination.rstrip("/")).name, "lane": str(entry.lane)}
-    )
+    try:
+        batch = found or client.create(
+            entry.file_id, {"llm_enrich_output": Path(job.destination.rstrip("/")).name, "lane": str(entry.lane)}
+        )
+    except ConfigError:
+        # Refused as it is (too many lines, too big): a rerun with other limits splits those keys afresh.
+        manifest.entries.remove(entry)
+        manifest.save()
+        raise
     entry.batch_id, entry.status, entry.state = batch.id, batch.status, "submitted"
     manifest.save()
 
