@@ -8,16 +8,28 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from llm_enrich.schemas.errors import EnrichError
 
-__all__ = ["exit_now", "forget_child", "remember_child", "stop_process_group", "wait_healthy"]
+__all__ = [
+    "exit_now",
+    "forget_child",
+    "free_port",
+    "remember_child",
+    "run_child",
+    "stop_process_group",
+    "wait_healthy",
+]
 
 _CHILDREN: set[subprocess.Popen[bytes]] = set()
 
@@ -86,3 +98,31 @@ def stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) ->
             process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass  # a zombie the kernel will reap with us; nothing is left running
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for a child server to listen on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def run_child(
+    command: list[str], *, health_url: str, timeout: float, error: type[EnrichError], what: str, log_prefix: str,
+    env: dict[str, str] | None = None, grace: float = 10.0,
+) -> Iterator[subprocess.Popen[bytes]]:  # fmt: skip
+    """Start a server in its own session, wait until ``health_url`` answers, and always stop it and its log."""
+    log = tempfile.NamedTemporaryFile(prefix=log_prefix, suffix=".log", delete=False)
+    process = subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    remember_child(process)
+    try:
+        wait_healthy(process, health_url, timeout=timeout, log=Path(log.name), error=error, what=what)
+        yield process
+    finally:
+        stop_process_group(process, grace=grace)
+        forget_child(process)
+        log.close()
+        Path(log.name).unlink(missing_ok=True)

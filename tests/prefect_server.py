@@ -18,7 +18,7 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from llm_enrich.flows.llm.local_model import stop_process_group
+from llm_enrich.flows.children import stop_process_group
 
 __all__ = ["DEPLOYMENT", "api", "free_port", "running_prefect_server", "stop_process_group", "trigger", "wait_for"]
 

@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from llm_enrich.flows.children import stop_process_group
 from llm_enrich.flows.job import EnrichJob
-from llm_enrich.flows.llm.local_model import stop_process_group
 from llm_enrich.flows.pipeline import enrich_table
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 from tests.prefect_server import free_port

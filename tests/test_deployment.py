@@ -13,9 +13,9 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoo
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.sorting import LogSort
 
+from llm_enrich.flows.children import stop_process_group
 from llm_enrich.flows.deployment import deployment_parameters
 from llm_enrich.flows.job import EnrichJob
-from llm_enrich.flows.llm.local_model import stop_process_group
 from llm_enrich.schemas.errors import ConfigError
 from tests.conftest import DATA, REPO
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer

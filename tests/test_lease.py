@@ -18,7 +18,8 @@ from obstore.exceptions import PreconditionError
 
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.pipeline import enrich_table
-from llm_enrich.flows.tables.lease import _Lease, hold_lease, lease_location, open_store
+from llm_enrich.flows.tables.lease import _Lease, hold_lease, lease_location
+from llm_enrich.flows.tables.paths import open_store
 from llm_enrich.schemas.errors import DestinationBusy, RunInterrupted
 from tests.conftest import REPO
 from tests.fakes.openai_server import Behaviour, FakeOpenAIServer, expected_answer

@@ -20,8 +20,8 @@ from obstore.store import from_url
 from prefect.client.orchestration import get_client
 
 from llm_enrich.flows.cache.objects import ObjectStoreCache
+from llm_enrich.flows.children import stop_process_group
 from llm_enrich.flows.job import EnrichJob
-from llm_enrich.flows.llm.local_model import stop_process_group
 from llm_enrich.flows.pipeline import INVALID_STATE, enrich_table
 from llm_enrich.flows.tables.staging import Staging
 from llm_enrich.transforms.calls import Outcome

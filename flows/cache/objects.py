@@ -31,6 +31,7 @@ import polars as pl
 
 from llm_enrich.flows.cache.reading import CACHE_SCHEMA as _SCHEMA
 from llm_enrich.flows.cache.reading import REQUIRED, SegmentHealth, report_damage
+from llm_enrich.flows.tables.paths import open_store
 from llm_enrich.schemas.errors import OutputError
 from llm_enrich.transforms.calls import Outcome
 
@@ -38,7 +39,6 @@ __all__ = ["ObjectStoreCache", "parse_parquet"]
 
 # object_store client settings (not credentials or endpoints), which obstore takes apart
 # (the same split as flows/tables/staging.py).
-_CLIENT_KEYS = {"allow_http", "allow_invalid_certificates", "timeout", "connect_timeout", "proxy_url"}
 _READERS = 8  # objects fetched at once when reading object by object
 # polars panics (rather than raising) on some corrupt Parquet footers and pages.
 _UNREADABLE = (pl.exceptions.PolarsError, pl.exceptions.PanicException, OSError)
@@ -158,12 +158,7 @@ class ObjectStoreCache:
             return list(pool.map(self.read_segment, names))
 
     def _store(self) -> Any:
-        from obstore.store import from_url
-
-        options = self.storage or {}
-        client = {k.split("_", 1)[1]: v for k, v in options.items() if k.split("_", 1)[-1] in _CLIENT_KEYS}
-        config = {k: v for k, v in options.items() if k.split("_", 1)[-1] not in _CLIENT_KEYS}
-        return from_url(self.prefix, config=config or None, client_options=client or None)  # type: ignore[arg-type]
+        return open_store(self.prefix, self.storage)
 
     def _flush(self) -> None:
         self._last = time.monotonic()

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from llm_enrich.flows.children import forget_child, remember_child, stop_process_group, wait_healthy
+from llm_enrich.flows.children import free_port, run_child
 from llm_enrich.schemas.errors import LocalModelError
 
-__all__ = ["LOCAL_MODEL_NAME", "find_bundled_model", "serve_local_model", "stop_process_group"]
+__all__ = ["LOCAL_MODEL_NAME", "find_bundled_model", "serve_local_model"]
 
 LOCAL_MODEL_NAME = "smollm2-135m-instruct"
 LOCAL_MODEL_NOTICE = (
@@ -39,12 +36,6 @@ def find_bundled_model() -> Path:
     return files[0]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def serve_local_model(*, startup_timeout: float = 180.0, context_size: int = 2048) -> Iterator[str]:
     """Start llama_cpp.server on a free loopback port, yield its /v1 URL, always stop it."""
@@ -54,8 +45,7 @@ def serve_local_model(*, startup_timeout: float = 180.0, context_size: int = 204
             "or set OPENAI_API_KEY / --base-url to use another model."
         )
     model_file = find_bundled_model()
-    port = _free_port()
-    log = tempfile.NamedTemporaryFile(prefix="llm-enrich-llama-", suffix=".log", delete=False)
+    port = free_port()
     command = [
         sys.executable, "-m", "llama_cpp.server",
         "--model", str(model_file),
@@ -65,19 +55,9 @@ def serve_local_model(*, startup_timeout: float = 180.0, context_size: int = 204
         "--n_ctx", str(context_size),
         "--n_threads", str(max(1, min(4, os.cpu_count() or 1))),
     ]  # fmt: skip
-    process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-    )
-    remember_child(process)
     base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        wait_healthy(
-            process, f"{base_url}/models", timeout=startup_timeout, log=Path(log.name), error=LocalModelError,
-            what="the bundled model server",
-        )  # fmt: skip
+    with run_child(
+        command, health_url=f"{base_url}/models", timeout=startup_timeout, error=LocalModelError,
+        what="the bundled model server", log_prefix="llm-enrich-llama-",
+    ):  # fmt: skip
         yield base_url
-    finally:
-        stop_process_group(process)
-        forget_child(process)
-        log.close()
-        Path(log.name).unlink(missing_ok=True)

@@ -16,17 +16,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from llm_enrich.flows.children import forget_child, remember_child, stop_process_group, wait_healthy
+from llm_enrich.flows.children import free_port, run_child
 from llm_enrich.schemas.errors import RuntimeFailure
 
 __all__ = [
@@ -96,33 +93,25 @@ def temporary_prefect_server(home: Path | None = None) -> Iterator[str]:
     spec = importlib.util.find_spec("prefect")
     if spec is None or spec.origin is None:
         raise RuntimeFailure("Prefect is not installed; run 'make run' to set up the environment.")
-    port = _free_port()
+    port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     if home is not None:
         env["PREFECT_HOME"] = str(home)
-    log = tempfile.NamedTemporaryFile(prefix="llm-enrich-prefect-", suffix=".log", delete=False)
     command = [
         sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent),
         "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
         "--log-level", "error", "--lifespan", "on",
     ]  # fmt: skip
-    process = subprocess.Popen(
-        command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-    )
-    remember_child(process)
-    try:
-        wait_healthy(
-            process, f"{api_url}/health", timeout=SERVER_STARTUP_SECONDS, log=Path(log.name), error=RuntimeFailure,
-            what="the temporary Prefect server (start one with `prefect server start` and set PREFECT_API_URL)",
-        )  # fmt: skip
-        yield api_url
-    finally:
-        _drain_prefect_workers()
-        stop_process_group(process, grace=_STOP_SECONDS)
-        forget_child(process)
-        log.close()
-        Path(log.name).unlink(missing_ok=True)
+    with run_child(
+        command, env=env, health_url=f"{api_url}/health", timeout=SERVER_STARTUP_SECONDS, error=RuntimeFailure,
+        what="the temporary Prefect server (start one with `prefect server start` and set PREFECT_API_URL)",
+        log_prefix="llm-enrich-prefect-", grace=_STOP_SECONDS,
+    ):  # fmt: skip
+        try:
+            yield api_url
+        finally:
+            _drain_prefect_workers()  # while the server is still up
 
 
 def _drain_prefect_workers() -> None:
@@ -137,9 +126,3 @@ def _drain_prefect_workers() -> None:
             worker.drain_all(timeout=_STOP_SECONDS)
         except Exception:  # noqa: BLE001 - records are best effort; the run's outcome is already decided
             pass
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -117,11 +117,8 @@ _TASK = {
 @task(name="ask-partition", **_TASK)  # type: ignore[call-overload, untyped-decorator]
 def ask_partition(piece: Slice, work: PartitionWork) -> AskResult:
     """First phase on Dask: ask the prompts this slice owns and stage the answers."""
-    job, columns = work.job, list(work.columns)
-    rt, remote = runtime_for(
-        work.runtime_key, job, local=work.local, served_url=work.served_url, workers=work.workers, columns=columns
-    )
-    staging = Staging(work.staging_root, job.storage())
+    columns = list(work.columns)
+    rt, remote, staging = _open(work)
     staged = staging.read(piece.path)
     before = counts_of(rt) if remote else None
     frames = _ask(rt, staged, columns, lambda lane: pl.col(lane.owner), progress=False)
@@ -145,10 +142,7 @@ def ask_partition(piece: Slice, work: PartitionWork) -> AskResult:
 def enrich_partition(piece: Slice, work: PartitionWork) -> PartitionResult:
     """Enrich one staged slice for every output and write its part file; return only the path and counts."""
     job, columns = work.job, list(work.columns)
-    rt, remote = runtime_for(
-        work.runtime_key, job, local=work.local, served_url=work.served_url, workers=work.workers, columns=columns
-    )
-    staging = Staging(work.staging_root, job.storage())
+    rt, remote, staging = _open(work)
     if work.answers:
         _load_answers(rt, work.runtime_key, staging, list(work.answers))
     staged = staging.read(piece.path)
@@ -183,6 +177,15 @@ def enrich_partition(piece: Slice, work: PartitionWork) -> PartitionResult:
         problems=failed_rows(enriched, job.output_column).to_dicts(),
         stats=_delta(rt, before) if before is not None else None,
     )
+
+
+def _open(work: PartitionWork) -> tuple[Runtime, bool, Staging]:
+    """This process's runtime for the run (built here on a Dask worker: then True) and its staging area."""
+    rt, remote = runtime_for(
+        work.runtime_key, work.job, local=work.local, served_url=work.served_url, workers=work.workers,
+        columns=work.columns,
+    )  # fmt: skip
+    return rt, remote, Staging(work.staging_root, work.job.storage())
 
 
 def _ask(

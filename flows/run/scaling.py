@@ -247,7 +247,7 @@ def stop_resource_tracker(*, timeout: float = KILL_SECONDS, for_good: bool = Fal
 def _reap(pid: int, timeout: float) -> None:
     """Wait for a child to exit, SIGKILL it after ``timeout`` s (it ignores SIGINT and SIGTERM)."""
     deadline = time.monotonic() + timeout
-    while True:
+    while True:  # bounded: past the deadline the child is SIGKILLed and reaped
         try:
             done, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:

@@ -135,7 +135,7 @@ def _check_writable_directory(directory: str, what: str, source: str) -> None:
     if same_location(directory, source):
         raise DestinationError(f"{what} '{directory}' is the input file. Nothing was sent or written.")
     probe = target
-    while not probe.exists() and probe.parent != probe:
+    while not probe.exists() and probe.parent != probe:  # bounded: one step per path component, up to /
         probe = probe.parent
     if not probe.is_dir():
         raise DestinationError(

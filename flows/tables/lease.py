@@ -29,16 +29,15 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from llm_enrich.flows.tables.paths import sibling
+from llm_enrich.flows.tables.paths import open_store, sibling
 from llm_enrich.schemas.errors import DestinationBusy, DestinationError, EnrichError, OutputError
 
-__all__ = ["LEASE_SECONDS", "POLL_SECONDS", "hold_lease", "lease_location", "open_store"]
+__all__ = ["LEASE_SECONDS", "POLL_SECONDS", "hold_lease", "lease_location"]
 
 LEASE_SECONDS = 60.0
 POLL_SECONDS = 1.0  # each poll is a request to the store: slower than the local lock's
 # object_store client settings (not credentials or endpoints), which obstore takes apart
 # (the same split as flows/tables/staging.py and flows/cache/objects.py).
-_CLIENT_KEYS = {"allow_http", "allow_invalid_certificates", "timeout", "connect_timeout", "proxy_url"}
 # What obstore raises when the store (or how it is configured) has no conditional put.
 _UNSUPPORTED: tuple[type[BaseException], ...] = (NotImplementedError,)
 
@@ -49,16 +48,6 @@ def lease_location(destination: str) -> str:
     """The lease object of a remote output: ``.<name>.lock`` beside it."""
     name = PurePosixPath(destination.rstrip("/")).name
     return sibling(destination.rstrip("/"), f".{name}.lock")
-
-
-def open_store(url: str, storage: dict[str, str] | None) -> Any:
-    """An obstore store rooted at ``url``, from polars-style storage options (or the environment)."""
-    from obstore.store import from_url
-
-    options = storage or {}
-    client = {k.split("_", 1)[1]: v for k, v in options.items() if k.split("_", 1)[-1] in _CLIENT_KEYS}
-    config = {k: v for k, v in options.items() if k.split("_", 1)[-1] not in _CLIENT_KEYS}
-    return from_url(url, config=config or None, client_options=client or None)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -183,6 +172,7 @@ class _Lease:
         import obstore
         from obstore.exceptions import AlreadyExistsError, NotFoundError, PreconditionError
 
+        # Ends when the lease is released (the stop event); each put is bounded by obstore's client timeout.
         while not self._stop.wait(self.lease_seconds / 3):
             try:
                 if self.conditional and self.mode is not None:
@@ -267,7 +257,7 @@ def _acquire(
     deadline = time.monotonic() + timeout
     told = False
     first_seen: dict[str | None, float] = {}  # e_tag -> when this run first saw it (monotonic)
-    while True:
+    while True:  # bounded: past the deadline a pass returns or raises DestinationBusy
         if lease.try_create():
             return
         seen = lease.read()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import posixpath
 from pathlib import Path
+from typing import Any
 
-__all__ = ["REMOTE_SCHEMES", "is_remote", "sibling", "suffix_of"]
+__all__ = ["REMOTE_SCHEMES", "is_remote", "open_store", "sibling", "suffix_of"]
 
 REMOTE_SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://")
+# polars-style storage options that obstore takes as HTTP client settings rather than store config.
+_CLIENT_KEYS = {"allow_http", "allow_invalid_certificates", "timeout", "connect_timeout", "proxy_url"}
 
 
 def is_remote(location: str) -> bool:
@@ -26,3 +29,16 @@ def sibling(location: str, name: str) -> str:
         scheme, _, rest = location.partition("://")
         return f"{scheme}://{posixpath.join(posixpath.dirname(rest), name)}"
     return str(Path(location).with_name(name))
+
+
+def open_store(url: str, storage: dict[str, str] | None) -> Any:
+    """An obstore store rooted at ``url``, from polars-style storage options (or the environment).
+
+    Every request on it is bounded by obstore's client timeout (30 s unless ``timeout`` is given).
+    """
+    from obstore.store import from_url
+
+    options = storage or {}
+    client = {k.split("_", 1)[1]: v for k, v in options.items() if k.split("_", 1)[-1] in _CLIENT_KEYS}
+    config = {k: v for k, v in options.items() if k.split("_", 1)[-1] not in _CLIENT_KEYS}
+    return from_url(url, config=config or None, client_options=client or None)  # type: ignore[arg-type]

@@ -17,14 +17,13 @@ from pathlib import Path
 import polars as pl
 
 from llm_enrich.flows.tables.lock import staging_tag
-from llm_enrich.flows.tables.paths import is_remote, sibling
+from llm_enrich.flows.tables.paths import is_remote, open_store, sibling
 from llm_enrich.flows.tables.writing import write_failure
 from llm_enrich.schemas.errors import OutputError
 
 __all__ = ["Staging", "open_staging"]
 
 # object_store client settings (not credentials or endpoints), which obstore takes apart.
-_CLIENT_KEYS = {"allow_http", "allow_invalid_certificates", "timeout", "connect_timeout", "proxy_url"}
 
 
 @dataclass(frozen=True)
@@ -71,13 +70,9 @@ class Staging:
             shutil.rmtree(self.root, ignore_errors=True)
             return
         import obstore
-        from obstore.store import from_url
 
-        options = self.storage or {}
-        client = {k.split("_", 1)[1]: v for k, v in options.items() if k.split("_", 1)[-1] in _CLIENT_KEYS}
-        config = {k: v for k, v in options.items() if k.split("_", 1)[-1] not in _CLIENT_KEYS}
         try:
-            store = from_url(self.root, config=config or None, client_options=client or None)  # type: ignore[arg-type]
+            store = open_store(self.root, self.storage)
             for batch in obstore.list(store, chunk_size=1_000):
                 obstore.delete(store, [meta["path"] for meta in batch])
         except Exception:  # noqa: BLE001 - cleanup must never mask the run's own outcome
