@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
-from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Any, Optional, cast
+from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 
 from llm_enrich.flows.cli.messages import print_estimate, print_summary
+from llm_enrich.flows.cli.running import estimate_summary, fail, job_from_config, leave, out_console, run_flow
 from llm_enrich.flows.job import EnrichJob, load_job_file, make_job
 from llm_enrich.schemas.errors import ConfigError, EnrichError
 
@@ -24,8 +22,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err_console = Console(stderr=True)
-out_console = Console()
 
 # CLI option name -> EnrichJob field, for the options that map one to one.
 _FIELD_OF = {
@@ -243,18 +239,18 @@ def run(
 
             check_destination(job)  # at once, before Prefect starts; the flow checks again (deployments)
     except EnrichError as err:
-        _fail(err.message, err.exit_code)
+        fail(err.message, err.exit_code)
     if dry_run:
-        summary = _estimate(job)
+        summary = estimate_summary(job)
         print_estimate(out_console, summary)
     else:
-        summary = _run_flow(job, verbose=verbose)
+        summary = run_flow(job, verbose=verbose)
         print_summary(out_console, summary)
     if summary_json:
         from llm_enrich.flows.tables.writing import write_json_atomic
 
         write_json_atomic(summary, str(summary_json))
-    _leave(0)
+    leave(0)
 
 
 def _check_summary_path(job: EnrichJob, path: str) -> None:
@@ -298,14 +294,14 @@ def serve(
     name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
 ) -> None:
     """Serve the enrich flow as a scheduled deployment until stopped (Ctrl-C); runs can be started from the UI."""
-    job = _job_from_config(config)
+    job = job_from_config(config)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from llm_enrich.flows.deployment import serve_deployment
 
     try:
         serve_deployment(job, name=name, cron=cron)
     except EnrichError as err:
-        _fail(err.message, err.exit_code)
+        fail(err.message, err.exit_code)
 
 
 @app.command()
@@ -316,135 +312,16 @@ def deploy(
     name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
 ) -> None:
     """Register the enrich flow on a work pool; start it with `prefect worker start --pool POOL`."""
-    job = _job_from_config(config)
+    job = job_from_config(config)
     from llm_enrich.flows.deployment import deploy_to_pool
 
     try:
         deployment_id = deploy_to_pool(job, pool=pool, name=name, cron=cron)
     except EnrichError as err:
-        _fail(err.message, err.exit_code)
+        fail(err.message, err.exit_code)
     out_console.print(
         f"Deployment enrich-table/{name} ({deployment_id}) is on work pool '{pool}'. Start a worker with "
         f"`prefect worker start --pool {pool}`; trigger a run with `prefect deployment run enrich-table/{name}`.",
         highlight=False,
         soft_wrap=True,
     )
-
-
-def _job_from_config(config: Path | None) -> EnrichJob:
-    try:
-        values = load_job_file(str(config)) if config else {}
-        return make_job(values, source=str(config) if config else "the defaults")
-    except EnrichError as err:
-        _fail(err.message, err.exit_code)
-        raise  # unreachable: _fail exits
-
-
-def _estimate(job: EnrichJob) -> dict[str, Any]:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from llm_enrich.flows.plan.estimate import estimate_job
-
-    try:
-        return estimate_job(job).model_dump()
-    except EnrichError as err:
-        _fail(err.message, err.exit_code)
-        raise  # unreachable: _fail exits
-
-
-def _run_flow(job: EnrichJob, *, verbose: bool) -> dict[str, Any]:
-    """Run the flow in this process (reporting to PREFECT_API_URL or a temporary server of our own)."""
-    from llm_enrich.flows.report.orchestration import bound_prefect_client, temporary_prefect_server
-    from llm_enrich.flows.run.stopping import interrupt_on_sigterm
-
-    interrupt_on_sigterm()
-    bound_prefect_client()
-    if out_console.is_terminal and not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    with ExitStack() as stack:
-        try:
-            if not os.environ.get("PREFECT_API_URL"):
-                os.environ["PREFECT_API_URL"] = stack.enter_context(temporary_prefect_server())
-            return _run_in_prefect(job)
-        except KeyboardInterrupt:
-            _fail("interrupted before the run started; nothing was sent or written.", 128 + _signal_seen())
-        except EnrichError as err:
-            _fail(err.message, err.exit_code)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _run_in_prefect(job: EnrichJob) -> dict[str, Any]:
-    """The flow's final state as a summary or an exit code."""
-    # Prefect reads its settings at import time, so it is imported only now.
-    from llm_enrich.flows.cli.progress_bar import RichProgress
-    from llm_enrich.flows.pipeline import INVALID_STATE, enrich_table, finished_summary
-    from llm_enrich.flows.report.orchestration import records_incomplete
-    from llm_enrich.flows.report.progress import reporting_to
-    from llm_enrich.flows.run.stopping import received_signal
-
-    sink = RichProgress(out_console) if out_console.is_terminal else None
-    try:
-        if sink is None:
-            state = enrich_table(job, return_state=True)
-        else:
-            with sink, reporting_to(sink):
-                state = enrich_table(job, return_state=True)
-    except (KeyboardInterrupt, EnrichError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - the orchestration API failed us, not the data work
-        done = finished_summary()
-        if done is None:
-            _RECORDS_LOST.append(f"{type(exc).__name__}: {exc}")
-            _fail(
-                f"the Prefect API at {os.environ.get('PREFECT_API_URL')} stopped answering ({type(exc).__name__}: "
-                f"{exc}), so the run could not go on. The answers received so far are kept in the cache: rerun the "
-                "same command when the API is back (or without PREFECT_API_URL) to finish without paying for them "
-                "again.",
-                1,
-            )
-        _warn_records(f"{type(exc).__name__}: {exc}")
-        assert done is not None  # the branch above exits when the run did not finish
-        return done.model_dump()
-    if state.is_completed():
-        if (lost := records_incomplete()) is not None:
-            _warn_records(lost)
-        return cast(dict[str, Any], state.result())
-    if state.is_cancelled():
-        # A stop the user asked for is not an error: the message already starts "interrupted by ...".
-        _fail(state.message or "interrupted; the output was not written.", 128 + (received_signal() or 2), label="")
-    if state.name == INVALID_STATE:
-        _fail(state.message or "the job was rejected", 2)
-    _fail(state.message or f"the run ended {state.name}", 1)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-_RECORDS_LOST: list[str] = []
-
-
-def _warn_records(why: str) -> None:
-    _RECORDS_LOST.append(why)
-    err_console.print(
-        f"[bold yellow]warning:[/] the output was written, but the Prefect API stopped answering ({why}); "
-        "this run's records there (state, artifacts, logs) are incomplete.",
-        highlight=False,
-        soft_wrap=True,
-    )
-
-
-def _signal_seen() -> int:
-    from llm_enrich.flows.run.stopping import received_signal
-
-    return received_signal() or signal.SIGINT
-
-
-def _fail(message: str, code: int, *, label: str = "[bold red]error:[/] ") -> None:
-    err_console.print(f"{label}{message}", highlight=False, soft_wrap=True)
-    _leave(code)
-    raise typer.Exit(code)
-
-
-def _leave(code: int) -> None:
-    """With the Prefect API gone, exit now: its workers would retry it for minutes at interpreter exit."""
-    if _RECORDS_LOST:
-        from llm_enrich.flows.children import exit_now
-
-        exit_now(code)

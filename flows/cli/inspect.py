@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from llm_enrich.flows.cli.app import _fail, _pairs, app, out_console
+from llm_enrich.flows.cli.app import _pairs, app
+from llm_enrich.flows.cli.running import fail, out_console
 from llm_enrich.schemas.errors import EnrichError
 
 __all__ = ["cache_app", "cache_verify", "show"]
@@ -45,7 +46,7 @@ def show(
         else:
             print_rows(out_console, enriched, wanted, limit=rows, failed=failed)
     except EnrichError as err:
-        _fail(err.message, err.exit_code)
+        fail(err.message, err.exit_code)
 
 
 cache_app = typer.Typer(help="Check and repair the persistent response cache.", no_args_is_help=True)
@@ -75,7 +76,7 @@ def cache_verify(
         storage = _pairs(storage_option) if storage_option else None
         report = verify_cache(cache_location(output=output, cache_dir=cache_dir), storage, repair=repair)
     except EnrichError as err:
-        _fail(err.message, err.exit_code)
+        fail(err.message, err.exit_code)
     for line in render_report(report):
         out_console.print(line, markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(0 if report.clean else 1)

@@ -1,0 +1,142 @@
+"""Running the flow from a terminal: a temporary Prefect server, the progress bar, exit codes and messages."""
+
+from __future__ import annotations
+
+import os
+import signal
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, cast
+
+import typer
+from rich.console import Console
+
+from llm_enrich.flows.job import EnrichJob, load_job_file, make_job
+from llm_enrich.schemas.errors import EnrichError
+
+__all__ = ["err_console", "estimate_summary", "fail", "job_from_config", "leave", "out_console", "run_flow"]
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def job_from_config(config: Path | None) -> EnrichJob:
+    """The job in a TOML/YAML file (or the sample job), or exit 2 naming what is wrong."""
+    try:
+        values = load_job_file(str(config)) if config else {}
+        return make_job(values, source=str(config) if config else "the defaults")
+    except EnrichError as err:
+        fail(err.message, err.exit_code)
+        raise  # unreachable: fail exits
+
+
+def estimate_summary(job: EnrichJob) -> dict[str, Any]:
+    """The dry-run estimate as a dict, or exit with the error's code."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from llm_enrich.flows.plan.estimate import estimate_job
+
+    try:
+        return estimate_job(job).model_dump()
+    except EnrichError as err:
+        fail(err.message, err.exit_code)
+        raise  # unreachable: fail exits
+
+
+def run_flow(job: EnrichJob, *, verbose: bool) -> dict[str, Any]:
+    """Run the flow in this process (reporting to PREFECT_API_URL or a temporary server of our own)."""
+    from llm_enrich.flows.report.orchestration import bound_prefect_client, temporary_prefect_server
+    from llm_enrich.flows.run.stopping import interrupt_on_sigterm
+
+    interrupt_on_sigterm()
+    bound_prefect_client()
+    if out_console.is_terminal and not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    with ExitStack() as stack:
+        try:
+            if not os.environ.get("PREFECT_API_URL"):
+                os.environ["PREFECT_API_URL"] = stack.enter_context(temporary_prefect_server())
+            return _run_in_prefect(job)
+        except KeyboardInterrupt:
+            fail("interrupted before the run started; nothing was sent or written.", 128 + _signal_seen())
+        except EnrichError as err:
+            fail(err.message, err.exit_code)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _run_in_prefect(job: EnrichJob) -> dict[str, Any]:
+    """The flow's final state as a summary or an exit code."""
+    # Prefect reads its settings at import time, so it is imported only now.
+    from llm_enrich.flows.cli.progress_bar import RichProgress
+    from llm_enrich.flows.pipeline import INVALID_STATE, enrich_table, finished_summary
+    from llm_enrich.flows.report.orchestration import records_incomplete
+    from llm_enrich.flows.report.progress import reporting_to
+    from llm_enrich.flows.run.stopping import received_signal
+
+    sink = RichProgress(out_console) if out_console.is_terminal else None
+    try:
+        if sink is None:
+            state = enrich_table(job, return_state=True)
+        else:
+            with sink, reporting_to(sink):
+                state = enrich_table(job, return_state=True)
+    except (KeyboardInterrupt, EnrichError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the orchestration API failed us, not the data work
+        done = finished_summary()
+        if done is None:
+            _RECORDS_LOST.append(f"{type(exc).__name__}: {exc}")
+            fail(
+                f"the Prefect API at {os.environ.get('PREFECT_API_URL')} stopped answering ({type(exc).__name__}: "
+                f"{exc}), so the run could not go on. The answers received so far are kept in the cache: rerun the "
+                "same command when the API is back (or without PREFECT_API_URL) to finish without paying for them "
+                "again.",
+                1,
+            )
+        _warn_records(f"{type(exc).__name__}: {exc}")
+        assert done is not None  # the branch above exits when the run did not finish
+        return done.model_dump()
+    if state.is_completed():
+        if (lost := records_incomplete()) is not None:
+            _warn_records(lost)
+        return cast(dict[str, Any], state.result())
+    if state.is_cancelled():
+        # A stop the user asked for is not an error: the message already starts "interrupted by ...".
+        fail(state.message or "interrupted; the output was not written.", 128 + (received_signal() or 2), label="")
+    if state.name == INVALID_STATE:
+        fail(state.message or "the job was rejected", 2)
+    fail(state.message or f"the run ended {state.name}", 1)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_RECORDS_LOST: list[str] = []
+
+
+def _warn_records(why: str) -> None:
+    _RECORDS_LOST.append(why)
+    err_console.print(
+        f"[bold yellow]warning:[/] the output was written, but the Prefect API stopped answering ({why}); "
+        "this run's records there (state, artifacts, logs) are incomplete.",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _signal_seen() -> int:
+    from llm_enrich.flows.run.stopping import received_signal
+
+    return received_signal() or signal.SIGINT
+
+
+def fail(message: str, code: int, *, label: str = "[bold red]error:[/] ") -> None:
+    """Print one error paragraph and exit with `code`."""
+    err_console.print(f"{label}{message}", highlight=False, soft_wrap=True)
+    leave(code)
+    raise typer.Exit(code)
+
+
+def leave(code: int) -> None:
+    """With the Prefect API gone, exit now: its workers would retry it for minutes at interpreter exit."""
+    if _RECORDS_LOST:
+        from llm_enrich.flows.children import exit_now
+
+        exit_now(code)
