@@ -28,8 +28,8 @@ from benchmarks.common import (
     make_topics,
     render,
 )
-from llm_enrich.transforms.calls import Outcome
 from llm_enrich.transforms.enrichment import prompt_keys
+from llm_enrich.transforms.outcome import Outcome
 from tests.fakes.openai_server import count_tokens, expected_answer
 
 # --- -----------------------------------------------------------------------------

@@ -22,8 +22,9 @@ from benchmarks.common import TEMPLATE, ServerProcess, render, unique_prompts
 from llm_enrich.flows.llm.endpoint import classify_openai_error
 from llm_enrich.schemas.enriched import ERROR_COLUMN
 from llm_enrich.transforms.admission import Scheduler
-from llm_enrich.transforms.calls import CallContext, CallStats, Failure, RetryPolicy
+from llm_enrich.transforms.calls import CallContext, Failure, RetryPolicy
 from llm_enrich.transforms.enrichment import AnswerMemo, EnrichSpec, enrich_frame_async
+from llm_enrich.transforms.outcome import CallStats
 from llm_enrich.transforms.prompts import parse_template
 from tests.fakes.openai_server import count_tokens, expected_answer
 

@@ -26,9 +26,10 @@ from langchain_openai import ChatOpenAI
 
 from llm_enrich.flows.llm.endpoint import classify_openai_error
 from llm_enrich.schemas.enriched import ERROR_COLUMN
-from llm_enrich.transforms.admission import PACE, Scheduler, estimate_tokens
+from llm_enrich.transforms.admission import Scheduler, estimate_tokens
 from llm_enrich.transforms.calls import CallContext, RetryPolicy
 from llm_enrich.transforms.enrichment import EnrichSpec, enrich_frame
+from llm_enrich.transforms.pacing import PACE
 from llm_enrich.transforms.prompts import parse_template
 from tests.fakes.openai_server import Behaviour, FakeOpenAIServer, expected_answer
 

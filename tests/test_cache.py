@@ -13,7 +13,7 @@ import pytest
 
 from llm_enrich.flows.cache.files import CACHE_SCHEMA, ResponseCache
 from llm_enrich.schemas.errors import OutputError
-from llm_enrich.transforms.calls import Outcome
+from llm_enrich.transforms.outcome import Outcome
 
 WRITERS = 4
 KEYS_PER_WRITER = 200

@@ -20,7 +20,7 @@ from llm_enrich.flows.cache.files import ResponseCache
 from llm_enrich.flows.cache.objects import parse_parquet
 from llm_enrich.flows.cache.reading import parse_segment, verify_cache
 from llm_enrich.schemas.errors import ConfigError, OutputError
-from llm_enrich.transforms.calls import Outcome
+from llm_enrich.transforms.outcome import Outcome
 from tests.conftest import REPO
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 

@@ -24,7 +24,7 @@ from llm_enrich.flows.children import stop_process_group
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.pipeline import INVALID_STATE, enrich_table
 from llm_enrich.flows.tables.staging import Staging
-from llm_enrich.transforms.calls import Outcome
+from llm_enrich.transforms.outcome import Outcome
 from tests.conftest import REPO
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
 from tests.prefect_server import free_port, wait_for

@@ -12,8 +12,9 @@ from polars.testing import assert_frame_equal
 from llm_enrich.flows.llm.endpoint import classify_openai_error
 from llm_enrich.schemas.enriched import ERROR_COLUMN, INPUT_TOKENS_COLUMN, added_columns
 from llm_enrich.schemas.errors import EndpointRejected, TemplateError
-from llm_enrich.transforms.calls import CallContext, CallStats, RetryPolicy
+from llm_enrich.transforms.calls import CallContext, RetryPolicy
 from llm_enrich.transforms.enrichment import EnrichSpec, enrich_frame
+from llm_enrich.transforms.outcome import CallStats
 from llm_enrich.transforms.prompts import parse_template
 from tests.fakes.openai_server import Behaviour, FakeOpenAIServer, expected_answer
 

@@ -1,7 +1,7 @@
 """Batch API lines: one request line per answer key, and a result line back into an ``Outcome``.
 
 Pure: dicts in, dicts or Outcomes out; the chat model (and a structured parser) are passed in,
-so a batch line's answer is judged by the same rules as an online reply (``calls.judge_reply``).
+so a batch line's answer is judged by the same rules as an online reply (``replies.judge_reply``).
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from llm_enrich.transforms.calls import CallContext, Outcome, judge_reply
+from llm_enrich.transforms.calls import CallContext
+from llm_enrich.transforms.outcome import Outcome
+from llm_enrich.transforms.replies import judge_reply
 
 __all__ = ["CHAT_URL", "line_outcome", "request_line", "split_lines"]
 

@@ -24,46 +24,39 @@ Who owns which failure (so attempts never multiply silently):
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import re
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from langchain_core.messages import BaseMessage, HumanMessage
 from langchain_core.runnables import Runnable
-from pydantic import BaseModel
 
 from llm_enrich.schemas.errors import EndpointRejected, RunInterrupted, UserError
 from llm_enrich.transforms.admission import Scheduler, estimate_tokens
 from llm_enrich.transforms.costs import Budget, Price
 from llm_enrich.transforms.guards import ErrorRate, StopSignal
+from llm_enrich.transforms.outcome import CallStats, Outcome
+from llm_enrich.transforms.replies import (
+    EmptyReply,
+    InvalidStructuredReply,
+    cached_tokens,
+    finish_reason,
+    incomplete,
+    plain_text,
+    structured_text,
+    usage,
+)
 
 __all__ = [
     "AttemptDeadline",
     "CallContext",
-    "CallStats",
-    "StatsCounts",
-    "EmptyReply",
     "Failure",
-    "InvalidStructuredReply",
-    "Outcome",
     "Reachability",
     "RetryPolicy",
     "ask_model",
     "classify_generic",
-    "judge_reply",
 ]
-
-
-class EmptyReply(Exception):
-    """The model answered with no text; retried, then recorded as the row's error."""
-
-
-class InvalidStructuredReply(Exception):
-    """A structured reply did not parse or did not match the schema; asked again once, with the error."""
 
 
 class AttemptDeadline(Exception):
@@ -122,75 +115,6 @@ class RetryPolicy:
         backoff = min(self.max_delay, self.base_delay * 2**retry_number)
         jittered = backoff * _JITTER.uniform(0.5, 1.0)
         return float(max(jittered, retry_after or 0.0))
-
-
-@dataclass
-class Outcome:
-    """What one prompt produced: text or an error, with the tokens it cost."""
-
-    text: str | None = None
-    error: str | None = None
-    input_tokens: int = 0
-    output_tokens: int = 0
-    attempts: int = 0
-    truncated: bool = False  # cut at max_tokens (finish_reason "length") and kept as an answer
-
-
-@dataclass
-class CallStats:
-    """Counters shared by every call of a run; safe to read from other threads."""
-
-    requests: int = 0
-    retries: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    rate_limited: int = 0
-    timeouts: int = 0
-    cached_input_tokens: int = 0  # input tokens the provider served from its prompt cache
-    truncated: int = 0
-    filtered: int = 0
-    rows_deduplicated: int = 0
-    in_flight: int = 0
-    answered: int = 0
-    aborted: str | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, *, requests: int = 0, retries: int = 0, tokens: tuple[int, int] = (0, 0)) -> None:
-        """Add to the counters."""
-        self.bump(requests=requests, retries=retries, input_tokens=tokens[0], output_tokens=tokens[1])
-
-    def bump(self, **deltas: int) -> None:
-        """Add each of ``deltas`` to the counter of that name, under the lock."""
-        with self._lock:
-            for name, delta in deltas.items():
-                setattr(self, name, getattr(self, name) + delta)
-
-    def snapshot(self) -> StatsCounts:
-        """The counters a partition reports, read together under the lock."""
-        with self._lock:
-            return StatsCounts(**{name: getattr(self, name) for name in StatsCounts.__dataclass_fields__})
-
-    def merge(self, counts: StatsCounts) -> None:
-        """Add counts measured elsewhere (a Dask worker's share of this run)."""
-        self.bump(**{name: getattr(counts, name) for name in StatsCounts.__dataclass_fields__})
-
-
-@dataclass(frozen=True)
-class StatsCounts:
-    """A picklable copy of the counters a partition task reports back to the flow."""
-
-    requests: int = 0
-    retries: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    rate_limited: int = 0
-    timeouts: int = 0
-    rows_deduplicated: int = 0
-    cached_input_tokens: int = 0
-
-    def minus(self, before: StatsCounts) -> StatsCounts:
-        """What was counted since ``before``."""
-        return StatsCounts(**{n: getattr(self, n) - getattr(before, n) for n in self.__dataclass_fields__})
 
 
 @dataclass
@@ -260,12 +184,12 @@ async def ask_model(
             try:
                 if ctx.scheduler is None:
                     reply = await _invoke(model, messages, ctx)
-                    tokens = _usage(reply["raw"] if structured else reply)
+                    tokens = usage(reply["raw"] if structured else reply)
                 else:
                     async with ctx.scheduler.admit(text_for_estimate) as admission:
                         ctx.stop.check()  # the stop may have come while waiting for a slot
                         reply = await _invoke(model, messages, ctx)
-                        tokens = _usage(reply["raw"] if structured else reply)
+                        tokens = usage(reply["raw"] if structured else reply)
                         admission.settle(tokens[0] or None)
             finally:
                 _settle(ctx, reserved, tokens)
@@ -273,14 +197,14 @@ async def ask_model(
             stats.bump(cached_input_tokens=cached_tokens(reply["raw"] if structured else reply))
             outcome.input_tokens += tokens[0]
             outcome.output_tokens += tokens[1]
-            if (verdict := _incomplete(reply, ctx, structured=structured)) is not None:
+            if (verdict := incomplete(reply, ctx, structured=structured)) is not None:
                 # A filtered or cut-off reply comes back the same when asked again: not retried.
                 outcome.error = verdict
                 return outcome
-            outcome.truncated = _finish_reason(reply["raw"] if structured else reply) == "length"
+            outcome.truncated = finish_reason(reply["raw"] if structured else reply) == "length"
             if outcome.truncated:
                 stats.bump(truncated=1)
-            text = _structured_text(reply) if structured else _plain_text(reply)
+            text = structured_text(reply) if structured else plain_text(reply)
             if ctx.scheduler is not None:
                 await ctx.scheduler.succeeded()
             ctx.reachability.record(ok=True)
@@ -330,30 +254,6 @@ async def ask_model(
     return outcome
 
 
-def judge_reply(reply: Any, ctx: CallContext, *, structured: bool = False) -> Outcome:
-    """One finished reply (a batch line's) as an Outcome, by the rules ``ask_model`` applies; never retried.
-
-    ``reply`` is what the model runnable returns: an AIMessage, or with ``structured`` the
-    ``{"raw", "parsed", "parsing_error"}`` dict of ``with_structured_output(..., include_raw=True)``.
-    """
-    raw = reply["raw"] if structured else reply
-    tokens = _usage(raw)
-    outcome = Outcome(input_tokens=tokens[0], output_tokens=tokens[1], attempts=1)
-    if (verdict := _incomplete(reply, ctx, structured=structured)) is not None:
-        outcome.error = verdict
-        return outcome
-    outcome.truncated = _finish_reason(raw) == "length"
-    if outcome.truncated:
-        ctx.stats.bump(truncated=1)
-    try:
-        outcome.text = _structured_text(reply) if structured else _plain_text(reply)
-    except InvalidStructuredReply as exc:
-        outcome.error = f"the reply does not match the output schema: {exc}"
-    except EmptyReply:
-        outcome.error = "the model returned an empty reply"
-    return outcome
-
-
 def _portable(exc: BaseException) -> Exception:
     """The cause as a plain exception: a library's own may not unpickle where a Dask task's error lands."""
     return RuntimeError(f"{type(exc).__name__}: {exc}")
@@ -376,66 +276,6 @@ _CORRECTION = (
     "Your previous answer was rejected because it does not match the required schema: {error}. "
     "Answer again, following the schema exactly."
 )
-
-
-def _finish_reason(reply: Any) -> str | None:
-    metadata = getattr(reply, "response_metadata", None) or {}
-    return metadata.get("finish_reason")
-
-
-def _incomplete(reply: Any, ctx: CallContext, *, structured: bool) -> str | None:
-    """Why a reply is not a whole answer (content filter, refusal, cut off where that is an error), or None."""
-    raw = reply.get("raw") if structured else reply
-    finish = _finish_reason(raw)
-    refusal = (getattr(raw, "additional_kwargs", None) or {}).get("refusal")
-    if finish == "content_filter" or refusal:
-        ctx.stats.bump(filtered=1)
-        why = (
-            f"the model refused: {' '.join(str(refusal).split())[:300]}"
-            if refusal
-            else ("the provider's content filter stopped the answer (finish_reason content_filter)")
-        )
-        return f"{why}; not retried, since the same prompt gets the same verdict"
-    if finish == "length" and (structured or ctx.on_truncated == "error"):
-        ctx.stats.bump(truncated=1)
-        if structured:
-            return (
-                f"the reply was cut off at max_tokens ({ctx.max_tokens}) before the structured answer was complete, "
-                "so it cannot be parsed; raise max_tokens (--max-tokens)"
-            )
-        return f"the answer was cut off at max_tokens ({ctx.max_tokens}); raise max_tokens (--max-tokens)"
-    return None
-
-
-def _plain_text(reply: BaseMessage) -> str:
-    text = reply.content if isinstance(reply.content, str) else reply.text()
-    if not text or not text.strip():
-        raise EmptyReply("empty reply")
-    return text
-
-
-def _structured_text(reply: dict[str, Any]) -> str:
-    """The validated object as canonical JSON (how it is cached and stored)."""
-    parsed, error = reply.get("parsed"), reply.get("parsing_error")
-    if error is None and parsed is None:
-        broken = getattr(reply.get("raw"), "invalid_tool_calls", None)
-        error = f"the arguments are not valid JSON ({broken[0].get('error')})" if broken else "no answer in the reply"
-    if error is not None:
-        detail = " ".join(str(error).split())
-        raise InvalidStructuredReply(re.sub(r"For further information visit \S+", "", detail).strip()[:500])
-    data = parsed.model_dump(mode="json") if isinstance(parsed, BaseModel) else parsed
-    return json.dumps(data, ensure_ascii=False)
-
-
-def _usage(reply: BaseMessage) -> tuple[int, int]:
-    usage = getattr(reply, "usage_metadata", None) or {}
-    return int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
-
-
-def cached_tokens(reply: Any) -> int:
-    """Input tokens the provider read from its prompt cache (flex replies name them ``flex_cache_read``)."""
-    details = (getattr(reply, "usage_metadata", None) or {}).get("input_token_details") or {}
-    return sum(int(v or 0) for k, v in details.items() if k.endswith("cache_read"))
 
 
 def _reserve(ctx: CallContext, text: str) -> float | None:

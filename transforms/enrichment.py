@@ -21,8 +21,9 @@ from llm_enrich.schemas.enriched import (
     added_columns,
 )
 from llm_enrich.schemas.errors import EnrichError
-from llm_enrich.transforms.calls import CallContext, Outcome, ask_model
+from llm_enrich.transforms.calls import CallContext, ask_model
 from llm_enrich.transforms.keys import AnswerIdentity, answer_key
+from llm_enrich.transforms.outcome import Outcome
 from llm_enrich.transforms.prompts import PromptTemplate, build_messages, render_prompts
 from llm_enrich.transforms.structured import StructuredOutput
 

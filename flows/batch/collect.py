@@ -31,8 +31,8 @@ from llm_enrich.flows.run.runtime import Lane
 from llm_enrich.flows.tables.paths import is_remote
 from llm_enrich.schemas.errors import ConfigError, RunAborted
 from llm_enrich.transforms.batch_lines import line_outcome, request_line, split_lines
-from llm_enrich.transforms.calls import Outcome
 from llm_enrich.transforms.guards import StopSignal
+from llm_enrich.transforms.outcome import Outcome
 from llm_enrich.transforms.prompts import build_messages
 
 __all__ = ["BatchRun", "answer_by_batch", "batch_pending_summary"]

@@ -38,7 +38,7 @@ import polars as pl
 from llm_enrich.flows.cache.reading import CACHE_SCHEMA, good_lines, read_segment, report_damage
 from llm_enrich.flows.tables.paths import is_remote, sibling
 from llm_enrich.schemas.errors import OutputError
-from llm_enrich.transforms.calls import Outcome
+from llm_enrich.transforms.outcome import Outcome
 
 __all__ = ["CACHE_SCHEMA", "AnswerStore", "ResponseCache", "default_cache_dir", "open_cache"]
 

@@ -33,7 +33,7 @@ from llm_enrich.flows.cache.reading import CACHE_SCHEMA as _SCHEMA
 from llm_enrich.flows.cache.reading import REQUIRED, SegmentHealth, report_damage
 from llm_enrich.flows.tables.paths import open_store
 from llm_enrich.schemas.errors import OutputError
-from llm_enrich.transforms.calls import Outcome
+from llm_enrich.transforms.outcome import Outcome
 
 __all__ = ["ObjectStoreCache", "parse_parquet"]
 

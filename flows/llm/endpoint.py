@@ -17,7 +17,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.schemas.errors import ConfigError, UserError
-from llm_enrich.transforms.calls import AttemptDeadline, EmptyReply, Failure
+from llm_enrich.transforms.calls import AttemptDeadline, Failure
+from llm_enrich.transforms.replies import EmptyReply
 
 __all__ = [
     "DEFAULT_REMOTE_MODEL",

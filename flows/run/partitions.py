@@ -39,8 +39,8 @@ from llm_enrich.schemas.enriched import (
     bookkeeping_names,
 )
 from llm_enrich.schemas.errors import UserError
-from llm_enrich.transforms.calls import Outcome, StatsCounts
 from llm_enrich.transforms.enrichment import enrich_frame_async
+from llm_enrich.transforms.outcome import Outcome, StatsCounts
 
 __all__ = ["AskResult", "PartitionResult", "PartitionWork", "ask_partition", "enrich_partition"]
 

@@ -19,8 +19,8 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from llm_enrich.flows.children import exit_now
-from llm_enrich.transforms.calls import CallStats
 from llm_enrich.transforms.guards import StopSignal
+from llm_enrich.transforms.outcome import CallStats
 
 if TYPE_CHECKING:
     from llm_enrich.flows.run.runtime import EventLoopThread

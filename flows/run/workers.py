@@ -13,7 +13,7 @@ from llm_enrich.flows.plan.lanes import build_context, resolve_price, share_limi
 from llm_enrich.flows.plan.specs import build_spec
 from llm_enrich.flows.run.runtime import EventLoopThread, Lane, Runtime, build_lane, lookup_runtime
 from llm_enrich.flows.tables.schema_choice import resolve_schema
-from llm_enrich.transforms.calls import StatsCounts
+from llm_enrich.transforms.outcome import StatsCounts
 from llm_enrich.transforms.prompts import parse_template
 
 __all__ = ["counts_of", "runtime_for"]
