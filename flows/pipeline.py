@@ -3,6 +3,7 @@
 # No `from __future__ import annotations` here: Prefect builds the parameter model from this
 # module's real annotations when a deployment loads the flow.
 import time
+from collections import Counter
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -12,7 +13,7 @@ import httpx
 import polars as pl
 from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import State
-from prefect.states import Cancelled, Failed
+from prefect.states import Cancelled, Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from llm_enrich.flows.batch.collect import answer_by_batch, batch_pending_summary
@@ -24,9 +25,10 @@ from llm_enrich.flows.plan.lanes import OutputRun, plan_outputs
 from llm_enrich.flows.plan.survey import choose_input_schema, read_columns, survey_input
 from llm_enrich.flows.plan.trial import TrialPick
 from llm_enrich.flows.report.artifacts import FAILURE_ROWS, Progress, publish_failure, publish_report
-from llm_enrich.flows.report.orchestration import begin_records
+from llm_enrich.flows.report.events import RunOutcome, emit_run_event, outcome_of
+from llm_enrich.flows.report.orchestration import begin_records, best_effort
 from llm_enrich.flows.report.progress import current_sink
-from llm_enrich.flows.report.summary import RunSummary
+from llm_enrich.flows.report.summary import RunSummary, one_line
 from llm_enrich.flows.run.dispatch import dispatch_partitions
 from llm_enrich.flows.run.partitions import SAMPLE_ROWS, PartitionWork, enrich_partition
 from llm_enrich.flows.run.runtime import (
@@ -69,15 +71,34 @@ _MAX_PARTITION_WORKERS = 64
 def enrich_table(job: EnrichJob = EnrichJob()) -> dict[str, Any] | State:
     """Enrich a table with an LLM column; bad input fails the run with a clear message."""
     try:
-        return run_enrichment(job).model_dump()
+        summary = run_enrichment(job)
     except RunInterrupted as err:
         get_run_logger().warning(err.message)
+        _announce(RunOutcome("cancelled", job.destination, _model_of(job), error=err.message))
         return Cancelled(message=err.message)
     except EnrichError as err:
         # A returned Failed state fails the run with our message and no traceback.
         get_run_logger().error(err.message)
         publish_failure(err.message)
+        _announce(RunOutcome("failed", job.destination, _model_of(job), error=err.message))
         return Failed(name=INVALID_STATE if isinstance(err, UserError) else "Failed", message=err.message)
+    except Exception as exc:
+        # Only the type: an unexpected message could carry anything, and events leave the process.
+        error = f"unexpected {type(exc).__name__}; see the run's logs"
+        _announce(RunOutcome("failed", job.destination, _model_of(job), error=error))
+        raise
+    _announce(RunOutcome(outcome_of(summary), job.destination, summary.model, summary=summary))
+    return Completed(message=one_line(summary), data=summary.model_dump())
+
+
+def _model_of(job: EnrichJob) -> str:
+    """The model a job names, for an event about a run that ended before it resolved one."""
+    return job.model or "default"
+
+
+def _announce(outcome: RunOutcome) -> None:
+    """The end-of-run event; a Prefect API that cannot take it costs the event, never the run."""
+    best_effort(lambda: emit_run_event(outcome), "end-of-run event")
 
 
 _FINISHED: list[RunSummary] = []
@@ -251,12 +272,19 @@ def _enrich(
             for i, run in enumerate(runs)
         },
         notes=_notes(primary.ctx.scheduler, sum(s.output_tokens for s in stats)),
+        most_common_error=_most_common([row.get("why") for r in results for row in r.problems]),
     )
     log.info("wrote %s: %d rows ok, %d failed", job.destination, summary.rows_ok, summary.rows_failed)
     sample = pl.DataFrame([row for r in results for row in r.sample][:SAMPLE_ROWS], infer_schema_length=None)
     problems = pl.DataFrame([row for r in results for row in r.problems][:FAILURE_ROWS], infer_schema_length=None)
     publish_report(summary, sample, problems, rejected)
     return summary
+
+
+def _most_common(errors: list[Any]) -> str | None:
+    """The most frequent reason among the failed rows the partitions sampled."""
+    counted = Counter(e for e in errors if e)
+    return str(counted.most_common(1)[0][0]) if counted else None
 
 
 def _notes(scheduler: Scheduler | None, output_tokens: int) -> list[str]:

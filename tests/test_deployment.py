@@ -135,6 +135,8 @@ def test_enrich_deploy_registers_a_work_pool_deployment(prefect_server: str, tmp
         "pooled",
         "--cron",
         "",
+        "--on-overlap",
+        "cancel-new",
     ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
@@ -145,6 +147,9 @@ def test_enrich_deploy_registers_a_work_pool_deployment(prefect_server: str, tmp
     assert deployment.entrypoint == "flows/pipeline.py:enrich_table"
     assert deployment.parameters["job"]["input_path"] == "data/topics.csv"
     assert deployment.global_concurrency_limit.limit == 1
+    assert deployment.concurrency_options.collision_strategy == "CANCEL_NEW"
+    # The deployment says what it runs and where its key comes from.
+    assert "data/topics.csv" in deployment.description and "OPENAI_API_KEY" in deployment.description
 
 
 def test_a_process_worker_runs_the_pool_deployment(

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from llm_enrich.flows.cli.messages import print_estimate, print_summary
-from llm_enrich.flows.cli.running import estimate_summary, fail, job_from_config, leave, out_console, run_flow
+from llm_enrich.flows.cli.running import estimate_summary, fail, leave, out_console, run_flow
 from llm_enrich.flows.job import EnrichJob, load_job_file, make_job
 from llm_enrich.schemas.errors import ConfigError, EnrichError
 
@@ -36,6 +35,7 @@ _FIELD_OF = {
     "model": "model",
     "base_url": "base_url",
     "api_key_env": "api_key_env",
+    "api_key_block": "api_key_secret",
     "max_concurrency": "max_concurrency",
     "max_retries": "max_retries",
     "retry_base_delay": "retry_base_delay",
@@ -109,6 +109,10 @@ def run(
     ] = None,
     api_key_env: Annotated[
         Optional[str], typer.Option(help="Environment variable holding the API key (default OPENAI_API_KEY).")
+    ] = None,
+    api_key_block: Annotated[
+        Optional[str],
+        typer.Option(help="Prefect Secret block holding the API key, read where requests go (job: api_key_secret)."),
     ] = None,
     max_concurrency: Annotated[Optional[int], typer.Option(help="Requests in flight at once, run-wide.")] = None,
     max_retries: Annotated[Optional[int], typer.Option(help="Retries per row for transient failures.")] = None,
@@ -285,43 +289,3 @@ def estimate(**options: Any) -> None:
 
 estimate.__wrapped__ = run  # type: ignore[attr-defined]  # typer reads run's options
 app.command("estimate")(estimate)
-
-
-@app.command()
-def serve(
-    config: Annotated[Optional[Path], typer.Option(help="TOML or YAML job file (default: the sample job).")] = None,
-    cron: Annotated[str, typer.Option(help="Cron schedule; '' for none.")] = "0 2 * * *",
-    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
-) -> None:
-    """Serve the enrich flow as a scheduled deployment until stopped (Ctrl-C); runs can be started from the UI."""
-    job = job_from_config(config)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from llm_enrich.flows.deployment import serve_deployment
-
-    try:
-        serve_deployment(job, name=name, cron=cron)
-    except EnrichError as err:
-        fail(err.message, err.exit_code)
-
-
-@app.command()
-def deploy(
-    pool: Annotated[str, typer.Option(help="Process work pool that will run it.")] = "local-process",
-    config: Annotated[Optional[Path], typer.Option(help="TOML or YAML job file (default: the sample job).")] = None,
-    cron: Annotated[str, typer.Option(help="Cron schedule; '' for none.")] = "0 2 * * *",
-    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
-) -> None:
-    """Register the enrich flow on a work pool; start it with `prefect worker start --pool POOL`."""
-    job = job_from_config(config)
-    from llm_enrich.flows.deployment import deploy_to_pool
-
-    try:
-        deployment_id = deploy_to_pool(job, pool=pool, name=name, cron=cron)
-    except EnrichError as err:
-        fail(err.message, err.exit_code)
-    out_console.print(
-        f"Deployment enrich-table/{name} ({deployment_id}) is on work pool '{pool}'. Start a worker with "
-        f"`prefect worker start --pool {pool}`; trigger a run with `prefect deployment run enrich-table/{name}`.",
-        highlight=False,
-        soft_wrap=True,
-    )

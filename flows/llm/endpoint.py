@@ -102,11 +102,22 @@ def _secret_block_value(name: str) -> str:
 
     try:
         return str(Secret.load(name).get())  # type: ignore[union-attr]  # sync call: a value, not a coroutine
-    except (ValueError, RuntimeError) as exc:
+    except Exception as exc:  # the seam: any failure to load is one configuration error
         raise ConfigError(
-            f"the Prefect Secret block '{name}' (api_key_secret) could not be loaded; create it in the UI "
-            "(Blocks -> Secret) or with `Secret(value=...).save(name)`, or use api_key_env instead."
+            f"the Prefect Secret block '{name}' (job field api_key_secret, --api-key-block) could not be loaded "
+            f"from the Prefect API at {_prefect_api()} ({type(exc).__name__}). Create it in the UI "
+            "(Blocks -> Secret) or with `Secret(value=...).save(name)` on the server the run reports to (set "
+            "PREFECT_API_URL; a run without it uses a temporary server that holds no blocks), or name the key's "
+            "environment variable with api_key_env instead."
         ) from exc
+
+
+def _prefect_api() -> str:
+    """The Prefect API this process reports to, for a message."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    return describe_url(url) if url else "(none set)"
 
 
 def describe_url(url: str | None) -> str:

@@ -7,12 +7,14 @@ from uuid import UUID
 
 import polars as pl
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
 
+from llm_enrich.flows.report.events import public_uri
 from llm_enrich.flows.report.orchestration import best_effort
 from llm_enrich.flows.report.summary import RunSummary
 from llm_enrich.flows.tables.validation import REJECT_REASON
@@ -24,6 +26,7 @@ _SAMPLE_ROWS = 20
 FAILURE_ROWS = 100
 """Rows the failures artifact shows at most."""
 _CELL_CHARS = 200
+_ANSWER_CHARS = 1_000
 
 
 class Progress:
@@ -33,9 +36,7 @@ class Progress:
         self.total = max(total_rows, 1)
         self.done = already_done
         self.artifact: UUID | None = best_effort(  # type: ignore[assignment]
-            lambda: create_progress_artifact(
-                self._percent(), key="enrich-progress", description="Rows answered or failed so far"
-            ),
+            lambda: create_progress_artifact(self._percent(), key="enrich-progress", description=self._rows()),
             "progress artifact",
         )
 
@@ -43,8 +44,11 @@ class Progress:
         """Count finished rows and update the artifact."""
         self.done += rows
         if self.artifact is not None:
-            artifact, percent = self.artifact, self._percent()
-            best_effort(lambda: update_progress_artifact(artifact, percent), "progress update")
+            artifact, percent, rows_text = self.artifact, self._percent(), self._rows()
+            best_effort(lambda: update_progress_artifact(artifact, percent, description=rows_text), "progress update")
+
+    def _rows(self) -> str:
+        return f"{min(self.done, self.total):,} of {self.total:,} rows answered or failed"
 
     def _percent(self) -> float:
         return round(100.0 * min(self.done, self.total) / self.total, 1)
@@ -76,8 +80,16 @@ def publish_report(summary: RunSummary, sample: pl.DataFrame, failed: pl.DataFra
         lambda: create_markdown_artifact(text, key="enrich-summary", description="What this run did"),
         "summary artifact",
     )
+    best_effort(
+        lambda: create_link_artifact(
+            public_uri(s.output), link_text=s.output, key="enrich-output", description="The enriched table"
+        ),
+        "output link artifact",
+    )
     if sample.height:
-        rows = _records(sample.head(_SAMPLE_ROWS))
+        # The key and token counts say nothing to a reader; the answer gets room to be read.
+        shown = sample.head(_SAMPLE_ROWS).select(pl.exclude("enrich_key", r"^enrich_.*tokens$"))
+        rows = _records(shown, cell_chars=_ANSWER_CHARS)
         best_effort(
             lambda: create_table_artifact(rows, key="enrich-sample", description="First enriched rows"),
             "sample artifact",
@@ -86,6 +98,8 @@ def publish_report(summary: RunSummary, sample: pl.DataFrame, failed: pl.DataFra
     if rejected.height:
         frames.append(rejected.select(pl.exclude(REJECT_REASON), stage=pl.lit("validation"), why=pl.col(REJECT_REASON)))
     problems = pl.concat(frames, how="diagonal_relaxed")
+    # The reason first: wide rows would push it off-screen.
+    problems = problems.select("why", "stage", pl.exclude("why", "stage")) if problems.height else problems
     total = s.rows_failed + s.rows_rejected
     if problems.height:
         rows = _records(problems.head(FAILURE_ROWS))
@@ -108,6 +122,6 @@ def publish_failure(message: str) -> None:
     best_effort(lambda: create_markdown_artifact(text, key="enrich-summary", description="Why"), "refusal artifact")
 
 
-def _records(frame: pl.DataFrame) -> list[dict[str, Any]]:
-    short = frame.with_columns(pl.col(pl.String).str.slice(0, _CELL_CHARS))
+def _records(frame: pl.DataFrame, cell_chars: int = _CELL_CHARS) -> list[dict[str, Any]]:
+    short = frame.with_columns(pl.col(pl.String).str.slice(0, cell_chars))
     return [{k: ("" if v is None else v) for k, v in row.items()} for row in short.to_dicts()]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-__all__ = ["FullRunEstimate", "RunSummary"]
+__all__ = ["FullRunEstimate", "RunSummary", "one_line"]
 
 
 class FullRunEstimate(BaseModel):
@@ -49,4 +49,18 @@ class RunSummary(BaseModel):
     full_run_estimate: FullRunEstimate | None = None
     batches_submitted: int = 0  # batch mode: batches this run submitted
     batches_pending: int = 0  # batch mode: still running when the run ended (--batch-no-wait); no output yet
+    most_common_error: str | None = None  # among the failed rows the report samples
     notes: list[str] = []  # what the run learned that a rerun could use, e.g. a smaller --max-tokens
+
+
+def one_line(s: RunSummary) -> str:
+    """The run's result in one line: the final state's message in the UI."""
+    if s.batches_pending:
+        return f"submitted to the Batch API: {s.batches_pending} batches pending; rerun the same job to collect them"
+    cost = f"${s.cost_usd:.4f}" if s.cost_usd is not None else "cost unknown"
+    failed = f", {s.rows_failed:,} failed" if s.rows_failed else ""
+    rejected = f", {s.rows_rejected:,} rejected" if s.rows_rejected else ""
+    return (
+        f"wrote {s.output}: {s.rows_ok:,} rows ok{failed}{rejected} ({s.rows_cached:,} from cache), "
+        f"{s.requests:,} requests, {cost}, {s.wall_seconds:.1f} s"
+    )

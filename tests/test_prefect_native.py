@@ -1,0 +1,184 @@
+"""Prefect-native operation against a real `prefect server`: end-of-run events, Secret blocks, the run's records."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import polars as pl
+
+from llm_enrich.flows.report.events import public_uri
+from tests.conftest import DATA, REPO
+from tests.fakes.openai_server import Behaviour, FakeOpenAIServer, expected_answer
+from tests.prefect_server import trigger, wait_for
+
+
+def read_events(prefect_server: str, output: Path | str) -> list[dict[str, Any]]:
+    """The llm-enrich events about one output, as the server stored them (at most 50: the server's page)."""
+    body = {
+        "filter": {
+            "event": {"prefix": ["llm-enrich.run."]},
+            "resource": {"id": [f"llm-enrich.output.{public_uri(str(output))}"]},
+        },
+        "limit": 50,
+    }
+    reply = httpx.post(f"{prefect_server}/events/filter", json=body, timeout=30)
+    reply.raise_for_status()
+    return list(reply.json()["events"])
+
+
+def wait_for_event(prefect_server: str, output: Path | str) -> dict[str, Any]:
+    """The one event about this output; the server files events in the background."""
+    events = wait_for(lambda: read_events(prefect_server, output), timeout=60, what="the run's event")
+    assert len(events) == 1, events
+    return events[0]
+
+
+def cli(prefect_server: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The real command in its own process, reporting to the session's Prefect server."""
+    environ = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "OPENAI_"))},
+        "PREFECT_API_URL": prefect_server,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        **(env or {}),
+    }
+    command = [sys.executable, "-m", "llm_enrich.flows.cli", *args]
+    return subprocess.run(command, cwd=REPO, env=environ, capture_output=True, text=True, timeout=300)
+
+
+def test_a_cli_run_emits_one_event_that_an_automation_can_match(
+    prefect_server: str, fake_llm: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    source, out = tmp_path / "in.csv", tmp_path / "out.parquet"
+    topics = ["tea", "FAULT:invalid_prompt", "coffee"]
+    pl.DataFrame({"id": [1, 2, 3], "topic": topics}).write_csv(source)
+    done = cli(prefect_server, "run", str(source), "-o", str(out), "--base-url", fake_llm.base_url, "--model", "m-1")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    event = wait_for_event(prefect_server, out)
+    assert event["event"] == "llm-enrich.run.completed"
+    # What an automation's trigger can match on is in the labels.
+    assert event["resource"]["llm-enrich.outcome"] == "with-failures"
+    assert event["resource"]["llm-enrich.model"] == "m-1"
+    payload = event["payload"]
+    assert (payload["rows_in"], payload["rows_ok"], payload["rows_failed"]) == (3, 2, 1)
+    assert payload["requests"] == fake_llm.stats.requests
+    assert payload["output"] == f"file://{out}"
+    assert "invalid" in payload["most_common_error"].lower()
+    # Prefect attaches the run that emitted it.
+    assert {"flow-run", "flow"} <= {related["prefect.resource.role"] for related in event["related"]}
+
+
+def test_a_run_that_fails_emits_a_failed_event(prefect_server: str, tmp_path: Path) -> None:
+    source, out = tmp_path / "in.csv", tmp_path / "out.parquet"
+    pl.DataFrame({"id": list(range(40)), "topic": [f"subject {i}" for i in range(40)]}).write_csv(source)
+    with FakeOpenAIServer(Behaviour(quota_after=5)) as server:
+        done = cli(prefect_server, "run", str(source), "-o", str(out), "--base-url", server.base_url)
+    assert done.returncode == 2, done.stdout + done.stderr
+    event = wait_for_event(prefect_server, out)
+    assert event["event"] == "llm-enrich.run.failed"
+    assert event["resource"]["llm-enrich.outcome"] == "failed"
+    assert "quota" in event["payload"]["error"]
+    assert not out.exists()
+
+
+def test_a_deployment_run_emits_its_event_and_ends_with_a_one_line_message(
+    prefect_server: str, served: Path, served_llm: FakeOpenAIServer
+) -> None:
+    out = served / "evented.parquet"
+    run = trigger(prefect_server, {"input_path": str(DATA / "topics.csv"), "output_path": str(out)})
+    assert run.state.is_completed(), run.state.message
+    assert run.state.message.startswith(f"wrote {out}: 30 rows ok")
+    event = wait_for_event(prefect_server, out)
+    assert event["event"] == "llm-enrich.run.completed"
+    assert event["resource"]["llm-enrich.outcome"] == "ok"
+    related = {(r["prefect.resource.role"], r["prefect.resource.id"]) for r in event["related"]}
+    assert ("flow-run", f"prefect.flow-run.{run.id}") in related
+    assert any(role == "deployment" for role, _ in related)
+    assert pl.read_parquet(out)["explanation"][0] == expected_answer("Explain this topic in two sentences: 인공지능")
+
+
+def test_the_api_key_comes_from_a_secret_block_and_goes_nowhere_else(prefect_server: str, tmp_path: Path) -> None:
+    from prefect.blocks.system import Secret
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    key = "sk-from-the-block-0123456789"
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        Secret(value=key).save("llm-enrich-test-key", overwrite=True)
+    source, out, summary = tmp_path / "in.csv", tmp_path / "out.parquet", tmp_path / "summary.json"
+    pl.DataFrame({"id": [1, 2], "topic": ["tea", "coffee"]}).write_csv(source)
+    with FakeOpenAIServer(Behaviour(require_key=key)) as server:
+        args = ["run", str(source), "-o", str(out), "--base-url", server.base_url, "--summary-json", str(summary)]
+        # An environment key that would be refused proves the block's key is the one sent.
+        done = cli(prefect_server, *args, "--api-key-block", "llm-enrich-test-key", env={"OPENAI_API_KEY": "sk-wrong"})
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert server.stats.auth_headers == {f"Bearer {key}"}
+        assert pl.read_parquet(out)["explanation"].to_list() == [
+            expected_answer(f"Explain this topic in two sentences: {t}") for t in ("tea", "coffee")
+        ]
+
+        missing = cli(prefect_server, *args[:3], str(tmp_path / "never.parquet"), "--base-url", server.base_url,
+                      "--api-key-block", "no-such-block")  # fmt: skip
+    assert missing.returncode == 2, missing.stdout + missing.stderr
+    assert "'no-such-block'" in missing.stderr and "Traceback" not in missing.stderr
+    assert not (tmp_path / "never.parquet").exists()
+    footer = str(pl.read_parquet_metadata(out))
+    for text in (done.stdout, done.stderr, summary.read_text(), footer):
+        assert key not in text
+
+
+def test_two_runs_of_the_deployment_triggered_together_take_turns(
+    prefect_server: str, served: Path, served_llm: FakeOpenAIServer
+) -> None:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from tests.prefect_server import DEPLOYMENT, api
+
+    outs = [served / "turn-a.parquet", served / "turn-b.parquet"]
+    with api(prefect_server) as client:
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+        ids = [
+            client.create_flow_run_from_deployment(
+                deployment.id, parameters={"job": {"input_path": str(DATA / "topics.csv"), "output_path": str(out)}}
+            ).id
+            for out in outs
+        ]
+
+        def finished() -> list[Any] | None:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+            return runs if len(runs) == 2 and all(r.state.is_final() for r in runs) else None
+
+        runs = wait_for(finished, timeout=240, interval=1, what="both runs")
+        assert all(r.state.is_completed() for r in runs), [r.state for r in runs]
+        first, second = sorted(runs, key=lambda r: r.start_time)
+        # The deployment's limit of 1 made the later one wait until the first had ended.
+        assert second.start_time >= first.end_time
+        waited = [s.name for s in client.read_flow_run_states(second.id)]
+        assert "AwaitingConcurrencySlot" in waited, waited
+    assert all(pl.read_parquet(out).height == 30 for out in outs)
+
+
+def test_the_readme_automation_is_accepted_by_the_server(prefect_server: str) -> None:
+    import re
+    import textwrap
+    import uuid
+
+    import yaml
+    from prefect.events.schemas.automations import AutomationCore
+
+    from tests.prefect_server import api
+
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"```yaml\n( *name: llm-enrich failures\n.*?) *```", readme, re.DOTALL)
+    assert block is not None
+    text = textwrap.dedent(block.group(1)).replace("<id of the ops-email block>", str(uuid.uuid4()))
+    data = yaml.safe_load(text)
+    automation = AutomationCore.model_validate(data)
+    assert automation.trigger.match.model_dump()["llm-enrich.outcome"] == ["with-failures", "failed"]
+    with api(prefect_server) as client:
+        created = client.create_automation(automation)
+        assert client.read_automation(created).name == "llm-enrich failures"
