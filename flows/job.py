@@ -189,6 +189,16 @@ class EnrichJob(BaseModel):
     max_cost: float | None = Field(
         None, ge=0, le=1_000_000, description="Stop sending before this many US dollars would be spent."
     )
+    approve_above_usd: float | None = Field(
+        None,
+        ge=0,
+        le=1_000_000,
+        description="Ask a person first when the cost ceiling is above this many US dollars (the UI under a "
+        "deployment, y/N on a terminal).",
+    )
+    approve_timeout: int = Field(
+        3_600, ge=60, le=7 * 86_400, description="Seconds a deployment run waits for approval before it is cancelled."
+    )
     input_price: float | None = Field(
         None, ge=0, le=10_000, description="USD per 1M input tokens, overriding the shipped price table."
     )

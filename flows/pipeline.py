@@ -20,6 +20,7 @@ from llm_enrich.flows.batch.collect import answer_by_batch, batch_pending_summar
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.llm.endpoint import describe_url, resolve_endpoint
 from llm_enrich.flows.llm.local_model import LOCAL_MODEL_NOTICE, serve_local_model
+from llm_enrich.flows.plan.approval import approve_run
 from llm_enrich.flows.plan.estimate import estimate_job, project_full_run
 from llm_enrich.flows.plan.lanes import OutputRun, plan_outputs
 from llm_enrich.flows.plan.survey import choose_input_schema, read_columns, survey_input
@@ -43,12 +44,10 @@ from llm_enrich.flows.tables.destination import check_destination
 from llm_enrich.flows.tables.lease import hold_lease
 from llm_enrich.flows.tables.lock import hold_lock, sweep_debris
 from llm_enrich.flows.tables.paths import is_remote
-from llm_enrich.flows.tables.provenance import footer_metadata
 from llm_enrich.flows.tables.staging import open_staging
-from llm_enrich.flows.tables.writing import publish_parquet, rejected_path, write_parquet_dataset_atomic
-from llm_enrich.schemas.errors import ConfigError, EnrichError, RunInterrupted, UserError
+from llm_enrich.flows.tables.writing import publish_output, publish_parquet, rejected_path
+from llm_enrich.schemas.errors import EnrichError, RunInterrupted, UserError
 from llm_enrich.transforms.admission import Scheduler
-from llm_enrich.transforms.enrichment import EnrichSpec
 from llm_enrich.transforms.guards import StopSignal
 from llm_enrich.transforms.prompts import parse_template
 
@@ -129,6 +128,8 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
             job = job.trial_job()
             check_destination(job)
             log.info("trial run on %s, written to %s", job.trial, job.destination)
+        if job.approve_above_usd is not None:
+            approve_run(job, log.warning)
         endpoint = resolve_endpoint(job)
         if not is_remote(job.destination):
             held.enter_context(
@@ -218,7 +219,7 @@ def _enrich(
             results = dispatch_partitions(survey, job, progress, runs, work)
         stop.check()  # a stop that came as the last answers landed still publishes nothing
         enriched = staging.scan([r.path for r in results])
-        _publish(job, enriched, primary.spec, survey.input_columns)
+        publish_output(job, enriched, primary.spec, survey.input_columns)
         rejected = pl.DataFrame()
         if survey.rows_rejected:
             publish_parquet(staging.scan(survey.rejected), rejected_path(job.destination), storage=job.storage())
@@ -319,19 +320,3 @@ def _describe_endpoint(base_url: str | None, *, local: bool) -> str:
         if base_url
         else "bundled local model (not started: nothing to ask)"
     )
-
-
-def _publish(job: EnrichJob, enriched: pl.LazyFrame, spec: EnrichSpec, input_columns: list[str]) -> None:
-    """Write the finished parts as the output, published whole."""
-    added = [c for c in enriched.collect_schema().names() if c not in input_columns]
-    metadata = footer_metadata(job, spec, added)
-    if not job.output_partition_by:
-        publish_parquet(enriched, job.destination, metadata=metadata, storage=job.storage())
-        return
-    columns = enriched.collect_schema().names()
-    if job.output_partition_by not in columns:
-        raise ConfigError(
-            f"--output-partition-by {job.output_partition_by!r} is not a column of the output; "
-            f"it has: {', '.join(columns)}."
-        )
-    write_parquet_dataset_atomic(enriched, job.destination, job.output_partition_by, metadata)

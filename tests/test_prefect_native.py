@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -163,7 +164,6 @@ def test_two_runs_of_the_deployment_triggered_together_take_turns(
 
 
 def test_the_readme_automation_is_accepted_by_the_server(prefect_server: str) -> None:
-    import re
     import textwrap
     import uuid
 
@@ -182,3 +182,152 @@ def test_the_readme_automation_is_accepted_by_the_server(prefect_server: str) ->
     with api(prefect_server) as client:
         created = client.create_automation(automation)
         assert client.read_automation(created).name == "llm-enrich failures"
+
+
+_NOISE = ("telemetry", "anonymous", "temporary server", "dedicated Prefect server", "prefect.io/docs")
+
+
+def on_a_terminal(command: list[str], env: dict[str, str], typed: bytes = b"") -> tuple[int, str]:
+    """Run a command on a pseudo-terminal (with `typed` as the keys pressed); its exit code and what it showed."""
+    import pty
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    if typed:
+        os.write(leader, typed)
+    shown = bytearray()
+    try:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the last holder of the terminal closed it
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+    # Colours and cursor moves out, so a test reads the words.
+    return process.wait(timeout=60), re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))
+
+
+def test_a_default_cli_run_prints_no_prefect_noise_on_a_terminal_or_off_one(
+    fake_llm: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    # No PREFECT_API_URL: the CLI starts (and stops) its own temporary server, which must stay silent.
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "OPENAI_", "DO_NOT_TRACK"))},
+        "PREFECT_HOME": str(tmp_path / "home"),
+        "COLUMNS": "200",
+    }
+    base = [
+        sys.executable,
+        "-m",
+        "llm_enrich.flows.cli",
+        "run",
+        str(DATA / "topics.csv"),
+        "--base-url",
+        fake_llm.base_url,
+    ]
+    code, shown = on_a_terminal([*base, "-o", str(tmp_path / "tty.parquet")], env)
+    assert code == 0, shown
+    assert "Enriched 30 of 30 rows" in shown
+    assert not [word for word in (*_NOISE, "INFO") if word in shown], shown
+    piped = subprocess.run(
+        [*base, "-o", str(tmp_path / "piped.parquet")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert piped.returncode == 0, piped.stderr
+    combined = piped.stdout + piped.stderr
+    assert not [word for word in _NOISE if word in combined], combined
+    # Off a terminal the run's own log lines stay, for cron mail and log files.
+    assert "loaded 30 rows from" in combined and "Enriched 30 of 30 rows" in piped.stdout
+    code, verbose = on_a_terminal([*base, "-o", str(tmp_path / "verbose.parquet"), "--verbose"], env)
+    assert code == 0 and "loaded 30 rows from" in verbose
+
+
+def test_an_expensive_cli_run_asks_first_and_sends_nothing_unless_approved(
+    fake_llm: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "OPENAI_"))},
+        "PREFECT_HOME": str(tmp_path / "home"),
+        "COLUMNS": "200",
+    }
+    out = tmp_path / "out.parquet"
+    command = [
+        sys.executable, "-m", "llm_enrich.flows.cli", "run", str(DATA / "topics.csv"), "-o", str(out),
+        "--base-url", fake_llm.base_url, "--approve-above", "0",
+    ]  # fmt: skip
+    # Off a terminal nobody can answer: exit 2 with the figures, nothing sent.
+    piped = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 2, piped.stderr
+    assert "needs approval" in piped.stderr and "30 distinct prompts" in piped.stderr and "--yes" in piped.stderr
+    assert fake_llm.stats.requests == 0 and not out.exists()
+    # On a terminal, "n" sends nothing; "y" runs.
+    code, shown = on_a_terminal(command, env, typed=b"n\n")
+    assert code == 1 and "not approved" in shown, shown
+    assert fake_llm.stats.requests == 0 and not out.exists()
+    code, shown = on_a_terminal(command, env, typed=b"y\n")
+    assert code == 0 and "Enriched 30 of 30 rows" in shown, shown
+    assert fake_llm.stats.requests == 30
+    # --yes approves in advance; a threshold above the ceiling asks nobody.
+    for extra in (["--yes"], ["--approve-above", "1000"]):
+        again = subprocess.run(
+            [*command, *extra, "--refresh-cache"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert again.returncode == 0, again.stderr
+
+
+def _paused_run(prefect_server: str, job: dict[str, Any]) -> Any:
+    """Start a deployment run that needs approval; the run once it is paused for it."""
+    from tests.prefect_server import DEPLOYMENT, api
+
+    with api(prefect_server) as client:
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+        run = client.create_flow_run_from_deployment(deployment.id, parameters={"job": job})
+
+        def paused() -> Any:
+            found = client.read_flow_run(run.id)
+            assert not found.state.is_final(), found.state
+            return found if found.state.is_paused() else None
+
+        return wait_for(paused, timeout=120, interval=0.5, what="the run to pause for approval")
+
+
+def _final(prefect_server: str, run_id: Any) -> Any:
+    from tests.prefect_server import api
+
+    with api(prefect_server) as client:
+        return wait_for(
+            lambda: (r := client.read_flow_run(run_id)).state.is_final() and r,
+            timeout=120,
+            interval=0.5,
+            what="the end",
+        )
+
+
+def test_a_deployment_run_above_the_threshold_pauses_until_a_person_approves(
+    prefect_server: str, served: Path, served_llm: FakeOpenAIServer
+) -> None:
+    from tests.prefect_server import api
+
+    served_llm.reset()
+    rejected_out, approved_out = served / "rejected.parquet", served / "approved.parquet"
+    base = {"input_path": str(DATA / "topics.csv"), "approve_above_usd": 0.0, "cache": False}
+    run = _paused_run(prefect_server, {**base, "output_path": str(rejected_out)})
+    with api(prefect_server) as client:
+        client.resume_flow_run(run.id, run_input={"approve": False, "reason": "too dear for a test"})
+    ended = _final(prefect_server, run.id)
+    assert ended.state.is_cancelled(), ended.state
+    assert "too dear for a test" in ended.state.message and "nothing was sent" in ended.state.message
+    assert served_llm.stats.requests == 0 and not rejected_out.exists()
+    assert wait_for_event(prefect_server, rejected_out)["resource"]["llm-enrich.outcome"] == "cancelled"
+
+    run = _paused_run(prefect_server, {**base, "output_path": str(approved_out)})
+    assert served_llm.stats.requests == 0
+    with api(prefect_server) as client:
+        client.resume_flow_run(run.id, run_input={"approve": True, "reason": ""})
+    ended = _final(prefect_server, run.id)
+    assert ended.state.is_completed(), ended.state
+    assert served_llm.stats.requests == 30 and pl.read_parquet(approved_out).height == 30

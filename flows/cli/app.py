@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from llm_enrich.flows.cli.messages import print_estimate, print_summary
-from llm_enrich.flows.cli.running import estimate_summary, fail, leave, out_console, run_flow
+from llm_enrich.flows.cli.running import approve_on_terminal, estimate_summary, fail, leave, out_console, run_flow
 from llm_enrich.flows.job import EnrichJob, load_job_file, make_job
 from llm_enrich.schemas.errors import ConfigError, EnrichError
 
@@ -73,6 +73,7 @@ _FIELD_OF = {
     "refresh_cache": "refresh_cache",
     "retry_failed": "retry_failed",
     "max_cost": "max_cost",
+    "approve_above": "approve_above_usd",
     "input_price": "input_price",
     "output_price": "output_price",
 }
@@ -212,6 +213,12 @@ def run(
         typer.Option("--retry-failed/--no-retry-failed", help="On a rerun, ask again for failed rows (default on)."),
     ] = None,
     max_cost: Annotated[Optional[float], typer.Option(help="Stop sending before this many USD would be spent.")] = None,
+    approve_above: Annotated[
+        Optional[float], typer.Option(help="Ask y/N first when the cost ceiling is above this many USD.")
+    ] = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Approve in advance (--approve-above off a terminal).")
+    ] = False,
     input_price: Annotated[Optional[float], typer.Option(help="USD per 1M input tokens (override).")] = None,
     output_price: Annotated[Optional[float], typer.Option(help="USD per 1M output tokens (override).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only estimate rows, prompts, tokens and cost.")] = False,
@@ -248,7 +255,7 @@ def run(
         summary = estimate_summary(job)
         print_estimate(out_console, summary)
     else:
-        summary = run_flow(job, verbose=verbose)
+        summary = run_flow(approve_on_terminal(job, yes=yes), verbose=verbose)
         print_summary(out_console, summary)
     if summary_json:
         from llm_enrich.flows.tables.writing import write_json_atomic

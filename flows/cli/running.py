@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, cast
@@ -14,7 +15,16 @@ from rich.console import Console
 from llm_enrich.flows.job import EnrichJob, load_job_file, make_job
 from llm_enrich.schemas.errors import EnrichError
 
-__all__ = ["err_console", "estimate_summary", "fail", "job_from_config", "leave", "out_console", "run_flow"]
+__all__ = [
+    "approve_on_terminal",
+    "err_console",
+    "estimate_summary",
+    "fail",
+    "job_from_config",
+    "leave",
+    "out_console",
+    "run_flow",
+]
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -40,6 +50,36 @@ def estimate_summary(job: EnrichJob) -> dict[str, Any]:
     except EnrichError as err:
         fail(err.message, err.exit_code)
         raise  # unreachable: fail exits
+
+
+def approve_on_terminal(job: EnrichJob, *, yes: bool) -> EnrichJob:
+    """Above --approve-above, show the estimate and ask y/N (no terminal: exit 2 unless --yes); the approved job."""
+    if job.approve_above_usd is None:
+        return job
+    approved = job.model_copy(update={"approve_above_usd": None})
+    if yes:
+        return approved
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from llm_enrich.flows.plan.approval import describe_estimate, needs_approval
+    from llm_enrich.flows.plan.estimate import estimate_job
+
+    try:
+        estimate = estimate_job(job)
+    except EnrichError as err:
+        fail(err.message, err.exit_code)
+    if not needs_approval(job, estimate):
+        return approved
+    text = describe_estimate(job, estimate)
+    if not (sys.stdin.isatty() and out_console.is_terminal):
+        fail(
+            f"this run needs approval: {text} There is no terminal to ask on: add --yes to approve it in advance, "
+            "or raise --approve-above. Nothing was sent or written.",
+            2,
+        )
+    out_console.print(f"[bold]Approval needed:[/] {text}", highlight=False, soft_wrap=True)
+    if not typer.confirm("Send these requests?", default=False):
+        fail("not approved; nothing was sent or written.", 1)
+    return approved
 
 
 def run_flow(job: EnrichJob, *, verbose: bool) -> dict[str, Any]:

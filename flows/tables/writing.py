@@ -13,10 +13,14 @@ from typing import Any
 
 import polars as pl
 
+from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.tables.paths import is_remote, sibling
-from llm_enrich.schemas.errors import DiskFull, OutputError
+from llm_enrich.flows.tables.provenance import footer_metadata
+from llm_enrich.schemas.errors import ConfigError, DiskFull, OutputError
+from llm_enrich.transforms.enrichment import EnrichSpec
 
 __all__ = [
+    "publish_output",
     "is_disk_full",
     "write_failure",
     "publish_parquet",
@@ -139,3 +143,19 @@ def _replace_atomically(destination: str, write: Any) -> None:
         if isinstance(exc, (OSError, pl.exceptions.PolarsError)):
             raise write_failure(exc, "output", destination, "write the output elsewhere (--output)") from exc
         raise
+
+
+def publish_output(job: EnrichJob, enriched: pl.LazyFrame, spec: EnrichSpec, input_columns: list[str]) -> None:
+    """Write the finished parts as the output, published whole."""
+    added = [c for c in enriched.collect_schema().names() if c not in input_columns]
+    metadata = footer_metadata(job, spec, added)
+    if not job.output_partition_by:
+        publish_parquet(enriched, job.destination, metadata=metadata, storage=job.storage())
+        return
+    columns = enriched.collect_schema().names()
+    if job.output_partition_by not in columns:
+        raise ConfigError(
+            f"--output-partition-by {job.output_partition_by!r} is not a column of the output; "
+            f"it has: {', '.join(columns)}."
+        )
+    write_parquet_dataset_atomic(enriched, job.destination, job.output_partition_by, metadata)
