@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from llm_enrich.flows.form import present_form
 from llm_enrich.schemas.errors import ConfigError
 
 __all__ = ["DEFAULT_PROMPT", "EnrichJob", "ExtraOutput", "load_job_file", "make_job"]
@@ -37,9 +38,9 @@ FLEX_TIMEOUT = 900.0
 
 
 class EnrichJob(BaseModel):
-    """Everything that defines a run. No secrets: the API key is read from the environment."""
+    """Everything that defines a run. No secrets: the API key is read from the environment or a Secret block."""
 
-    model_config = ConfigDict(extra="forbid", title="Enrichment job")
+    model_config = ConfigDict(extra="forbid", title="Enrichment job", json_schema_extra=present_form)
 
     input_path: str = Field("data/topics.csv", description="Input table: a .csv, .parquet, .ndjson or .jsonl file.")
     input_format: Literal["auto", "csv", "parquet", "ndjson"] = Field(

@@ -10,7 +10,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.client.schemas.sorting import LogSort
 
 from llm_enrich.flows.children import stop_process_group
@@ -30,6 +37,11 @@ def test_the_deployment_offers_the_job_as_a_form(prefect_server: str, served: Pa
     assert {"input_path", "prompt", "output_column", "max_concurrency", "rpm", "api_key_secret"} <= set(fields)
     assert all(field.get("description") for field in fields.values())
     assert fields["max_concurrency"]["minimum"] == 1 and fields["max_concurrency"]["maximum"] == 512
+    # What a normal run needs comes first; every label is for people, with the bounds in sight.
+    assert list(fields)[:6] == ["input_path", "output_path", "prompt", "output_column", "input_schema", "model"]
+    assert fields["rpm"]["title"] == "Provider limits: Requests per minute (RPM)"
+    assert all("_" not in field["title"] for field in fields.values())
+    assert fields["max_concurrency"]["description"].endswith("Allowed: 1 to 512.")
     # No field takes an API key (prompt_cache_key is a routing hint for the provider's prompt cache).
     keyed = {name for name in fields if "key" in name and "secret" not in name and "env" not in name}
     assert keyed == {"prompt_cache_key"}
@@ -57,9 +69,17 @@ def test_a_custom_run_completes_and_publishes_its_report(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
         )
     by_key = {a.key: a for a in artifacts}
-    assert {"enrich-summary", "enrich-sample", "enrich-progress"} <= set(by_key)
+    assert {"enrich-summary", "enrich-sample", "enrich-progress", "enrich-output"} <= set(by_key)
     assert "rows ok / failed | 30 / 0" in by_key["enrich-summary"].data
     assert by_key["enrich-progress"].data == 100.0
+    assert by_key["enrich-progress"].description == "30 of 30 rows answered or failed"
+    assert f"file://{out}" in by_key["enrich-output"].data
+    # The sample is for reading: no 64-hex key, no token counts.
+    assert "enrich_key" not in by_key["enrich-sample"].data and "tokens" not in by_key["enrich-sample"].data
+    with api(prefect_server) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    names = {task.name for task in tasks}
+    assert {"enrich rows 1-7", "enrich rows 8-14", "enrich rows 29-30"} <= names, names
 
 
 def test_bad_input_fails_the_run_with_the_message_and_writes_nothing(prefect_server: str, served: Path) -> None:

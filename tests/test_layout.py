@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("schemas", "transforms", "flows")
 # flows' parts, lowest first: a module may import parts of a lower or equal rank only.
 RANK = {
-    "job": 0, "children": 0, "tables": 1, "cache": 2, "llm": 2, "report": 2, "plan": 3, "run": 4, "batch": 4,
+    "job": 0, "form": 0, "children": 0, "tables": 1, "cache": 2, "llm": 2, "report": 2, "plan": 3, "run": 4, "batch": 4,
     "pipeline": 5, "frames": 6, "deployment": 6, "cli": 7,
 }  # fmt: skip
 LAYER = {"schemas": 0, "transforms": 1, "flows": 2}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -72,6 +73,13 @@ def test_a_cli_run_emits_one_event_that_an_automation_can_match(
     assert "invalid" in payload["most_common_error"].lower()
     # Prefect attaches the run that emitted it.
     assert {"flow-run", "flow"} <= {related["prefect.resource.role"] for related in event["related"]}
+    # The run's failures table leads with the reason, where a wide row cannot push it off-screen.
+    [flow_run] = [r["prefect.resource.id"] for r in event["related"] if r["prefect.resource.role"] == "flow-run"]
+    body = {"artifacts": {"flow_run_id": {"any_": [flow_run.removeprefix("prefect.flow-run.")]}}}
+    artifacts = httpx.post(f"{prefect_server}/artifacts/filter", json=body, timeout=30).json()
+    [failures] = [a for a in artifacts if a["key"] == "enrich-failures"]
+    rows = json.loads(failures["data"])
+    assert list(rows[0])[:2] == ["why", "stage"] and rows[0]["topic"] == "FAULT:invalid_prompt"
 
 
 def test_a_run_that_fails_emits_a_failed_event(prefect_server: str, tmp_path: Path) -> None:

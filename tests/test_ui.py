@@ -61,8 +61,11 @@ def test_a_custom_run_started_in_the_ui_writes_the_chosen_column(
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Custom run").first.click()
 
-    label = page.locator(".schema-form-property__label", has_text=re.compile(r"^Output Column"))
+    label = page.locator(".schema-form-property__label", has_text=re.compile(r"^Essentials: Answer column"))
     field = page.locator(".schema-form-property", has=label).last.locator("textarea")
+    field.wait_for()
+    # Kept for a person to look at: the form as an operator sees it.
+    page.screenshot(path=str(Path(served) / "run-form.png"), full_page=False)
     field.fill("explained_in_the_ui")
     page.get_by_role("button", name="Submit").click()
 

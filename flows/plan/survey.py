@@ -40,6 +40,7 @@ class Slice:
     rows: int
     to_ask: int
     owned: int = 0
+    label: str = "no rows"  # "rows 1-500" of the input file: the partition task's run name in the UI
 
 
 @dataclass
@@ -129,7 +130,8 @@ def survey_input(
         if staging is not None:
             path = staging.path("in", number)
             staging.write(planned, path)
-            survey.slices.append(Slice(number, path, planned.height, to_ask, owned))
+            label = f"rows {offset + 1:,}-{offset + frame.height:,}"
+            survey.slices.append(Slice(number, path, planned.height, to_ask, owned, label=label))
     if pick is not None and trial is None:
         pick.settle()
     if trial is not None:

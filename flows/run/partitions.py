@@ -114,7 +114,7 @@ _TASK = {
 
 # Rows never fail a task (they carry enrich_error), and answers already obtained are memoised
 # in the run, so a retried partition does not pay again for them.
-@task(name="ask-partition", **_TASK)  # type: ignore[call-overload, untyped-decorator]
+@task(name="ask-partition", task_run_name="ask {piece.label}", **_TASK)  # type: ignore[call-overload, untyped-decorator]
 def ask_partition(piece: Slice, work: PartitionWork) -> AskResult:
     """First phase on Dask: ask the prompts this slice owns and stage the answers."""
     columns = list(work.columns)
@@ -138,7 +138,7 @@ def ask_partition(piece: Slice, work: PartitionWork) -> AskResult:
     return AskResult(path=path, stats=_delta(rt, before) if before is not None else None)
 
 
-@task(name="enrich-partition", **_TASK)  # type: ignore[call-overload, untyped-decorator]
+@task(name="enrich-partition", task_run_name="enrich {piece.label}", **_TASK)  # type: ignore[call-overload, untyped-decorator]
 def enrich_partition(piece: Slice, work: PartitionWork) -> PartitionResult:
     """Enrich one staged slice for every output and write its part file; return only the path and counts."""
     job, columns = work.job, list(work.columns)
