@@ -165,6 +165,17 @@ def test_estimate_counts_without_sending(
     )
     assert fake_llm.stats.requests == 0
     assert "nothing was sent" in result.stdout
+    # Both prices, so the choice of mode is an informed one: batch and flex cost half the list price.
+    assert estimate["online_cost_usd"] == estimate["estimated_cost_usd"]
+    assert estimate["batch_cost_usd"] == pytest.approx(estimate["online_cost_usd"] / 2, abs=1e-6)
+    batch = subprocess.run(
+        [sys.executable, "-m", "llm_enrich.flows.cli", *args, "--mode", "batch"],
+        capture_output=True, text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert batch.returncode == 0, batch.stderr
+    in_batch = json.loads(report.read_text())
+    assert in_batch["estimated_cost_usd"] == in_batch["batch_cost_usd"] == estimate["batch_cost_usd"]
+    assert f"online prices ${estimate['online_cost_usd']:.4f}" in " ".join(batch.stdout.split())
 
 
 def test_a_run_killed_with_sigkill_resumes_without_paying_twice(

@@ -14,6 +14,9 @@ def print_estimate(out_console: Console, e: dict[str, Any]) -> None:
     cost = "unknown (no price for this model; pass --input-price/--output-price)"
     if e["estimated_cost_usd"] is not None:
         cost = f"at most ${e['estimated_cost_usd']:.4f}"
+        online, batch = e.get("online_cost_usd"), e.get("batch_cost_usd")
+        if online is not None and batch is not None and online != batch:
+            cost += f" (online prices ${online:.4f}; --mode batch or --service-tier flex ${batch:.4f})"
     out_console.print(
         f"[bold]Estimate[/] (nothing was sent): {e['rows_valid']} of {e['rows_in']} rows valid, "
         f"{e['rows_rejected']} rejected; {e['rows_cached']} already answered, {e['rows_kept_failed']} kept as failed; "

@@ -6,7 +6,7 @@ from pydantic import BaseModel
 
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.llm.endpoint import resolve_endpoint
-from llm_enrich.flows.plan.lanes import plan_outputs
+from llm_enrich.flows.plan.lanes import plan_outputs, resolve_price
 from llm_enrich.flows.plan.survey import read_columns, survey_input
 from llm_enrich.flows.plan.trial import TrialPick
 from llm_enrich.flows.report.summary import FullRunEstimate, RunSummary
@@ -32,6 +32,8 @@ class Estimate(BaseModel):
     estimated_cost_usd: float | None
     model: str
     price_per_million: tuple[float, float] | None
+    online_cost_usd: float | None = None  # the same ceiling at online prices
+    batch_cost_usd: float | None = None  # the same ceiling at Batch API / flex prices (half, for OpenAI)
 
 
 def estimate_job(job: EnrichJob, pick: TrialPick | None = None) -> Estimate:
@@ -47,12 +49,17 @@ def estimate_job(job: EnrichJob, pick: TrialPick | None = None) -> Estimate:
     survey = survey_input(job, schema, template, runs, staging=None, pick=pick)
     input_tokens = output_tokens = 0
     cost: float | None = 0.0
+    by_mode: dict[str, float | None] = {"online": 0.0, "batch": 0.0}
     for run in runs:
         prefix = f"{run.job.system}\n" if run.job.system else ""
         tokens_in = sum(estimate_tokens(prefix + p) for p in run.tally.todo.values())
         tokens_out = run.job.max_tokens * run.tally.unique_todo
         input_tokens, output_tokens = input_tokens + tokens_in, output_tokens + tokens_out
         cost = None if cost is None or run.price is None else cost + run.price.cost(tokens_in, tokens_out)
+        for mode, so_far in by_mode.items():
+            priced = run.job.model_copy(update={"mode": mode, "service_tier": None})
+            price = resolve_price(priced, run.spec.identity.model, local=endpoint.local)
+            by_mode[mode] = None if so_far is None or price is None else so_far + price.cost(tokens_in, tokens_out)
     primary = runs[0]
     price = primary.price
     return Estimate(
@@ -68,7 +75,13 @@ def estimate_job(job: EnrichJob, pick: TrialPick | None = None) -> Estimate:
         estimated_cost_usd=round(cost, 6) if cost is not None else None,
         model=primary.spec.identity.model,
         price_per_million=(price.input_per_million, price.output_per_million) if price else None,
+        online_cost_usd=_rounded(by_mode["online"]),
+        batch_cost_usd=_rounded(by_mode["batch"]),
     )
+
+
+def _rounded(cost: float | None) -> float | None:
+    return round(cost, 6) if cost is not None else None
 
 
 def project_full_run(before: Estimate, trial: RunSummary) -> FullRunEstimate:
