@@ -145,6 +145,11 @@ class EnrichJob(BaseModel):
     )
     batch_max_requests: int = Field(50_000, ge=1, description="Batch mode: most requests per batch file.")
     batch_max_bytes: int = Field(200_000_000, ge=1_000, description="Batch mode: largest batch file in bytes.")
+    batch_submit: bool = Field(
+        True,
+        description="Batch mode: submit new batches; false only collects the batches already submitted "
+        "(what `enrich batch cancel` runs after cancelling).",
+    )
     batch_poll_seconds: float = Field(
         30.0, gt=0, le=3_600, description="Batch mode: longest pause between two looks at a batch's state."
     )

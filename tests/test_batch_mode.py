@@ -241,3 +241,50 @@ def test_lines_are_split_within_both_limits() -> None:
     assert split_lines([400, 400, 400, 100], max_requests=10, max_bytes=1_000) == [(0, 2), (2, 4)]
     assert split_lines([5_000, 10], max_requests=10, max_bytes=1_000) == [(0, 1), (1, 2)]  # one line at least
     assert split_lines([], max_requests=10, max_bytes=1_000) == []
+
+
+def test_batch_cancel_keeps_what_finished_and_a_rerun_pays_only_for_the_rest(tmp_path: Path) -> None:
+    source, out = table(tmp_path), tmp_path / "out.parquet"
+    manifest = tmp_path / ".out.parquet.batches.json"
+    # A line a second: the cancel lands mid-batch even on a slow, busy machine.
+    with serving(batch_line_seconds=1.0) as server:
+        code, text, _ = enrich(server, source, out, "--batch-no-wait")
+        assert code == 0, text
+        deadline = time.monotonic() + 60
+        while server.stats.batch_lines_answered < 2:
+            assert time.monotonic() < deadline, "the batch never started answering"
+            time.sleep(0.02)
+        cancel = command(server, source, out)
+        cancel[3:4] = ["batch", "cancel"]  # `enrich batch cancel` with the run's own options
+        result = subprocess.run(cancel, capture_output=True, text=True, cwd=REPO, timeout=120)
+        folded = " ".join((result.stdout + result.stderr).split())
+        assert result.returncode == 0, folded
+        assert "cancelled 1 batches" in folded
+        finished = server.stats.batch_lines_answered
+        assert 2 <= finished < 20, "cancelled while it was running"
+        frame = pl.read_parquet(out)
+        answered = frame.filter(pl.col("explanation").is_not_null())
+        assert answered["topic"].n_unique() == finished  # every finished line is kept, in its own rows
+        for topic, answer in zip(answered["topic"], answered["explanation"], strict=True):
+            assert answer == expected_answer(f"Describe {topic}", SYSTEM)
+        rest = frame.filter(pl.col("explanation").is_null())
+        assert rest.height == 30 - answered.height
+        assert rest["enrich_error"].str.contains("enrich batch cancel").all()
+        assert server.stats.batches_created == 1 and not manifest.exists()
+        # The rerun sends only the prompts the cancelled batch did not answer.
+        code, text, summary = enrich(server, source, out)
+        assert code == 0, text
+        assert server.stats.batches_created == 2 and server.stats.batch_lines_answered == 20
+    check_answers(out)
+    assert summary["rows_ok"] == 30
+
+
+def test_batch_cancel_without_batches_is_a_clear_error(tmp_path: Path) -> None:
+    source, out = table(tmp_path), tmp_path / "out.parquet"
+    with serving() as server:
+        cancel = command(server, source, out)
+        cancel[3:4] = ["batch", "cancel"]
+        result = subprocess.run(cancel, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert "no batches to cancel" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()

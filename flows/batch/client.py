@@ -63,9 +63,15 @@ class BatchClient:
         text = self._call(lambda: self._client.files.content(file_id).text)
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
-    def cancel(self, batch_id: str) -> None:
-        """Ask the provider to cancel a batch (finished lines are kept)."""
-        self._call(lambda: self._client.batches.cancel(batch_id))
+    def cancel(self, batch_id: str) -> bool:
+        """Ask the provider to cancel a batch (finished lines are kept); False when it had already ended."""
+        try:
+            self._call(lambda: self._client.batches.cancel(batch_id))
+        except BatchServiceError as exc:
+            if isinstance(exc.__cause__, openai.ConflictError):  # 409: completed, failed or expired already
+                return False
+            raise
+        return True
 
     def _call(self, step: Callable[[], T]) -> T:
         try:

@@ -42,6 +42,10 @@ _UNFINISHED_CODES = ("batch_expired", "batch_cancelled")
 _REFUSED = "token_limit_exceeded"
 _MAX_LONE_REFUSALS = 5  # refused with nothing else in flight: the file alone is over the limit
 _FIRST_PAUSE = 0.05
+_NOT_SENT = (
+    "not answered: its batch was cancelled (enrich batch cancel) before this prompt was answered; "
+    "rerun the job to send it"
+)
 
 
 @dataclass
@@ -195,7 +199,17 @@ def _plan(manifest: Manifest, work: list[_LaneBatch], job: EnrichJob) -> None:
     manifest.entries = kept
     for w in work:
         fresh = [k for k in w.todo if (w.number, k) not in covered]
-        manifest.entries += _split(w, fresh, job)
+        if job.batch_submit:
+            manifest.entries += _split(w, fresh, job)
+        else:  # only collecting (after `enrich batch cancel`): what no batch holds is not sent
+            for key in fresh:
+                _withdraw(w.lane, key)
+    if not job.batch_submit:
+        for entry in [e for e in manifest.entries if e.state != "submitted"]:
+            manifest.entries.remove(entry)  # uploaded, never submitted: nothing was paid for it
+            for key in entry.custom_ids:
+                if key in work[entry.lane].todo:
+                    _withdraw(work[entry.lane].lane, key)
     manifest.save()
 
 
@@ -278,6 +292,10 @@ def _finish(
     entry.state = "done"
     if not left:
         return True
+    if entry.cancelled or not job.batch_submit:
+        for key in left:
+            _withdraw(w.lane, key)
+        return True
     if not entry.resubmitted:
         log.warning("batch %s ended %s with %d lines unanswered; sending them again", batch.id, batch.status, len(left))
         manifest.entries += _split(w, left, job, resubmitted=True)
@@ -296,6 +314,11 @@ def _record(lane: Lane, key: str, outcome: Outcome) -> None:
         lane.ctx.stats.bump(answered=1)
         if not outcome.truncated and lane.memo.on_answer is not None:
             lane.memo.on_answer(key, outcome)
+
+
+def _withdraw(lane: Lane, key: str) -> None:
+    """A prompt no batch will answer now: the row's explicit error; no request was made for it."""
+    lane.memo.done[key] = Outcome(error=_NOT_SENT)
 
 
 def _sleep(seconds: float, stop: StopSignal) -> None:

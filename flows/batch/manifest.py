@@ -26,6 +26,7 @@ class BatchEntry(BaseModel):
     status: str | None = None  # the provider's last batch status
     resubmitted: bool = False  # lines left over by an expired or cancelled batch, sent once more
     refusals: int = 0  # times the enqueued-token limit refused it
+    cancelled: bool = False  # `enrich batch cancel` asked the provider to stop it: its rest is not resubmitted
 
 
 class Manifest(BaseModel):

@@ -5,6 +5,7 @@ exit codes, and what a terminal shows. May import every other part of ``flows``;
 imports it (the CLI is a thin layer over the flow).
 """
 
+from llm_enrich.flows.cli import batches as _batches  # noqa: F401 - registers `batch cancel`
 from llm_enrich.flows.cli import deployments as _deployments  # noqa: F401 - registers `serve` and `deploy`
 from llm_enrich.flows.cli import inspect as _inspect  # noqa: F401 - registers `show` and `cache verify`
 from llm_enrich.flows.cli.app import app

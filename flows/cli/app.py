@@ -12,7 +12,7 @@ from llm_enrich.flows.cli.running import approve_on_terminal, estimate_summary, 
 from llm_enrich.flows.job import EnrichJob, load_job_file, make_job
 from llm_enrich.schemas.errors import ConfigError, EnrichError
 
-__all__ = ["app"]
+__all__ = ["app", "job_from_options"]
 
 app = typer.Typer(
     name="enrich",
@@ -234,15 +234,8 @@ def run(
     ] = False,
 ) -> None:
     """Enrich INPUT_PATH with an LLM and write an enriched Parquet file."""
-    given = {name: value for name, value in locals().items() if name in _FIELD_OF and value is not None}
+    job = job_from_options(locals())
     try:
-        values: dict[str, Any] = load_job_file(str(config)) if config else {}
-        values.update({_FIELD_OF[name]: value for name, value in given.items()})
-        if columns:
-            values["input_schema"] = "template"
-        if storage_option:
-            values["storage_options"] = {**values.get("storage_options", {}), **_pairs(storage_option)}
-        job = make_job(values, source=str(config) if config else "the options")
         if summary_json is not None:
             _check_summary_path(job, str(summary_json))
         if not dry_run:
@@ -262,6 +255,22 @@ def run(
 
         write_json_atomic(summary, str(summary_json))
     leave(0)
+
+
+def job_from_options(options: dict[str, Any]) -> EnrichJob:
+    """The job that `run`'s options (over --config's file) describe, or exit 2 naming what is wrong."""
+    config = options.get("config")
+    try:
+        values: dict[str, Any] = load_job_file(str(config)) if config else {}
+        values.update({_FIELD_OF[k]: v for k, v in options.items() if k in _FIELD_OF and v is not None})
+        if options.get("columns"):
+            values["input_schema"] = "template"
+        if pairs := options.get("storage_option"):
+            values["storage_options"] = {**values.get("storage_options", {}), **_pairs(pairs)}
+        return make_job(values, source=str(config) if config else "the options")
+    except EnrichError as err:
+        fail(err.message, err.exit_code)
+        raise  # unreachable: fail exits
 
 
 def _check_summary_path(job: EnrichJob, path: str) -> None:
