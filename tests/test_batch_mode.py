@@ -288,3 +288,21 @@ def test_batch_cancel_without_batches_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "no batches to cancel" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_max_cost_caps_what_a_batch_submits_and_a_rerun_sends_the_rest(tmp_path: Path) -> None:
+    source, out = table(tmp_path), tmp_path / "out.parquet"
+    # $1,000 per million tokens: each line reserves about (12 + 16) tokens -> ~$0.028 at worst.
+    priced = ["--input-price", "1000", "--output-price", "1000", "--max-tokens", "16"]
+    with serving() as server:
+        code, text, summary = enrich(server, source, out, *priced, "--max-cost", "0.2")
+        assert code == 0, text
+        sent = server.stats.batch_lines_answered
+        assert 0 < sent < 20 and summary["cost_usd"] <= 0.2
+        frame = pl.read_parquet(out)
+        not_sent = frame.filter(pl.col("enrich_error").str.starts_with("not sent: the --max-cost budget"))
+        assert not_sent["topic"].n_unique() == 20 - sent and not_sent["explanation"].null_count() == not_sent.height
+        code, text, summary = enrich(server, source, out, *priced, "--max-cost", "10")
+        assert code == 0, text
+        assert server.stats.batch_lines_answered == 20 and summary["rows_failed"] == 0
+    check_answers(out)

@@ -30,6 +30,7 @@ from llm_enrich.flows.report.summary import RunSummary
 from llm_enrich.flows.run.runtime import Lane
 from llm_enrich.flows.tables.paths import is_remote
 from llm_enrich.schemas.errors import ConfigError, RunAborted
+from llm_enrich.transforms.admission import estimate_tokens
 from llm_enrich.transforms.batch_lines import line_outcome, request_line, split_lines
 from llm_enrich.transforms.guards import StopSignal
 from llm_enrich.transforms.outcome import Outcome
@@ -200,7 +201,7 @@ def _plan(manifest: Manifest, work: list[_LaneBatch], job: EnrichJob) -> None:
     for w in work:
         fresh = [k for k in w.todo if (w.number, k) not in covered]
         if job.batch_submit:
-            manifest.entries += _split(w, fresh, job)
+            manifest.entries += _split(w, _within_budget(w, fresh), job)
         else:  # only collecting (after `enrich batch cancel`): what no batch holds is not sent
             for key in fresh:
                 _withdraw(w.lane, key)
@@ -211,6 +212,25 @@ def _plan(manifest: Manifest, work: list[_LaneBatch], job: EnrichJob) -> None:
                 if key in work[entry.lane].todo:
                     _withdraw(work[entry.lane].lane, key)
     manifest.save()
+
+
+def _within_budget(w: _LaneBatch, keys: list[str]) -> list[str]:
+    """The keys whose worst case (prompt + max_tokens at batch prices) fits --max-cost; the rest are not sent."""
+    ctx = w.lane.ctx
+    if ctx.budget is None or ctx.price is None:
+        return keys
+    prefix = f"{w.lane.spec.system}\n" if w.lane.spec.system else ""
+    kept = []
+    for key in keys:
+        worst = ctx.price.cost(estimate_tokens(prefix + w.todo[key]), ctx.max_tokens)
+        if ctx.budget.try_reserve(worst):  # held: a batch line is paid when the batch runs, not settled here
+            kept.append(key)
+        else:
+            w.lane.memo.done[key] = Outcome(
+                error=f"not sent: the --max-cost budget of ${ctx.budget.limit_usd:g} would be exceeded; "
+                "rerun with a higher --max-cost to continue"
+            )
+    return kept
 
 
 def _split(w: _LaneBatch, keys: list[str], job: EnrichJob, *, resubmitted: bool = False) -> list[BatchEntry]:
