@@ -139,11 +139,25 @@ def test_no_wait_submits_and_a_second_run_collects(tmp_path: Path) -> None:
         assert code == 0, text
         assert "submitted 1 batches for 20 prompts" in text and "run the same command again to collect" in text
         assert summary["batches_pending"] == 1 and not out.exists() and manifest.exists()
+        [pending] = latest_batches_artifact()
+        batch_id = json.loads(manifest.read_text())["entries"][0]["batch_id"]
+        assert (pending["batch"], pending["lines"], pending["state"]) == (batch_id, 20, "submitted")
         code, text, summary = enrich(server, source, out)
         assert code == 0, text
         assert server.stats.batches_created == 1 and server.stats.batch_lines_answered == 20
     check_answers(out)
     assert summary["rows_ok"] == 30 and not manifest.exists()
+    [collected] = latest_batches_artifact()
+    assert (collected["batch"], collected["state"], collected["provider status"]) == (batch_id, "done", "completed")
+
+
+def latest_batches_artifact() -> list[dict[str, Any]]:
+    """The rows of the last run's `enrich-batches` table artifact."""
+    from prefect.artifacts import Artifact
+
+    found = Artifact.get("enrich-batches")
+    assert found is not None and isinstance(found.data, str)
+    return list(json.loads(found.data))
 
 
 def started(server: FakeOpenAIServer, source: Path, out: Path, ready: Callable[[], bool]) -> subprocess.Popen[bytes]:

@@ -7,34 +7,29 @@ step, so a run killed at any point resumes the same files and batches when it is
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from langchain_openai import ChatOpenAI
-from openai.lib._parsing._completions import type_to_response_format_param
 from openai.types import Batch
-from pydantic import ValidationError
 
 from llm_enrich.flows.batch.client import BatchClient
 from llm_enrich.flows.batch.manifest import BatchEntry, Manifest, manifest_path
+from llm_enrich.flows.batch.requests import LaneBatch, lane_batch, line_of, split_keys, within_budget
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.llm.endpoint import Endpoint, describe_url
 from llm_enrich.flows.plan.lanes import OutputRun
 from llm_enrich.flows.plan.survey import Survey
+from llm_enrich.flows.report.artifacts import publish_batches
 from llm_enrich.flows.report.summary import RunSummary
 from llm_enrich.flows.run.runtime import Lane
 from llm_enrich.flows.tables.paths import is_remote
 from llm_enrich.schemas.errors import ConfigError, RunAborted
-from llm_enrich.transforms.admission import estimate_tokens
-from llm_enrich.transforms.batch_lines import line_outcome, request_line, split_lines
+from llm_enrich.transforms.batch_lines import line_outcome
 from llm_enrich.transforms.guards import StopSignal
 from llm_enrich.transforms.outcome import Outcome
-from llm_enrich.transforms.prompts import build_messages
 
 __all__ = ["BatchRun", "answer_by_batch", "batch_pending_summary"]
 
@@ -65,17 +60,6 @@ class BatchRun:
         )
 
 
-@dataclass
-class _LaneBatch:
-    """One lane's way to and from batch lines."""
-
-    number: int
-    lane: Lane
-    todo: dict[str, str]  # key -> prompt still to ask
-    body_of: Callable[[str], dict[str, Any]]
-    reply_of: Callable[[dict[str, Any]], Any]
-
-
 def answer_by_batch(
     job: EnrichJob, runs: list[OutputRun], lanes: list[Lane], endpoint: Endpoint, base_url: str | None,
     stop: StopSignal, log: logging.Logger | logging.LoggerAdapter[Any],
@@ -87,7 +71,7 @@ def answer_by_batch(
             "local model; use --mode online."
         )
     secret = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else None
-    work = [_lane_batch(i, run, lane) for i, (run, lane) in enumerate(zip(runs, lanes, strict=True))]
+    work = [lane_batch(i, run, lane) for i, (run, lane) in enumerate(zip(runs, lanes, strict=True))]
     manifest = Manifest.load(manifest_path(job.destination, is_remote(job.destination)))
     result = BatchRun(prompts=sum(len(w.todo) for w in work))
     if not result.prompts:
@@ -124,6 +108,8 @@ def answer_by_batch(
     finally:
         client.close()
     result.pending = len(manifest.pending)
+    about = f"{result.pending} of {len(manifest.entries)} batches pending, {result.prompts} prompts sent by batch"
+    publish_batches(manifest.table([run.job.output_column for run in runs]), about)
     if not result.pending:
         manifest.remove()
     return result
@@ -148,47 +134,7 @@ def batch_pending_summary(
     )  # fmt: skip
 
 
-def _lane_batch(number: int, run: OutputRun, lane: Lane) -> _LaneBatch:
-    """How one lane's prompts become request bodies, and result bodies become replies (as ChatOpenAI does)."""
-    chat = cast(ChatOpenAI, lane.model)
-    spec = lane.spec
-    kwargs: dict[str, Any] = {}
-    parser: Any = None
-    if spec.structured is not None:
-        structured: Any = chat.with_structured_output(
-            spec.structured.model, method=spec.structured.method, include_raw=True
-        )
-        kwargs = dict(structured.first.steps__["raw"].kwargs)
-        parser = structured.last
-
-    def body_of(prompt: str) -> dict[str, Any]:
-        payload = chat._get_request_payload(build_messages(prompt, spec.system), **kwargs)
-        for name in ("stream", "ls_structured_output_format"):
-            payload.pop(name, None)
-        payload.update(payload.pop("extra_body", None) or {})
-        if isinstance(payload.get("response_format"), type):
-            payload["response_format"] = type_to_response_format_param(payload["response_format"])
-        return cast(dict[str, Any], payload)
-
-    def reply_of(body: dict[str, Any]) -> Any:
-        generation = chat._create_chat_result(body).generations[0]
-        message = generation.message
-        # What BaseChatModel.generate adds online: finish_reason and the rest of the generation info.
-        message.response_metadata = {**(generation.generation_info or {}), **message.response_metadata}
-        if spec.structured is not None and spec.structured.method == "json_schema":
-            # Online, the SDK's parse() fills additional_kwargs["parsed"]; a batch line is parsed here.
-            try:
-                parsed = spec.structured.model.model_validate_json(message.text)
-            except ValidationError as exc:
-                return {"raw": message, "parsed": None, "parsing_error": exc}
-            return {"raw": message, "parsed": parsed, "parsing_error": None}
-        return parser.invoke({"raw": message}) if parser is not None else message
-
-    todo = {k: p for k, p in run.tally.todo.items() if k not in lane.memo.done}
-    return _LaneBatch(number, lane, todo, body_of, reply_of)
-
-
-def _plan(manifest: Manifest, work: list[_LaneBatch], job: EnrichJob) -> None:
+def _plan(manifest: Manifest, work: list[LaneBatch], job: EnrichJob) -> None:
     """Keep the manifest's files that still hold keys to ask; split the other keys into new files."""
     kept: list[BatchEntry] = []
     covered: set[tuple[int, str]] = set()
@@ -201,7 +147,7 @@ def _plan(manifest: Manifest, work: list[_LaneBatch], job: EnrichJob) -> None:
     for w in work:
         fresh = [k for k in w.todo if (w.number, k) not in covered]
         if job.batch_submit:
-            manifest.entries += _split(w, _within_budget(w, fresh), job)
+            manifest.entries += split_keys(w, within_budget(w, fresh), job)
         else:  # only collecting (after `enrich batch cancel`): what no batch holds is not sent
             for key in fresh:
                 _withdraw(w.lane, key)
@@ -214,41 +160,11 @@ def _plan(manifest: Manifest, work: list[_LaneBatch], job: EnrichJob) -> None:
     manifest.save()
 
 
-def _within_budget(w: _LaneBatch, keys: list[str]) -> list[str]:
-    """The keys whose worst case (prompt + max_tokens at batch prices) fits --max-cost; the rest are not sent."""
-    ctx = w.lane.ctx
-    if ctx.budget is None or ctx.price is None:
-        return keys
-    prefix = f"{w.lane.spec.system}\n" if w.lane.spec.system else ""
-    kept = []
-    for key in keys:
-        worst = ctx.price.cost(estimate_tokens(prefix + w.todo[key]), ctx.max_tokens)
-        if ctx.budget.try_reserve(worst):  # held: a batch line is paid when the batch runs, not settled here
-            kept.append(key)
-        else:
-            w.lane.memo.done[key] = Outcome(
-                error=f"not sent: the --max-cost budget of ${ctx.budget.limit_usd:g} would be exceeded; "
-                "rerun with a higher --max-cost to continue"
-            )
-    return kept
-
-
-def _split(w: _LaneBatch, keys: list[str], job: EnrichJob, *, resubmitted: bool = False) -> list[BatchEntry]:
-    """New entries for ``keys``, each file within --batch-max-requests and --batch-max-bytes."""
-    sizes = [len(json.dumps(_line(w, k), ensure_ascii=False).encode()) + 1 for k in keys]
-    ranges = split_lines(sizes, max_requests=job.batch_max_requests, max_bytes=job.batch_max_bytes)
-    return [BatchEntry(lane=w.number, custom_ids=keys[a:b], resubmitted=resubmitted) for a, b in ranges]
-
-
-def _line(w: _LaneBatch, key: str) -> dict[str, Any]:
-    return request_line(key, w.body_of(w.todo[key]))
-
-
-def _submit(entry: BatchEntry, client: BatchClient, work: list[_LaneBatch], manifest: Manifest, job: EnrichJob) -> None:
+def _submit(entry: BatchEntry, client: BatchClient, work: list[LaneBatch], manifest: Manifest, job: EnrichJob) -> None:
     """Upload (if not yet) and create the batch, recording each step before the next."""
     if entry.state == "new":
         w = work[entry.lane]
-        entry.file_id = client.upload([_line(w, k) for k in entry.custom_ids])
+        entry.file_id = client.upload([line_of(w, k) for k in entry.custom_ids])
         entry.state = "uploaded"
         manifest.save()
     assert entry.file_id is not None
@@ -267,7 +183,7 @@ def _submit(entry: BatchEntry, client: BatchClient, work: list[_LaneBatch], mani
 
 
 def _finish(
-    entry: BatchEntry, batch: Batch, client: BatchClient, work: list[_LaneBatch], manifest: Manifest,
+    entry: BatchEntry, batch: Batch, client: BatchClient, work: list[LaneBatch], manifest: Manifest,
     job: EnrichJob, secret: str | None, log: logging.Logger | logging.LoggerAdapter[Any],
 ) -> bool:  # fmt: skip
     """A batch reached a final state: collect its lines, resubmit what is left, or report why it failed.
@@ -318,7 +234,7 @@ def _finish(
         return True
     if not entry.resubmitted:
         log.warning("batch %s ended %s with %d lines unanswered; sending them again", batch.id, batch.status, len(left))
-        manifest.entries += _split(w, left, job, resubmitted=True)
+        manifest.entries += split_keys(w, left, job, resubmitted=True)
         return True
     for key in left:
         _record(w.lane, key, Outcome(error=f"the batch ended {batch.status} before this prompt was answered, twice; "

@@ -58,6 +58,15 @@ class Manifest(BaseModel):
         if self.path is not None:
             Path(self.path).unlink(missing_ok=True)
 
+    def table(self, outputs: list[str]) -> list[dict[str, object]]:
+        """One row per batch file for the run's artifact (``outputs``: the answer column of each lane)."""
+        return [
+            {"batch": e.batch_id or "(not submitted)", "output": outputs[e.lane] if e.lane < len(outputs) else "?",
+             "lines": len(e.custom_ids), "state": e.state, "provider status": e.status or "",
+             "resubmitted": e.resubmitted, "cancelled": e.cancelled}
+            for e in self.entries
+        ]  # fmt: skip
+
     @property
     def pending(self) -> list[BatchEntry]:
         """Entries not collected yet."""

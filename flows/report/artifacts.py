@@ -20,7 +20,7 @@ from llm_enrich.flows.report.summary import RunSummary
 from llm_enrich.flows.tables.validation import REJECT_REASON
 from llm_enrich.schemas.enriched import ERROR_COLUMN
 
-__all__ = ["FAILURE_ROWS", "Progress", "failed_rows", "publish_failure", "publish_report"]
+__all__ = ["FAILURE_ROWS", "Progress", "failed_rows", "publish_batches", "publish_failure", "publish_report"]
 
 _SAMPLE_ROWS = 20
 FAILURE_ROWS = 100
@@ -114,6 +114,12 @@ def failed_rows(enriched: pl.DataFrame, output_column: str, limit: int = FAILURE
         .head(limit)
         .select(pl.exclude(output_column, r"^enrich_.*$"), stage=pl.lit("model"), why=pl.col(ERROR_COLUMN))
     )
+
+
+def publish_batches(rows: list[dict[str, Any]], about: str) -> None:
+    """Batch mode: each batch's id, state and line count, as the run left them."""
+    if rows:
+        best_effort(lambda: create_table_artifact(rows, key="enrich-batches", description=about), "batches artifact")
 
 
 def publish_failure(message: str) -> None:
