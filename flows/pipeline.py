@@ -129,7 +129,7 @@ def run_enrichment(job: EnrichJob) -> RunSummary:
             check_destination(job)
             log.info("trial run on %s, written to %s", job.trial, job.destination)
         if job.approve_above_usd is not None:
-            approve_run(job, log.warning)
+            approve_run(job, log.warning, stop.check)
         endpoint = resolve_endpoint(job)
         if not is_remote(job.destination):
             held.enter_context(

@@ -339,3 +339,25 @@ def test_a_deployment_run_above_the_threshold_pauses_until_a_person_approves(
     ended = _final(prefect_server, run.id)
     assert ended.state.is_completed(), ended.state
     assert served_llm.stats.requests == 30 and pl.read_parquet(approved_out).height == 30
+
+
+def test_a_cancel_from_the_ui_stops_a_run_waiting_for_approval_at_once(
+    prefect_server: str, served: Path, served_llm: FakeOpenAIServer
+) -> None:
+    from prefect.states import Cancelling
+
+    from tests.prefect_server import api
+
+    served_llm.reset()
+    out = served / "cancelled-while-paused.parquet"
+    job = {"input_path": str(DATA / "topics.csv"), "output_path": str(out), "approve_above_usd": 0.0, "cache": False}
+    run = _paused_run(prefect_server, job)
+    with api(prefect_server) as client:
+        client.set_flow_run_state(run.id, Cancelling(), force=True)
+    ended = _final(prefect_server, run.id)
+    assert ended.state.is_cancelled(), ended.state
+    # The run's own handler ended the wait (the runner's SIGKILL would come 30 s later and say nothing).
+    with api(prefect_server) as client:
+        messages = [s.message or "" for s in client.read_flow_run_states(run.id)]
+    assert any("interrupted by SIGTERM" in m for m in messages), messages
+    assert served_llm.stats.requests == 0 and not out.exists()

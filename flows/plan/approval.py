@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
+import threading
+import time
 from collections.abc import Callable
+from typing import TypeVar, cast
 
 from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
@@ -17,6 +21,7 @@ from llm_enrich.schemas.errors import ConfigError, RunInterrupted
 __all__ = ["Approval", "approve_run", "describe_estimate", "needs_approval", "wait_for_approval"]
 
 _POLL_SECONDS = 2
+T = TypeVar("T")
 
 
 class Approval(RunInput):
@@ -44,7 +49,7 @@ def describe_estimate(job: EnrichJob, e: Estimate) -> str:
     )
 
 
-def wait_for_approval(job: EnrichJob, estimate: Estimate) -> None:
+def wait_for_approval(job: EnrichJob, estimate: Estimate, check_stop: Callable[[], None]) -> None:
     """Pause a deployment run until a person approves it in the UI; a rejection or a timeout stops it, nothing sent."""
     context = FlowRunContext.get()
     if context is None or context.flow_run is None or context.flow_run.deployment_id is None:
@@ -55,7 +60,10 @@ def wait_for_approval(job: EnrichJob, estimate: Estimate) -> None:
         )
     form = Approval.with_initial_data(description=f"**Approve this run?** {describe_estimate(job, estimate)}")
     try:
-        answer = pause_flow_run(wait_for_input=form, timeout=job.approve_timeout, poll_interval=_POLL_SECONDS)
+        answer = _paused(
+            lambda: pause_flow_run(wait_for_input=form, timeout=job.approve_timeout, poll_interval=_POLL_SECONDS),
+            check_stop,
+        )
     except FlowPauseTimeout as exc:
         raise RunInterrupted(
             f"not approved within {job.approve_timeout} s (approve_timeout); nothing was sent or written."
@@ -65,9 +73,34 @@ def wait_for_approval(job: EnrichJob, estimate: Estimate) -> None:
         raise RunInterrupted(f"rejected by the approver{why}; nothing was sent or written.")
 
 
-def approve_run(job: EnrichJob, warn: Callable[[str], None]) -> None:
+def approve_run(job: EnrichJob, warn: Callable[[str], None], check_stop: Callable[[], None]) -> None:
     """Above the job's threshold, a person approves the estimate first (the run pauses under a deployment)."""
     estimate = estimate_job(job)
     if needs_approval(job, estimate):
         warn(f"waiting for approval: {describe_estimate(job, estimate)}")
-        wait_for_approval(job, estimate)
+        wait_for_approval(job, estimate, check_stop)
+
+
+def _paused(pause: Callable[[], T], check_stop: Callable[[], None]) -> T:
+    """Wait for Prefect's pause on a daemon thread, so a stop (a cancel's SIGTERM, Ctrl-C) ends the wait at once.
+
+    Prefect's pause polls for hours without looking at our stop; its thread dies with the process.
+    """
+    box: list[tuple[bool, object]] = []
+    context = contextvars.copy_context()  # the pause needs the flow run's context
+
+    def wait() -> None:
+        try:
+            box.append((True, context.run(pause)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, which raises it
+            box.append((False, exc))
+
+    threading.Thread(target=wait, name="approval-pause", daemon=True).start()
+    while not box:
+        check_stop()
+        time.sleep(0.1)
+    ok, value = box[0]
+    if not ok:
+        assert isinstance(value, BaseException)
+        raise value
+    return cast(T, value)
