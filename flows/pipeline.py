@@ -3,7 +3,6 @@
 # No `from __future__ import annotations` here: Prefect builds the parameter model from this
 # module's real annotations when a deployment loads the flow.
 import time
-from collections import Counter
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -18,7 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from llm_enrich.flows.batch.collect import answer_by_batch, batch_pending_summary
 from llm_enrich.flows.job import EnrichJob
-from llm_enrich.flows.llm.endpoint import describe_url, resolve_endpoint
+from llm_enrich.flows.llm.endpoint import describe_endpoint, describe_url, resolve_endpoint
 from llm_enrich.flows.llm.local_model import LOCAL_MODEL_NOTICE, serve_local_model
 from llm_enrich.flows.plan.approval import approve_run
 from llm_enrich.flows.plan.estimate import estimate_job, project_full_run
@@ -29,7 +28,7 @@ from llm_enrich.flows.report.artifacts import FAILURE_ROWS, Progress, publish_fa
 from llm_enrich.flows.report.events import RunOutcome, emit_run_event, outcome_of
 from llm_enrich.flows.report.orchestration import begin_records, best_effort
 from llm_enrich.flows.report.progress import current_sink
-from llm_enrich.flows.report.summary import RunSummary, one_line
+from llm_enrich.flows.report.summary import RunSummary, most_common, one_line
 from llm_enrich.flows.run.dispatch import dispatch_partitions
 from llm_enrich.flows.run.partitions import SAMPLE_ROWS, PartitionWork, enrich_partition
 from llm_enrich.flows.run.runtime import (
@@ -263,7 +262,7 @@ def _enrich(
         output=job.destination,
         rejected_output=rejected_path(job.destination) if survey.rows_rejected else None,
         model=primary.spec.identity.model,
-        endpoint=_describe_endpoint(base_url, local=endpoint.local),
+        endpoint=describe_endpoint(base_url, local=endpoint.local),
         outputs={
             run.job.output_column: {
                 "rows_failed": sum(r.failed[i] for r in results),
@@ -273,19 +272,13 @@ def _enrich(
             for i, run in enumerate(runs)
         },
         notes=_notes(primary.ctx.scheduler, sum(s.output_tokens for s in stats)),
-        most_common_error=_most_common([row.get("why") for r in results for row in r.problems]),
+        most_common_error=most_common([row.get("why") for r in results for row in r.problems]),
     )
     log.info("wrote %s: %d rows ok, %d failed", job.destination, summary.rows_ok, summary.rows_failed)
     sample = pl.DataFrame([row for r in results for row in r.sample][:SAMPLE_ROWS], infer_schema_length=None)
     problems = pl.DataFrame([row for r in results for row in r.problems][:FAILURE_ROWS], infer_schema_length=None)
     publish_report(summary, sample, problems, rejected)
     return summary
-
-
-def _most_common(errors: list[Any]) -> str | None:
-    """The most frequent reason among the failed rows the partitions sampled."""
-    counted = Counter(e for e in errors if e)
-    return str(counted.most_common(1)[0][0]) if counted else None
 
 
 def _notes(scheduler: Scheduler | None, output_tokens: int) -> list[str]:
@@ -309,14 +302,3 @@ def _interrupted(err: RunInterrupted, runs: list[OutputRun], cached: bool) -> st
 def _close_client(loop: EventLoopThread, http: httpx.AsyncClient) -> None:
     """Close one lane's HTTP client on the run's loop."""
     loop.run(http.aclose())
-
-
-def _describe_endpoint(base_url: str | None, *, local: bool) -> str:
-    """Where requests went, for the summary; the bundled model is only started when there is work."""
-    if not local:
-        return describe_url(base_url)
-    return (
-        f"{describe_url(base_url)} (bundled local model)"
-        if base_url
-        else "bundled local model (not started: nothing to ask)"
-    )

@@ -8,11 +8,12 @@ from typing import Annotated, Any, Optional
 import typer
 
 from llm_enrich.flows.cli.messages import print_estimate, print_summary
+from llm_enrich.flows.cli.options import job_from_options
 from llm_enrich.flows.cli.running import approve_on_terminal, estimate_summary, fail, leave, out_console, run_flow
-from llm_enrich.flows.job import EnrichJob, load_job_file, make_job
+from llm_enrich.flows.job import EnrichJob
 from llm_enrich.schemas.errors import ConfigError, EnrichError
 
-__all__ = ["app", "job_from_options"]
+__all__ = ["app"]
 
 app = typer.Typer(
     name="enrich",
@@ -21,62 +22,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-# CLI option name -> EnrichJob field, for the options that map one to one.
-_FIELD_OF = {
-    "input_path": "input_path",
-    "output": "output_path",
-    "in_place": "in_place",
-    "output_partition_by": "output_partition_by",
-    "input_format": "input_format",
-    "prompt": "prompt",
-    "system": "system",
-    "output_column": "output_column",
-    "model": "model",
-    "base_url": "base_url",
-    "api_key_env": "api_key_env",
-    "api_key_block": "api_key_secret",
-    "max_concurrency": "max_concurrency",
-    "max_retries": "max_retries",
-    "retry_base_delay": "retry_base_delay",
-    "timeout": "timeout",
-    "temperature": "temperature",
-    "max_tokens": "max_tokens",
-    "partition_rows": "partition_rows",
-    "partition_workers": "partition_workers",
-    "on_invalid": "on_invalid",
-    "schema": "input_schema",
-    "output_schema": "output_schema",
-    "output_prefix": "output_prefix",
-    "structured_method": "structured_method",
-    "dask_address": "dask_address",
-    "dask_local": "dask_local",
-    "staging_dir": "staging_dir",
-    "rpm": "rpm",
-    "tpm": "tpm",
-    "on_truncated": "on_truncated",
-    "max_error_rate": "max_error_rate",
-    "limit": "limit",
-    "mode": "mode",
-    "batch_wait": "batch_wait",
-    "batch_max_requests": "batch_max_requests",
-    "batch_max_bytes": "batch_max_bytes",
-    "batch_poll_seconds": "batch_poll_seconds",
-    "service_tier": "service_tier",
-    "prompt_cache_key": "prompt_cache_key",
-    "sample": "sample",
-    "seed": "seed",
-    "wait": "wait",
-    "wait_timeout": "wait_timeout",
-    "cache": "cache",
-    "cache_dir": "cache_dir",
-    "refresh_cache": "refresh_cache",
-    "retry_failed": "retry_failed",
-    "max_cost": "max_cost",
-    "approve_above": "approve_above_usd",
-    "input_price": "input_price",
-    "output_price": "output_price",
-}
 
 
 @app.callback()
@@ -257,22 +202,6 @@ def run(
     leave(0)
 
 
-def job_from_options(options: dict[str, Any]) -> EnrichJob:
-    """The job that `run`'s options (over --config's file) describe, or exit 2 naming what is wrong."""
-    config = options.get("config")
-    try:
-        values: dict[str, Any] = load_job_file(str(config)) if config else {}
-        values.update({_FIELD_OF[k]: v for k, v in options.items() if k in _FIELD_OF and v is not None})
-        if options.get("columns"):
-            values["input_schema"] = "template"
-        if pairs := options.get("storage_option"):
-            values["storage_options"] = {**values.get("storage_options", {}), **_pairs(pairs)}
-        return make_job(values, source=str(config) if config else "the options")
-    except EnrichError as err:
-        fail(err.message, err.exit_code)
-        raise  # unreachable: fail exits
-
-
 def _check_summary_path(job: EnrichJob, path: str) -> None:
     """--summary-json must not overwrite the input or the output."""
     from llm_enrich.flows.tables.destination import same_location
@@ -282,20 +211,6 @@ def _check_summary_path(job: EnrichJob, path: str) -> None:
             f"--summary-json '{path}' is the input or the output file; give the summary its own .json path. "
             "Nothing was sent or written."
         )
-
-
-def _pairs(items: list[str]) -> dict[str, str]:
-    """KEY=VALUE strings as a dict; a malformed one is a ConfigError."""
-    pairs = {}
-    for number, item in enumerate(items, start=1):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            # The value is not echoed: it may be a credential.
-            raise ConfigError(
-                f"--storage-option number {number} must look like KEY=VALUE (for example aws_region=us-east-1)."
-            )
-        pairs[key.strip()] = value
-    return pairs
 
 
 def estimate(**options: Any) -> None:

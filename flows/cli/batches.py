@@ -6,8 +6,9 @@ from typing import Any
 
 import typer
 
-from llm_enrich.flows.cli.app import app, job_from_options, run
+from llm_enrich.flows.cli.app import app, run
 from llm_enrich.flows.cli.messages import print_summary
+from llm_enrich.flows.cli.options import job_from_options
 from llm_enrich.flows.cli.running import fail, leave, out_console, run_flow
 from llm_enrich.schemas.errors import EnrichError
 

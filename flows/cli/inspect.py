@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from llm_enrich.flows.cli.app import _pairs, app
+from llm_enrich.flows.cli.app import app
+from llm_enrich.flows.cli.options import parse_pairs
 from llm_enrich.flows.cli.running import fail, out_console
 from llm_enrich.schemas.errors import EnrichError
 
@@ -40,7 +41,7 @@ def show(
 
     wanted = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
     try:
-        enriched = open_output(output, _pairs(storage_option) if storage_option else None)
+        enriched = open_output(output, parse_pairs(storage_option) if storage_option else None)
         if as_json:
             write_ndjson(enriched, wanted, limit=rows, failed=failed)
         else:
@@ -73,7 +74,7 @@ def cache_verify(
     from llm_enrich.flows.cache.reading import cache_location, render_report, verify_cache
 
     try:
-        storage = _pairs(storage_option) if storage_option else None
+        storage = parse_pairs(storage_option) if storage_option else None
         report = verify_cache(cache_location(output=output, cache_dir=cache_dir), storage, repair=repair)
     except EnrichError as err:
         fail(err.message, err.exit_code)

@@ -26,6 +26,7 @@ __all__ = [
     "Endpoint",
     "build_chat_model",
     "classify_openai_error",
+    "describe_endpoint",
     "describe_url",
     "redacting",
     "resolve_endpoint",
@@ -118,6 +119,17 @@ def _prefect_api() -> str:
 
     url = PREFECT_API_URL.value()
     return describe_url(url) if url else "(none set)"
+
+
+def describe_endpoint(base_url: str | None, *, local: bool) -> str:
+    """Where requests went, for the summary; the bundled model is only started when there is work."""
+    if not local:
+        return describe_url(base_url)
+    return (
+        f"{describe_url(base_url)} (bundled local model)"
+        if base_url
+        else "bundled local model (not started: nothing to ask)"
+    )
 
 
 def describe_url(url: str | None) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Any
+
 from pydantic import BaseModel
 
-__all__ = ["FullRunEstimate", "RunSummary", "one_line"]
+__all__ = ["FullRunEstimate", "RunSummary", "most_common", "one_line"]
 
 
 class FullRunEstimate(BaseModel):
@@ -64,3 +67,9 @@ def one_line(s: RunSummary) -> str:
         f"wrote {s.output}: {s.rows_ok:,} rows ok{failed}{rejected} ({s.rows_cached:,} from cache), "
         f"{s.requests:,} requests, {cost}, {s.wall_seconds:.1f} s"
     )
+
+
+def most_common(errors: list[Any]) -> str | None:
+    """The most frequent reason among the failed rows the partitions sampled."""
+    counted = Counter(e for e in errors if e)
+    return str(counted.most_common(1)[0][0]) if counted else None
