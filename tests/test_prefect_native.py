@@ -361,3 +361,64 @@ def test_a_cancel_from_the_ui_stops_a_run_waiting_for_approval_at_once(
         messages = [s.message or "" for s in client.read_flow_run_states(run.id)]
     assert any("interrupted by SIGTERM" in m for m in messages), messages
     assert served_llm.stats.requests == 0 and not out.exists()
+
+
+def test_cancel_new_drops_a_run_that_overlaps_the_one_running(
+    prefect_server: str, served_llm: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from llm_enrich.flows.children import stop_process_group
+    from tests.prefect_server import api
+
+    config = tmp_path / "job.toml"
+    config.write_text(f'input_path = "{DATA / "topics.csv"}"\noutput_path = "{tmp_path / "default.parquet"}"\n')
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "OPENAI_"))},
+        "PREFECT_API_URL": prefect_server,
+        "PREFECT_HOME": str(tmp_path / "home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "OPENAI_BASE_URL": served_llm.base_url,
+    }
+    command = [
+        sys.executable, "-m", "llm_enrich.flows.cli", "serve", "--config", str(config), "--cron", "",
+        "--name", "overlap", "--on-overlap", "cancel-new",
+    ]  # fmt: skip
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            with api(prefect_server) as client:
+                deployment = wait_for(
+                    lambda: _deployment_or_none(client, "enrich-table/overlap"), timeout=120, what="the deployment"
+                )
+                # The first run's replies take 30 s (it holds the deployment's one slot); the second overlaps it.
+                pl.DataFrame({"id": [1, 2], "topic": ["tea", "coffee"]}).write_csv(tmp_path / "two.csv")
+                slow = {"input_path": str(tmp_path / "two.csv"), "output_path": str(tmp_path / "first.parquet"),
+                        "prompt": "FAULT:slow {topic}", "cache": False}  # fmt: skip
+                first = client.create_flow_run_from_deployment(deployment.id, parameters={"job": slow})
+                wait_for(lambda: client.read_flow_run(first.id).state.is_running(), timeout=120, what="the first run")
+                second_job = {"input_path": str(DATA / "topics.csv"), "output_path": str(tmp_path / "second.parquet")}
+                second = client.create_flow_run_from_deployment(deployment.id, parameters={"job": second_job})
+
+                def ended() -> Any:
+                    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[second.id])))
+                    return runs[0] if runs and runs[0].state.is_final() else None
+
+                dropped = wait_for(ended, timeout=120, interval=1, what="the overlapping run to end")
+                assert dropped.state.is_cancelled(), dropped.state
+                assert not (tmp_path / "second.parquet").exists()
+                done = wait_for(
+                    lambda: (r := client.read_flow_run(first.id)).state.is_final() and r, timeout=120, what="the first"
+                )
+                assert done.state.is_completed(), done.state
+        finally:
+            stop_process_group(server)
+
+
+def _deployment_or_none(client: Any, name: str) -> Any:
+    try:
+        return client.read_deployment_by_name(name)
+    except Exception:  # noqa: BLE001 - not registered yet
+        return None
