@@ -113,7 +113,9 @@ def test_dask_local_runs_partitions_on_local_workers_under_the_flow_run(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
         )
     # Each slice is a task run of this flow run, whichever worker process ran it.
-    assert sorted(r.state_name for r in runs if r.name.startswith("enrich-partition")) == ["Completed"] * 3
+    # Each slice is named by the input rows it holds.
+    enriched = sorted((r.name, r.state_name) for r in runs if r.name.startswith("enrich rows"))
+    assert enriched == [(f"enrich rows {a}-{a + 9}", "Completed") for a in (1, 11, 21)]
 
 
 def test_a_prompt_repeated_across_workers_is_paid_once(
