@@ -185,7 +185,7 @@ def _enrich(
         sink.start(survey.rows_valid)
         sink.advance(primary.tally.rows_cached, primary.tally.rows_kept_failed)
         progress = Progress(survey.rows_valid, survey.rows_valid - survey.rows_to_ask)
-        secret = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else None
+        secret = endpoint.secret
         with ExitStack() as stack:
             if endpoint.local and survey.rows_to_ask:
                 sink.notice(LOCAL_MODEL_NOTICE)

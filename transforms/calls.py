@@ -55,7 +55,9 @@ __all__ = [
     "Reachability",
     "RetryPolicy",
     "ask_model",
+    "budget_refusal",
     "classify_generic",
+    "reserve_attempt",
 ]
 
 
@@ -169,13 +171,9 @@ async def ask_model(
     outcome = Outcome()
     for attempt in range(policy.max_retries + 1):
         ctx.stop.check()
-        reserved = _reserve(ctx, text_for_estimate)
+        reserved = reserve_attempt(ctx, text_for_estimate)
         if reserved is None:
-            assert ctx.budget is not None
-            outcome.error = (
-                f"not sent: the --max-cost budget of ${ctx.budget.limit_usd:g} would be exceeded; "
-                "rerun with a higher --max-cost to continue"
-            )
+            outcome.error = budget_refusal(ctx)
             return outcome
         outcome.attempts = attempt + 1
         stats.add(requests=1, retries=1 if attempt else 0)
@@ -278,12 +276,20 @@ _CORRECTION = (
 )
 
 
-def _reserve(ctx: CallContext, text: str) -> float | None:
-    """Reserve the worst-case cost of one attempt; None when the budget refuses."""
+def reserve_attempt(ctx: CallContext, text: str) -> float | None:
+    """Reserve the worst-case cost of one attempt (prompt + max_tokens); None when the budget refuses."""
     if ctx.budget is None or ctx.price is None:
         return 0.0
     worst = ctx.price.cost(estimate_tokens(text), ctx.max_tokens)
     return worst if ctx.budget.try_reserve(worst) else None
+
+
+def budget_refusal(ctx: CallContext) -> str:
+    """A row's error when the budget refused its request."""
+    limit = ctx.budget.limit_usd if ctx.budget is not None else 0.0
+    return (
+        f"not sent: the --max-cost budget of ${limit:g} would be exceeded; rerun with a higher --max-cost to continue"
+    )
 
 
 def _settle(ctx: CallContext, reserved: float, tokens: tuple[int, int]) -> None:

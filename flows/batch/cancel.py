@@ -41,7 +41,7 @@ def cancel_batches(job: EnrichJob) -> Cancelled:
             "job file as the batch run."
         )
     endpoint = resolve_endpoint(job)
-    secret = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else None
+    secret = endpoint.secret
     client = BatchClient(endpoint.base_url, secret, timeout=job.timeout, secret=secret)
     cancelled = ended = 0
     try:

@@ -70,7 +70,7 @@ def answer_by_batch(
             "--mode batch needs an endpoint with the Batch API (--base-url or OPENAI_API_KEY), not the bundled "
             "local model; use --mode online."
         )
-    secret = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else None
+    secret = endpoint.secret
     work = [lane_batch(i, run, lane) for i, (run, lane) in enumerate(zip(runs, lanes, strict=True))]
     manifest = Manifest.load(manifest_path(job.destination, is_remote(job.destination)))
     result = BatchRun(prompts=sum(len(w.todo) for w in work))

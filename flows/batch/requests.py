@@ -15,8 +15,8 @@ from llm_enrich.flows.batch.manifest import BatchEntry
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.plan.lanes import OutputRun
 from llm_enrich.flows.run.runtime import Lane
-from llm_enrich.transforms.admission import estimate_tokens
 from llm_enrich.transforms.batch_lines import request_line, split_lines
+from llm_enrich.transforms.calls import budget_refusal, reserve_attempt
 from llm_enrich.transforms.outcome import Outcome
 from llm_enrich.transforms.prompts import build_messages
 
@@ -77,19 +77,14 @@ def lane_batch(number: int, run: OutputRun, lane: Lane) -> LaneBatch:
 def within_budget(w: LaneBatch, keys: list[str]) -> list[str]:
     """The keys whose worst case (prompt + max_tokens at batch prices) fits --max-cost; the rest are not sent."""
     ctx = w.lane.ctx
-    if ctx.budget is None or ctx.price is None:
-        return keys
     prefix = f"{w.lane.spec.system}\n" if w.lane.spec.system else ""
     kept = []
     for key in keys:
-        worst = ctx.price.cost(estimate_tokens(prefix + w.todo[key]), ctx.max_tokens)
-        if ctx.budget.try_reserve(worst):  # held: a batch line is paid when the batch runs, not settled here
+        # The same reservation an online attempt makes; held, since a line is paid when its batch runs.
+        if reserve_attempt(ctx, prefix + w.todo[key]) is not None:
             kept.append(key)
         else:
-            w.lane.memo.done[key] = Outcome(
-                error=f"not sent: the --max-cost budget of ${ctx.budget.limit_usd:g} would be exceeded; "
-                "rerun with a higher --max-cost to continue"
-            )
+            w.lane.memo.done[key] = Outcome(error=budget_refusal(ctx))
     return kept
 
 

@@ -9,7 +9,8 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from llm_enrich.flows.cli.app import app
-from llm_enrich.flows.cli.running import fail, job_from_config, out_console
+from llm_enrich.flows.cli.options import job_from_config
+from llm_enrich.flows.cli.running import fail, out_console
 from llm_enrich.schemas.errors import ConfigError, EnrichError
 
 __all__ = ["deploy", "serve"]

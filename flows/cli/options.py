@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from llm_enrich.flows.cli.running import fail
 from llm_enrich.flows.job import EnrichJob, load_job_file, make_job
 from llm_enrich.schemas.errors import ConfigError, EnrichError
 
-__all__ = ["job_from_options", "parse_pairs"]
+__all__ = ["job_from_config", "job_from_options", "parse_pairs"]
 
 # CLI option name -> EnrichJob field, for the options that map one to one.
 _FIELD_OF = {
@@ -67,7 +68,12 @@ _FIELD_OF = {
 }
 
 
-def job_from_options(options: dict[str, Any]) -> EnrichJob:
+def job_from_config(config: Path | None) -> EnrichJob:
+    """The job in a TOML/YAML file (or the sample job), or exit 2 naming what is wrong."""
+    return job_from_options({"config": config}, without_config="the defaults")
+
+
+def job_from_options(options: dict[str, Any], *, without_config: str = "the options") -> EnrichJob:
     """The job that `run`'s options (over --config's file) describe, or exit 2 naming what is wrong."""
     config = options.get("config")
     try:
@@ -77,7 +83,7 @@ def job_from_options(options: dict[str, Any]) -> EnrichJob:
             values["input_schema"] = "template"
         if pairs := options.get("storage_option"):
             values["storage_options"] = {**values.get("storage_options", {}), **parse_pairs(pairs)}
-        return make_job(values, source=str(config) if config else "the options")
+        return make_job(values, source=str(config) if config else without_config)
     except EnrichError as err:
         fail(err.message, err.exit_code)
         raise  # unreachable: fail exits

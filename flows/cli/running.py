@@ -6,13 +6,12 @@ import os
 import signal
 import sys
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any, cast
 
 import typer
 from rich.console import Console
 
-from llm_enrich.flows.job import EnrichJob, load_job_file, make_job
+from llm_enrich.flows.job import EnrichJob
 from llm_enrich.schemas.errors import EnrichError
 
 __all__ = [
@@ -20,7 +19,6 @@ __all__ = [
     "err_console",
     "estimate_summary",
     "fail",
-    "job_from_config",
     "leave",
     "out_console",
     "run_flow",
@@ -28,16 +26,6 @@ __all__ = [
 
 err_console = Console(stderr=True)
 out_console = Console()
-
-
-def job_from_config(config: Path | None) -> EnrichJob:
-    """The job in a TOML/YAML file (or the sample job), or exit 2 naming what is wrong."""
-    try:
-        values = load_job_file(str(config)) if config else {}
-        return make_job(values, source=str(config) if config else "the defaults")
-    except EnrichError as err:
-        fail(err.message, err.exit_code)
-        raise  # unreachable: fail exits
 
 
 def estimate_summary(job: EnrichJob) -> dict[str, Any]:

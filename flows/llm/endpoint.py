@@ -7,7 +7,6 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -16,6 +15,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.tables.paths import strip_credentials
 from llm_enrich.schemas.errors import ConfigError, UserError
 from llm_enrich.transforms.calls import AttemptDeadline, Failure
 from llm_enrich.transforms.replies import EmptyReply
@@ -53,6 +53,11 @@ class Endpoint:
     base_url: str | None
     api_key: SecretStr | None
     local: bool
+
+    @property
+    def secret(self) -> str | None:
+        """The key's value, for the places that must redact it or send it."""
+        return self.api_key.get_secret_value() if self.api_key is not None else None
 
 
 def resolve_endpoint(job: EnrichJob) -> Endpoint:
@@ -134,12 +139,7 @@ def describe_endpoint(base_url: str | None, *, local: bool) -> str:
 
 def describe_url(url: str | None) -> str:
     """A URL fit for logs: scheme, host and path, without credentials or query."""
-    if not url:
-        return "the OpenAI API"
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    return strip_credentials(url) if url else "the OpenAI API"
 
 
 def redacting(classify: Callable[[BaseException], Failure], secret: str | None) -> Callable[[BaseException], Failure]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextvars
+import queue
 import threading
-import time
 from collections.abc import Callable
 from typing import TypeVar, cast
 
@@ -86,21 +86,23 @@ def _paused(pause: Callable[[], T], check_stop: Callable[[], None]) -> T:
 
     Prefect's pause polls for hours without looking at our stop; its thread dies with the process.
     """
-    box: list[tuple[bool, object]] = []
+    done: queue.Queue[tuple[bool, object]] = queue.Queue(maxsize=1)
     context = contextvars.copy_context()  # the pause needs the flow run's context
 
     def wait() -> None:
         try:
-            box.append((True, context.run(pause)))
+            done.put((True, context.run(pause)))
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, which raises it
-            box.append((False, exc))
+            done.put((False, exc))
 
     threading.Thread(target=wait, name="approval-pause", daemon=True).start()
-    while not box:
+    while True:  # bounded: the pause returns or raises FlowPauseTimeout after approve_timeout; a stop raises
         check_stop()
-        time.sleep(0.1)
-    ok, value = box[0]
-    if not ok:
-        assert isinstance(value, BaseException)
-        raise value
-    return cast(T, value)
+        try:
+            ok, value = done.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if not ok:
+            assert isinstance(value, BaseException)
+            raise value
+        return cast(T, value)

@@ -68,7 +68,7 @@ def plan_outputs(
         )
         known = build_known(cached, previous, retry_failed=job.retry_failed)
         price = resolve_price(single, spec.identity.model, local=endpoint.local)
-        secret = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else None
+        secret = endpoint.secret
         ctx = build_context(single, price, max_concurrency=spec.max_concurrency, secret=secret)
         if shared is None:
             shared = ctx

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from prefect.events import emit_event
 
 from llm_enrich.flows.report.summary import RunSummary
+from llm_enrich.flows.tables.paths import is_remote, strip_credentials
 
 __all__ = ["EVENT_PREFIX", "RunOutcome", "emit_run_event", "outcome_of", "public_uri"]
 
@@ -50,11 +50,8 @@ def outcome_of(summary: RunSummary) -> Outcome:
 
 def public_uri(destination: str) -> str:
     """The output as a URI fit for a resource id: no credentials, no query (a SAS token lives there)."""
-    parts = urlsplit(destination)
-    if parts.scheme and len(parts.scheme) > 1:  # a one-letter scheme is a Windows drive
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{host}{port}{parts.path}"
+    if is_remote(destination) or "://" in destination:
+        return strip_credentials(destination)
     return "file://" + os.path.abspath(destination)
 
 

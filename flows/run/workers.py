@@ -58,7 +58,7 @@ def _build(job: EnrichJob, *, local: bool, served_url: str | None, columns: Sequ
     # The key is read from this worker's environment; the identity (answer keys) must match the flow's.
     found = resolve_endpoint(job)
     endpoint = Endpoint(base_url=found.base_url, api_key=found.api_key, local=local)
-    secret = endpoint.api_key.get_secret_value() if endpoint.api_key is not None else None
+    secret = endpoint.secret
     cache = open_cache(job.cache_dir or default_cache_dir(job.destination), job.storage()) if job.cache else None
     loop = EventLoopThread()
     lanes: list[Lane] = []

@@ -5,12 +5,21 @@ from __future__ import annotations
 import posixpath
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-__all__ = ["REMOTE_SCHEMES", "is_remote", "open_store", "sibling", "suffix_of"]
+__all__ = ["REMOTE_SCHEMES", "is_remote", "open_store", "sibling", "strip_credentials", "suffix_of"]
 
 REMOTE_SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://")
 # polars-style storage options that obstore takes as HTTP client settings rather than store config.
 _CLIENT_KEYS = {"allow_http", "allow_invalid_certificates", "timeout", "connect_timeout", "proxy_url"}
+
+
+def strip_credentials(url: str) -> str:
+    """scheme://host[:port]/path: no user, password, query or fragment (a SAS token lives in the query)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def is_remote(location: str) -> bool:
