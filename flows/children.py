@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -78,7 +78,7 @@ def wait_healthy(
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise error(f"{what} did not become healthy within {timeout:.0f} s.")
 
 
@@ -110,15 +110,20 @@ def free_port() -> int:
 @contextmanager
 def run_child(
     command: list[str], *, health_url: str, timeout: float, error: type[EnrichError], what: str, log_prefix: str,
-    env: dict[str, str] | None = None, grace: float = 10.0,
+    env: dict[str, str] | None = None, grace: float = 10.0, while_starting: Callable[[], object] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:  # fmt: skip
-    """Start a server in its own session, wait until ``health_url`` answers, and always stop it and its log."""
+    """Start a server in its own session, wait until ``health_url`` answers, and always stop it and its log.
+
+    ``while_starting`` runs here between the start and the wait: work that overlaps the child's start-up.
+    """
     log = tempfile.NamedTemporaryFile(prefix=log_prefix, suffix=".log", delete=False)
     process = subprocess.Popen(
         command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
     )
     remember_child(process)
     try:
+        if while_starting is not None:
+            while_starting()
         wait_healthy(process, health_url, timeout=timeout, log=Path(log.name), error=error, what=what)
         yield process
     finally:
