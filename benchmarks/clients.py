@@ -13,13 +13,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import polars as pl
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_openai import ChatOpenAI
+from pydantic import SecretStr
 
 from benchmarks.common import TEMPLATE, ServerProcess, render, unique_prompts
-from llm_enrich.flows.llm.endpoint import classify_openai_error
+from llm_enrich.flows.llm.endpoint import ModelSettings, build_chat_model, classify_openai_error
 from llm_enrich.schemas.enriched import ERROR_COLUMN
 from llm_enrich.transforms.admission import Scheduler
 from llm_enrich.transforms.calls import CallContext, Failure, RetryPolicy
@@ -154,23 +154,14 @@ def run_ours(load: Load, topics: list[str], limit: Limit, retry_base_delay: floa
 
     async def go(base_url: str) -> tuple[pl.DataFrame, float]:
         # The client belongs to this event loop: created inside it, closed before it ends.
-        client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=load.concurrency, max_keepalive_connections=load.concurrency),
-            timeout=30,
-            # As flows/run/runtime.py wires it: the scheduler reads rate-limit headers and 429 bodies.
-            event_hooks={"response": [scheduler.on_response]},
-        )
+        # The product's own builder; the scheduler reads every response as flows/run/runtime.py wires it.
+        settings = ModelSettings(
+            model="fake", base_url=base_url, api_key=SecretStr("sk-test"), timeout=30, max_tokens=load.max_tokens,
+            max_concurrency=load.concurrency,
+        )  # fmt: skip
+        model, client = build_chat_model(settings)
+        client.event_hooks["response"].append(scheduler.on_response)
         try:
-            model = ChatOpenAI(
-                model="fake",
-                base_url=base_url,
-                api_key="sk-test",
-                max_retries=0,
-                timeout=30,
-                use_responses_api=False,
-                max_tokens=load.max_tokens,
-                http_async_client=client,
-            )
             started = time.perf_counter()
             out = await enrich_frame_async(frame, spec, model, ctx=ctx, memo=AnswerMemo())
             return out, time.perf_counter() - started

@@ -59,6 +59,7 @@ FORM_SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
             ("batch_max_bytes", "Batch mode: bytes per file"),
             ("batch_poll_seconds", "Batch mode: poll interval (seconds)"),
             ("batch_submit", "Batch mode: submit new batches"),
+            ("batch_deadline", "Batch mode: deadline, then online (seconds)"),
             ("prompt_cache_key", "Prompt cache key"),
         ],
     ),

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from llm_enrich.flows.form import present_form
 from llm_enrich.schemas.errors import ConfigError
 
-__all__ = ["DEFAULT_PROMPT", "EnrichJob", "ExtraOutput", "load_job_file", "make_job"]
+__all__ = ["DEFAULT_PROMPT", "EnrichJob", "ExtraOutput", "load_job_file", "make_job", "parse_duration"]
 
 DEFAULT_PROMPT = "Explain this topic in two sentences: {topic}"
 
@@ -31,6 +31,19 @@ class ExtraOutput(BaseModel):
     structured_method: Literal["auto", "json_schema", "function_calling", "json_mode"] = Field(
         "auto", description="How to ask for structure."
     )
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '90', '90s', '30m', '6h' or '1d' (a ValueError names the forms otherwise)."""
+    value = text.strip().lower()
+    number, unit = (value[:-1], value[-1]) if value[-1:] in _UNITS else (value, "s")
+    try:
+        return float(number) * _UNITS[unit]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration; write seconds or 90s, 30m, 6h, 1d") from None
 
 
 FLEX_TIMEOUT = 900.0
@@ -153,6 +166,14 @@ class EnrichJob(BaseModel):
     batch_poll_seconds: float = Field(
         30.0, gt=0, le=3_600, description="Batch mode: longest pause between two looks at a batch's state."
     )
+    batch_deadline: float | None = Field(
+        None,
+        gt=0,
+        le=30 * 86_400,
+        description="Batch mode: seconds after the first batch was submitted (or 90s, 30m, 6h, 1d); then the "
+        "batches still running are cancelled and their unanswered prompts go online, at online prices. A row's "
+        "answer is written once, whichever came first.",
+    )
     service_tier: Literal["auto", "default", "flex"] | None = Field(
         None,
         description="OpenAI service tier for online requests; flex: batch prices, slower replies, 429 "
@@ -244,6 +265,11 @@ class EnrichJob(BaseModel):
         "'topics' (the bundled schema), 'template' (the template's columns must be present and non-null) "
         "or 'module:Class' (a pandera DataFrameModel of your own). The run's first log line says which was used.",
     )
+
+    @field_validator("batch_deadline", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        return parse_duration(value) if isinstance(value, str) else value
 
     @field_validator("output_column")
     @classmethod

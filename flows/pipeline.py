@@ -3,7 +3,8 @@
 # No `from __future__ import annotations` here: Prefect builds the parameter model from this
 # module's real annotations when a deployment loads the flow.
 import time
-from contextlib import ExitStack
+from concurrent.futures import CancelledError
+from contextlib import ExitStack, suppress
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,7 @@ def _enrich(
         sink.advance(primary.tally.rows_cached, primary.tally.rows_kept_failed)
         progress = Progress(survey.rows_valid, survey.rows_valid - survey.rows_to_ask)
         secret = endpoint.secret
+        learned: list[str] = []
         with ExitStack() as stack:
             if endpoint.local and survey.rows_to_ask:
                 sink.notice(LOCAL_MODEL_NOTICE)
@@ -209,6 +211,7 @@ def _enrich(
                 sent = answer_by_batch(job, runs, lanes, endpoint, base_url, stop, log)
                 if sent.pending:
                     return batch_pending_summary(sent, survey, runs, job, started)
+                learned += sent.overdue_notes(job.batch_deadline)
             runtime = Runtime(lanes=lanes, loop=loop, secret=secret, cache=cache, schema=schema)
             stack.callback(forget_runtime, register_runtime(runtime))
             work = PartitionWork(
@@ -234,8 +237,8 @@ def _enrich(
     truncated = sum(r.truncated_any for r in results)
     if truncated:
         log.warning(
-            "%d rows have an answer cut off at max_tokens (%d; enrich_truncated is true): raise max_tokens "
-            "(--max-tokens), or set on_truncated = 'error' (--on-truncated error) to count them as failed.",
+            "%d rows have an answer cut off at max_tokens (%d; enrich_truncated is true): raise `max_tokens`, "
+            "or set `on_truncated` = 'error' to count them as failed.",
             truncated, job.max_tokens,
         )  # fmt: skip
     stats = [run.ctx.stats for run in runs]
@@ -271,7 +274,7 @@ def _enrich(
             }
             for i, run in enumerate(runs)
         },
-        notes=_notes(primary.ctx.scheduler, sum(s.output_tokens for s in stats)),
+        notes=[*_notes(primary.ctx.scheduler, sum(s.output_tokens for s in stats)), *learned],
         most_common_error=most_common([row.get("why") for r in results for row in r.problems]),
     )
     log.info("wrote %s: %d rows ok, %d failed", job.destination, summary.rows_ok, summary.rows_failed)
@@ -291,7 +294,7 @@ def _interrupted(err: RunInterrupted, runs: list[OutputRun], cached: bool) -> st
     """One line: what was answered before the stop, where it is kept, and how to finish."""
     answered = sum(run.ctx.stats.answered for run in runs)
     asked = sum(run.tally.unique_todo for run in runs)
-    kept = "kept in the cache" if cached else "not kept (--no-cache)"
+    kept = "kept in the cache" if cached else "not kept (`cache` = false)"
     return (
         f"{err.message}: {answered:,} of {asked:,} prompts to ask were answered and are {kept}; the output was not "
         "written (a previous one is untouched). Rerun the same command to finish"
@@ -300,5 +303,8 @@ def _interrupted(err: RunInterrupted, runs: list[OutputRun], cached: bool) -> st
 
 
 def _close_client(loop: EventLoopThread, http: httpx.AsyncClient) -> None:
-    """Close one lane's HTTP client on the run's loop."""
-    loop.run(http.aclose())
+    """Close one lane's HTTP client on the run's loop (best effort: a stop's drain may cancel it)."""
+    # A stopping run's drain cancels every task on the loop, this close included if it lands then;
+    # the CancelledError must not replace the error that stopped the run.
+    with suppress(CancelledError):
+        loop.run(http.aclose())

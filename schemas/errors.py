@@ -22,6 +22,9 @@ Hierarchy::
         - OutputError             the output could not be written
           - DiskFull              the file system holding staging, cache or output is full
       x RunInterrupted            stopped on request (Ctrl-C, SIGTERM, a cancel): exit 130 / 143
+      x ReplyError                a reply we cannot use: retried, then the row's ``enrich_error``
+        - EmptyReply              the model answered with no text
+        - InvalidStructuredReply  a structured reply did not parse or match its schema
 
 Per-row failures (a 500, a malformed or empty reply, a 400 for one prompt) are not raised
 past the transform: they become the row's ``enrich_error`` value.
@@ -35,10 +38,13 @@ __all__ = [
     "DestinationError",
     "DiskFull",
     "EndpointRejected",
+    "EmptyReply",
     "EnrichError",
     "InputError",
+    "InvalidStructuredReply",
     "LocalModelError",
     "OutputError",
+    "ReplyError",
     "RunAborted",
     "RunInterrupted",
     "RuntimeFailure",
@@ -128,3 +134,15 @@ class OutputError(RuntimeFailure):
 
 class DiskFull(OutputError):
     """No space left where staging, cache or output are written."""
+
+
+class ReplyError(EnrichError):
+    """A reply we cannot use: retried, then recorded as the row's error; never raised past the transform."""
+
+
+class EmptyReply(ReplyError):
+    """The model answered with no text; retried, then recorded as the row's error."""
+
+
+class InvalidStructuredReply(ReplyError):
+    """A structured reply did not parse or did not match the schema; asked again once, with the error."""

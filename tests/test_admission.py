@@ -298,7 +298,7 @@ def test_a_run_bound_by_max_tokens_reservations_says_so_and_suggests_a_value() -
     bound = run_virtual(lambda: main(256, None))
     note = bound.reservation_note(output_tokens=40 * 9)  # replies of 9 tokens against 256 reserved
     assert note is not None
-    assert "--max-tokens 256" in note and "averaged 9 tokens" in note and "--max-tokens 32" in note
+    assert "`max_tokens` = 256" in note and "averaged 9 tokens" in note and "`max_tokens` = 32" in note
     assert "about 6.3x" in note  # (10 + 256) / (10 + 32)
     assert bound.reservation_note(output_tokens=40 * 200) is None  # the replies need the room
     requests_bound = run_virtual(lambda: main(256, 60))  # one a second: the RPM binds, not tokens

@@ -314,9 +314,93 @@ def test_max_cost_caps_what_a_batch_submits_and_a_rerun_sends_the_rest(tmp_path:
         sent = server.stats.batch_lines_answered
         assert 0 < sent < 20 and summary["cost_usd"] <= 0.2
         frame = pl.read_parquet(out)
-        not_sent = frame.filter(pl.col("enrich_error").str.starts_with("not sent: the --max-cost budget"))
+        not_sent = frame.filter(pl.col("enrich_error").str.starts_with("not sent: the `max_cost` budget"))
         assert not_sent["topic"].n_unique() == 20 - sent and not_sent["explanation"].null_count() == not_sent.height
         code, text, summary = enrich(server, source, out, *priced, "--max-cost", "10")
         assert code == 0, text
         assert server.stats.batch_lines_answered == 20 and summary["rows_failed"] == 0
     check_answers(out)
+
+
+def test_past_the_batch_deadline_the_rest_goes_online_and_each_prompt_is_paid_once(tmp_path: Path) -> None:
+    source, out = table(tmp_path), tmp_path / "out.parquet"
+    manifest = tmp_path / ".out.parquet.batches.json"
+    # A line every half second: the batch alone would take 10 s; the deadline cuts in after 2.
+    with serving(batch_line_seconds=0.5) as server:
+        code, text, summary = enrich(server, source, out, "--deadline", "2s")
+        assert code == 0, text
+        by_batch = server.stats.batch_lines_answered
+        online = server.stats.completions - by_batch
+        assert 1 <= by_batch < 20, "the deadline cut the batch short"
+        assert online == 20 - by_batch, "what the batch did not answer went online, nothing twice"
+        assert max(server.stats.prompts.values()) == 1, "no prompt was asked both by batch and online"
+        assert server.stats.batches_created == 1 and server.stats.batches[0]["status"] == "cancelled"
+    check_answers(out)
+    assert summary["rows_ok"] == 30 and summary["rows_failed"] == 0
+    assert any(f"{online} prompts were sent online" in note for note in summary["notes"]), summary["notes"]
+    assert not manifest.exists()
+
+
+def test_a_later_run_past_the_deadline_stops_waiting_for_a_submitted_batch(tmp_path: Path) -> None:
+    source, out = table(tmp_path), tmp_path / "out.parquet"
+    manifest = tmp_path / ".out.parquet.batches.json"
+    with serving(batch_line_seconds=1.0) as server:  # 20 s for the whole batch
+        code, text, _ = enrich(server, source, out, "--batch-no-wait", "--deadline", "1")
+        assert code == 0, text
+        assert json.loads(manifest.read_text())["first_submitted"] is not None
+        time.sleep(1.5)
+        # The scheduled rerun: the deadline counts from the first submission, recorded in the manifest.
+        code, text, summary = enrich(server, source, out, "--deadline", "1")
+        assert code == 0, text
+        by_batch = server.stats.batch_lines_answered
+        assert by_batch < 20 and server.stats.completions - by_batch == 20 - by_batch
+        assert max(server.stats.prompts.values()) == 1 and server.stats.batches_created == 1
+    check_answers(out)
+    assert summary["rows_ok"] == 30
+    assert not manifest.exists()
+
+
+def test_a_deadline_reads_as_a_duration() -> None:
+    from llm_enrich.flows.job import EnrichJob, parse_duration
+
+    assert [parse_duration(t) for t in ("90", "90s", "30m", "6h", "1d", " 1.5H ")] == [90, 90, 1800, 21600, 86400, 5400]
+    assert EnrichJob(batch_deadline="45m").batch_deadline == 2700
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("soon")
+
+
+def test_collect_writes_the_submitted_batches_answers_and_sends_nothing_new(tmp_path: Path) -> None:
+    source, out = table(tmp_path), tmp_path / "out.parquet"
+    manifest = tmp_path / ".out.parquet.batches.json"
+
+    def collect(path: Path) -> tuple[int, str, dict[str, Any]]:
+        argv = command(server, path, out)
+        argv[3:4] = ["collect"]  # `enrich collect` with the run's own options
+        (out.parent / "summary.json").unlink(missing_ok=True)
+        result = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=120)
+        summary = out.parent / "summary.json"
+        return (
+            result.returncode,
+            " ".join((result.stdout + result.stderr).split()),
+            (json.loads(summary.read_text()) if summary.exists() else {}),
+        )
+
+    with serving(batch_line_seconds=0.05) as server:
+        code, text = collect(source)[:2]
+        assert code == 2 and "there are no batches to collect" in text and not out.exists()
+        code, text, _ = enrich(server, source, out, "--batch-no-wait")
+        assert code == 0 and manifest.exists(), text
+        # Rows added since: collecting never pays for them.
+        grown = tmp_path / "grown.csv"
+        pl.concat([pl.read_csv(source), pl.DataFrame({"id": [30, 31], "topic": ["new a", "new b"]})]).write_csv(grown)
+        code, text, summary = collect(grown)
+        assert code == 0, text
+        assert server.stats.batches_created == 1 and server.stats.completions == 20, "nothing new was sent"
+    frame = pl.read_parquet(out)
+    new = frame.filter(pl.col("id") >= 30)
+    assert new["explanation"].null_count() == 2
+    assert new["enrich_error"].str.starts_with("not sent: collecting submits no new batch").all()
+    old = frame.filter(pl.col("id") < 30)
+    for topic, answer in zip(old["topic"], old["explanation"], strict=True):
+        assert answer == expected_answer(f"Describe {topic}", SYSTEM)
+    assert summary["rows_ok"] == 30 and summary["rows_failed"] == 2 and not manifest.exists()

@@ -199,7 +199,7 @@ def test_an_unwritable_directory_is_an_output_error_naming_cache_dir(tmp_path: P
     blocker.write_text("not a directory")
     cache = ResponseCache(str(blocker / "cache"))
     assert cache.load().height == 0  # reading an absent cache is fine
-    with pytest.raises(OutputError, match="--cache-dir") as info:
+    with pytest.raises(OutputError, match="`cache_dir`") as info:
         cache.append("k", answer("x"), model="m")
     assert str(blocker / "cache") in str(info.value)
     assert cache.written == 0

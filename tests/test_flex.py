@@ -69,3 +69,8 @@ def test_prompt_cache_key_is_sent_and_cached_tokens_are_counted(fake_llm: FakeOp
     assert {body.get("prompt_cache_key") for body in fake_llm.stats.bodies} == {"entries"}
     assert summary["requests"] == 10
     assert summary["cached_input_tokens"] == 9 * 1024, "the first request writes the cache, the other nine read it"
+    # Cached input costs gpt-4o-mini's cached-input price ($0.075 per 1M, half of $0.15).
+    tokens_in, tokens_out, cached = summary["input_tokens"], summary["output_tokens"], 9 * 1024
+    paid = ((tokens_in - cached) * 0.15 + cached * 0.075 + tokens_out * 0.60) / 1e6
+    assert summary["cost_usd"] == pytest.approx(paid, abs=1e-6)
+    assert summary["cost_usd"] < (tokens_in * 0.15 + tokens_out * 0.60) / 1e6

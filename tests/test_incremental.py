@@ -134,7 +134,7 @@ def test_the_budget_stops_sending_and_a_rerun_continues(fake_llm: FakeOpenAIServ
     assert 0 < summary["requests"] < 30
     assert summary["cost_usd"] <= 0.2
     frame = pl.read_parquet(out)
-    not_sent = frame.filter(pl.col(ERROR_COLUMN).str.starts_with("not sent: the --max-cost budget"))
+    not_sent = frame.filter(pl.col(ERROR_COLUMN).str.starts_with("not sent: the `max_cost` budget"))
     assert not_sent.height == 30 - summary["requests"] and not_sent["explanation"].null_count() == not_sent.height
     again = enrich_table(job(fake_llm, source, out, max_cost=10.0, **priced))
     assert again["requests"] == not_sent.height and again["rows_failed"] == 0

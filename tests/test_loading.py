@@ -7,8 +7,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from llm_enrich.flows.tables.reading import load_table
 from llm_enrich.schemas.errors import InputError
+from tests.support import load_table
 
 FRAME = pl.DataFrame({"id": [1, 2], "topic": ["a", "인공지능"]})
 

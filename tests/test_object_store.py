@@ -328,3 +328,32 @@ def test_a_flipped_byte_in_a_segment_costs_that_segment_and_never_a_wrong_answer
     assert sorted(loaded["key"].to_list()) == [f"k{n}" for n in range(5, 10)], "only the damaged object is lost"
     assert "answer 2" not in loaded.filter(pl.col("key") == "k3")["text"].to_list()
     assert "checksum" in caplog.text and names[0] in caplog.text
+
+
+@pytest.mark.usefixtures("s3_env")
+def test_a_batch_job_writing_to_a_bucket_keeps_its_manifest_there_and_never_submits_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.fakes.openai_server import Behaviour
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    topics = [f"batch topic {i}" for i in range(12)]
+    pl.DataFrame({"id": range(12), "topic": topics}).write_parquet("s3://data/in/batch.parquet")
+    fast = Behaviour(batch_validating_seconds=0.05, batch_line_seconds=0.0, batch_finalizing_seconds=0.05)
+    store, name = from_url("s3://data/out"), ".batch.parquet.batches.json"
+    with FakeOpenAIServer(fast) as server:
+        job = EnrichJob(
+            input_path="s3://data/in/batch.parquet", output_path="s3://data/out/batch.parquet",
+            base_url=server.base_url, model="gpt-4o-mini", prompt="Explain {topic}", mode="batch", batch_wait=False,
+            batch_poll_seconds=0.2, cache=False,  # only the manifest can keep the rerun from submitting again
+        )  # fmt: skip
+        first = enrich_table(job)
+        assert first["batches_pending"] == 1 and first["rows_ok"] == 0
+        manifest = json.loads(bytes(obstore.get(store, name).bytes()))
+        assert [bool(e["batch_id"]) for e in manifest["entries"]] == [True]
+        second = enrich_table(job.model_copy(update={"batch_wait": True}))
+        assert second["rows_ok"] == 12 and server.stats.batches_created == 1, "the rerun collected, not resubmitted"
+    out = pl.read_parquet("s3://data/out/batch.parquet")
+    assert out["explanation"].to_list() == [expected_answer(f"Explain {t}") for t in topics]
+    with pytest.raises(FileNotFoundError):
+        obstore.get(store, name)  # collected: the manifest is gone

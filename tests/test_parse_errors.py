@@ -12,10 +12,11 @@ import polars as pl
 import pytest
 
 from llm_enrich.flows.tables import parse_errors
-from llm_enrich.flows.tables.reading import load_table, read_error
+from llm_enrich.flows.tables.reading import read_error
 from llm_enrich.schemas.errors import InputError
 from tests.conftest import REPO
 from tests.fakes.openai_server import FakeOpenAIServer
+from tests.support import load_table
 
 ROWS = 120_000
 BAD_LINE = 87_654  # as an editor counts: the header is line 1
@@ -41,7 +42,7 @@ def message_for(path: Path, fmt: str = "auto") -> str:
         load_table(str(path), fmt)
     message = err.value.message
     assert str(path) in message and "\n" not in message  # one paragraph, naming the file
-    assert "pass --format if the extension is misleading" in message
+    assert "pass `input_format` if the extension is misleading" in message
     return message
 
 

@@ -12,11 +12,11 @@ import pytest
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.plan.estimate import estimate_job
 from llm_enrich.flows.tables.schema_choice import choose_schema
-from llm_enrich.flows.tables.validation import split_valid
 from llm_enrich.schemas.errors import ConfigError, ValidationFailed
 from llm_enrich.transforms.prompts import parse_template
 from tests.conftest import DATA, REPO
 from tests.fakes.openai_server import FakeOpenAIServer, expected_answer
+from tests.support import split_valid
 
 ORDERS_PROMPT = "Summarize {description}"
 DESCRIPTIONS = ["two red mugs", "a blue teapot", "one chipped saucer, returned", "six spoons"]
@@ -58,14 +58,14 @@ def test_named_schemas_ignore_the_columns_and_errors_name_the_job_field(ref: str
         return
     with pytest.raises(ConfigError) as err:
         choose_schema(ref, template, ["order_id", "description"])
-    assert err.value.message.startswith(f"input_schema = {ref!r} (CLI: --schema)")
+    assert err.value.message.startswith(f"`input_schema` = {ref!r} ")
 
 
 def test_a_missing_topics_column_names_the_job_field_first() -> None:
     schema = choose_schema("topics", parse_template(ORDERS_PROMPT)).schema
     with pytest.raises(ValidationFailed) as err:
         split_valid(pl.DataFrame({"order_id": [1], "description": ["x"]}), schema, source="o.csv", quarantine=True)
-    assert "input_schema = 'template' (CLI: --schema template) checks only the columns" in err.value.message
+    assert "`input_schema` = 'template' checks only the columns" in err.value.message
 
 
 def test_estimate_of_a_user_table_with_the_defaults(orders_csv: Path, tmp_path: Path) -> None:

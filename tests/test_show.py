@@ -219,7 +219,7 @@ def test_a_parquet_file_that_is_not_enriched_exits_2_in_one_line(tmp_path: Path,
         ("HTTP 400: context too long: 9120 tokens (after 1 attempt)", "HTTP 400: context too long: N tokens"),
         ("HTTP 429: try again in 20ms (after 7 attempts)", "HTTP 429: try again in Nms"),
         ("the model returned an empty reply (after 7 attempts)", "the model returned an empty reply"),
-        ("no complete reply within --timeout 2.5 s (after 3 attempts)", "no complete reply within --timeout N s"),
+        ("no complete reply within `timeout` 2.5 s (after 3 attempts)", "no complete reply within `timeout` N s"),
     ],
 )
 def test_error_kinds_fold_attempts_and_numbers_but_keep_the_status(message: str, kind: str) -> None:

@@ -194,5 +194,5 @@ def test_a_reply_that_trickles_is_cut_at_the_timeout_and_counted(fake_llm: FakeO
     assert time.monotonic() - began < 90
     result = pl.read_parquet(out)
     assert result["enrich_error"].to_list()[0] is None and result["enrich_error"].to_list()[2] is None
-    assert "no complete reply within --timeout 2 s" in result["enrich_error"][1]
+    assert "no complete reply within `timeout` 2 s" in result["enrich_error"][1]
     assert json.loads(summary.read_text())["timeouts"] == 2

@@ -127,7 +127,7 @@ def test_a_clashing_field_name_is_refused(fake_llm: FakeOpenAIServer, tmp_path: 
         EnrichJob(base_url=fake_llm.base_url, output_path=str(tmp_path / "o.parquet"), output_schema="explanation:str"),
         return_state=True,
     )
-    assert state.name == INVALID_STATE and "--output-prefix" in state.message
+    assert state.name == INVALID_STATE and "`output_prefix`" in state.message
 
 
 @pytest.mark.usefixtures("prefect_backend")

@@ -108,7 +108,7 @@ def test_timeouts_are_retried_then_reported(fake_llm: FakeOpenAIServer) -> None:
         pl.DataFrame({"topic": ["quick", "FAULT:slow"]}), spec(), chat(fake_llm, timeout=0.3), ctx=ctx(1)
     )
     assert out["answer"][0] == expected_answer("Explain quick")
-    assert out[ERROR_COLUMN][1] == "the request timed out (raise --timeout for slow models) (after 2 attempts)"
+    assert out[ERROR_COLUMN][1] == "the request timed out (raise `timeout` for slow models) (after 2 attempts)"
 
 
 def test_null_cells_fail_their_row_without_a_request(fake_llm: FakeOpenAIServer) -> None:

@@ -9,8 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from llm_enrich.flows.tables.reading import load_table
-from llm_enrich.flows.tables.validation import REJECT_REASON, resolve_schema, split_valid, validate_output
+from llm_enrich.flows.tables.validation import REJECT_REASON, resolve_schema, validate_output
 from llm_enrich.schemas.enriched import (
     ERROR_COLUMN,
     INPUT_TOKENS_COLUMN,
@@ -21,6 +20,7 @@ from llm_enrich.schemas.enriched import (
 from llm_enrich.schemas.errors import ConfigError, OutputError, ValidationFailed
 from llm_enrich.transforms.prompts import parse_template
 from tests.conftest import DATA
+from tests.support import load_table, split_valid
 
 TEMPLATE = parse_template("Explain {topic}")
 BAD = str(DATA / "topics_bad.csv")
@@ -53,7 +53,7 @@ def test_bad_sample_reports_every_kind_of_failure_with_row_column_and_check() ->
     ]
     for line in expected:
         assert line in message
-    assert "No output was written" in message and "--on-invalid quarantine" in message
+    assert "No output was written" in message and "`on_invalid` = quarantine" in message
     assert err.value.failing_rows == 7
 
 
@@ -84,7 +84,7 @@ def test_a_missing_column_is_a_schema_level_error_even_in_quarantine() -> None:
     with pytest.raises(ValidationFailed) as err:
         split_valid(frame, topics_schema(), source="in.csv", quarantine=True)
     assert "column 'topic' is missing; the file has: id, title" in err.value.message
-    assert "--schema template" in err.value.message
+    assert "`input_schema` = 'template'" in err.value.message
 
 
 def test_template_schema_checks_only_the_prompt_columns() -> None:

@@ -7,8 +7,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from llm_enrich.flows.tables.writing import rejected_path, write_parquet_atomic, write_parquet_dataset_atomic
+from llm_enrich.flows.tables.writing import rejected_path, write_parquet_dataset_atomic
 from llm_enrich.schemas.errors import OutputError
+from tests.support import write_parquet_atomic
 
 
 def test_write_creates_directories_and_zstd_parquet_with_metadata(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,10 +35,10 @@ from langchain_core.runnables import Runnable
 from llm_enrich.schemas.errors import EndpointRejected, RunInterrupted, UserError
 from llm_enrich.transforms.admission import Scheduler, estimate_tokens
 from llm_enrich.transforms.costs import Budget, Price
+from llm_enrich.transforms.failures import AttemptDeadline, Classifier, Failure, classify_generic
 from llm_enrich.transforms.guards import ErrorRate, StopSignal
 from llm_enrich.transforms.outcome import CallStats, Outcome
 from llm_enrich.transforms.replies import (
-    EmptyReply,
     InvalidStructuredReply,
     cached_tokens,
     finish_reason,
@@ -56,45 +56,8 @@ __all__ = [
     "RetryPolicy",
     "ask_model",
     "budget_refusal",
-    "classify_generic",
     "reserve_attempt",
 ]
-
-
-class AttemptDeadline(Exception):
-    """One attempt (connect, headers and the whole body) took longer than the policy allows."""
-
-
-@dataclass(frozen=True)
-class Failure:
-    """How one failed attempt is handled: retried, failed for its row, or fatal for the job."""
-
-    kind: Literal["retry", "row", "fatal"]
-    message: str
-    retry_after: float | None = None
-    rate_limited: bool = False
-    unreachable: bool = False
-    timed_out: bool = False
-    explained: bool = False  # a fatal message that already says what happened and what to do
-
-
-Classifier = Callable[[BaseException], Failure]
-
-
-def classify_generic(exc: BaseException) -> Failure:
-    """Classify by HTTP status where the exception carries one; anything else is retried."""
-    if isinstance(exc, EmptyReply):
-        return Failure("retry", "the model returned an empty reply")
-    if isinstance(exc, AttemptDeadline):
-        return Failure("retry", str(exc), timed_out=True)
-    status = getattr(exc, "status_code", None)
-    if status in (401, 403, 404):
-        return Failure("fatal", f"HTTP {status}: {exc}")
-    if status == 429:
-        return Failure("retry", f"HTTP 429: {exc}", rate_limited=True)
-    if status is not None and 400 <= status < 500 and status not in (408, 409):
-        return Failure("row", f"HTTP {status}: {exc}")
-    return Failure("retry", f"{type(exc).__name__}: {exc}")
 
 
 # Our own generator: retry loops run in background threads, and drawing from the global one there
@@ -177,22 +140,24 @@ async def ask_model(
             return outcome
         outcome.attempts = attempt + 1
         stats.add(requests=1, retries=1 if attempt else 0)
-        tokens = (0, 0)
+        tokens, cached = (0, 0), 0
         try:
             try:
                 if ctx.scheduler is None:
                     reply = await _invoke(model, messages, ctx)
                     tokens = usage(reply["raw"] if structured else reply)
+                    cached = cached_tokens(reply["raw"] if structured else reply)
                 else:
                     async with ctx.scheduler.admit(text_for_estimate) as admission:
                         ctx.stop.check()  # the stop may have come while waiting for a slot
                         reply = await _invoke(model, messages, ctx)
                         tokens = usage(reply["raw"] if structured else reply)
+                        cached = cached_tokens(reply["raw"] if structured else reply)
                         admission.settle(tokens[0] or None)
             finally:
-                _settle(ctx, reserved, tokens)
+                _settle(ctx, reserved, tokens, cached)
             stats.add(tokens=tokens)
-            stats.bump(cached_input_tokens=cached_tokens(reply["raw"] if structured else reply))
+            stats.bump(cached_input_tokens=cached)
             outcome.input_tokens += tokens[0]
             outcome.output_tokens += tokens[1]
             if (verdict := incomplete(reply, ctx, structured=structured)) is not None:
@@ -227,14 +192,14 @@ async def ask_model(
                     failure.message
                     if isinstance(exc, UserError) or failure.explained
                     else f"the LLM endpoint refused the request ({failure.message}); check the API key, "
-                    "the model name (--model) and the base URL (--base-url)."
+                    "the model name (`model`) and the base URL (`base_url`)."
                 )
                 ctx.stop.set(stats.aborted, fatal=True)
                 raise EndpointRejected(stats.aborted) from _portable(exc)
             if ctx.reachability.record(ok=False, unreachable=failure.unreachable):
                 stats.aborted = (
                     f"could not reach the LLM endpoint: {ctx.reachability.failures_in_a_row} attempts in a row "
-                    f"failed and none has ever succeeded ({failure.message}). Check --base-url / "
+                    f"failed and none has ever succeeded ({failure.message}). Check `base_url` / "
                     "OPENAI_BASE_URL and that the server is running."
                 )
                 ctx.stop.set(stats.aborted, fatal=True)
@@ -265,7 +230,7 @@ async def _invoke(model: Runnable[Any, Any], messages: list[BaseMessage], ctx: C
         async with asyncio.timeout(limit):
             return await model.ainvoke(messages)
     except TimeoutError as exc:
-        raise AttemptDeadline(f"no complete reply within --timeout {limit:g} s") from exc
+        raise AttemptDeadline(f"no complete reply within `timeout` {limit:g} s") from exc
     finally:
         stats.bump(in_flight=-1)
 
@@ -288,10 +253,10 @@ def budget_refusal(ctx: CallContext) -> str:
     """A row's error when the budget refused its request."""
     limit = ctx.budget.limit_usd if ctx.budget is not None else 0.0
     return (
-        f"not sent: the --max-cost budget of ${limit:g} would be exceeded; rerun with a higher --max-cost to continue"
+        f"not sent: the `max_cost` budget of ${limit:g} would be exceeded; rerun with a higher `max_cost` to continue"
     )
 
 
-def _settle(ctx: CallContext, reserved: float, tokens: tuple[int, int]) -> None:
+def _settle(ctx: CallContext, reserved: float, tokens: tuple[int, int], cached: int = 0) -> None:
     if ctx.budget is not None and ctx.price is not None:
-        ctx.budget.settle(reserved, ctx.price.cost(*tokens))
+        ctx.budget.settle(reserved, ctx.price.cost(*tokens, cached))

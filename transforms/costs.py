@@ -11,38 +11,50 @@ __all__ = ["BATCH_DISCOUNT", "DEFAULT_PRICES", "Budget", "Price", "price_for"]
 
 @dataclass(frozen=True)
 class Price:
-    """US dollars per million tokens."""
+    """US dollars per million tokens; cached input (the provider's prompt cache) at its own price, if it has one."""
 
     input_per_million: float
     output_per_million: float
+    cached_input_per_million: float | None = None  # None: cached input tokens cost full input price
 
-    def cost(self, input_tokens: float, output_tokens: float) -> float:
-        """Dollars for so many tokens."""
-        return (input_tokens * self.input_per_million + output_tokens * self.output_per_million) / 1e6
+    def cost(self, input_tokens: float, output_tokens: float, cached_input_tokens: float = 0) -> float:
+        """Dollars for so many tokens, ``cached_input_tokens`` of the input served from the prompt cache."""
+        cached = min(cached_input_tokens, input_tokens) if self.cached_input_per_million is not None else 0
+        return (
+            (input_tokens - cached) * self.input_per_million
+            + cached * (self.cached_input_per_million or 0.0)
+            + output_tokens * self.output_per_million
+        ) / 1e6
 
     def discounted(self, share: float) -> Price:
         """The same price with ``share`` of it off."""
-        return Price(self.input_per_million * (1 - share), self.output_per_million * (1 - share))
+        cached = self.cached_input_per_million
+        return Price(
+            self.input_per_million * (1 - share),
+            self.output_per_million * (1 - share),
+            None if cached is None else cached * (1 - share),
+        )
 
 
 BATCH_DISCOUNT = 0.5
 """OpenAI's Batch API and flex tier cost half the standard list price."""
 
 
-# Standard (non-batch, non-cached) list prices for OpenAI chat models, USD per 1M tokens.
-# Override or extend them with --prices FILE; a model missing here costs nothing in the summary.
+# Standard (non-batch) list prices for OpenAI chat models, USD per 1M tokens: input, output, and
+# cached input (prompt caching: 90% off for gpt-5, 75% for gpt-4.1 and o3/o4, 50% for gpt-4o/o3-mini).
+# Override them with `input_price`/`output_price`; a model missing here costs nothing in the summary.
 DEFAULT_PRICES: dict[str, Price] = {
-    "gpt-5": Price(1.25, 10.00),
-    "gpt-5-mini": Price(0.25, 2.00),
-    "gpt-5-nano": Price(0.05, 0.40),
-    "gpt-4.1": Price(2.00, 8.00),
-    "gpt-4.1-mini": Price(0.40, 1.60),
-    "gpt-4.1-nano": Price(0.10, 0.40),
-    "gpt-4o": Price(2.50, 10.00),
-    "gpt-4o-mini": Price(0.15, 0.60),
-    "o3": Price(2.00, 8.00),
-    "o4-mini": Price(1.10, 4.40),
-    "o3-mini": Price(1.10, 4.40),
+    "gpt-5": Price(1.25, 10.00, 0.125),
+    "gpt-5-mini": Price(0.25, 2.00, 0.025),
+    "gpt-5-nano": Price(0.05, 0.40, 0.005),
+    "gpt-4.1": Price(2.00, 8.00, 0.50),
+    "gpt-4.1-mini": Price(0.40, 1.60, 0.10),
+    "gpt-4.1-nano": Price(0.10, 0.40, 0.025),
+    "gpt-4o": Price(2.50, 10.00, 1.25),
+    "gpt-4o-mini": Price(0.15, 0.60, 0.075),
+    "o3": Price(2.00, 8.00, 0.50),
+    "o4-mini": Price(1.10, 4.40, 0.275),
+    "o3-mini": Price(1.10, 4.40, 0.55),
     "gpt-4-turbo": Price(10.00, 30.00),
     "gpt-4": Price(30.00, 60.00),
     "gpt-3.5-turbo": Price(0.50, 1.50),

@@ -107,7 +107,7 @@ class ErrorRate:
             message = (
                 f"{self.failed:,} of {self.rows:,} rows failed, more than max_error_rate ({self.limit:g}) allows; "
                 f"the most common error ({count:,} rows): {kind}. Nothing more was sent: fix the prompt or the "
-                "model and rerun (the answers so far are kept in the cache), or raise max_error_rate "
-                "(--max-error-rate; 1 turns the check off)."
+                "model and rerun (the answers so far are kept in the cache), or raise `max_error_rate` "
+                "(1 turns the check off)."
             )
         stop.set(message, error=RunAborted)

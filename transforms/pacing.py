@@ -146,9 +146,9 @@ class Pacing:
         suggest = max(16, 16 * math.ceil(2 * replies / 16))  # twice the average reply, in steps of 16
         faster = (prompt + max_tokens) / (prompt + suggest)
         return (
-            f"--tpm bound this run through the reservation, not the answers: each request reserves its prompt "
-            f"+ --max-tokens {max_tokens} (as OpenAI counts at admission), but replies averaged {replies:.0f} "
-            f"tokens. --max-tokens {suggest} would let about {faster:.1f}x as many requests through per minute, "
+            f"`tpm` bound this run through the reservation, not the answers: each request reserves its prompt "
+            f"+ `max_tokens` = {max_tokens} (as OpenAI counts at admission), but replies averaged {replies:.0f} "
+            f"tokens. `max_tokens` = {suggest} would let about {faster:.1f}x as many requests through per minute, "
             "if no answer needs more."
         )
 

@@ -45,7 +45,7 @@ class PromptTemplate:
 def parse_template(text: str) -> PromptTemplate:
     """Parse a template, rejecting anything but plain ``{column}`` placeholders."""
     if not text or not text.strip():
-        raise TemplateError("the prompt template is empty; pass --prompt 'Explain {topic}'.")
+        raise TemplateError("the prompt template is empty; pass `prompt` = 'Explain {topic}'.")
     try:
         parts = list(_FORMATTER.parse(text))
     except ValueError as exc:

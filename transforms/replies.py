@@ -13,6 +13,7 @@ from typing import Any, Literal, Protocol
 from langchain_core.messages import BaseMessage
 from pydantic import BaseModel
 
+from llm_enrich.schemas.errors import EmptyReply, InvalidStructuredReply
 from llm_enrich.transforms.outcome import CallStats, Outcome
 
 __all__ = [
@@ -27,14 +28,6 @@ __all__ = [
     "structured_text",
     "usage",
 ]
-
-
-class EmptyReply(Exception):
-    """The model answered with no text; retried, then recorded as the row's error."""
-
-
-class InvalidStructuredReply(Exception):
-    """A structured reply did not parse or did not match the schema; asked again once, with the error."""
 
 
 class ReplyRules(Protocol):
@@ -93,9 +86,9 @@ def incomplete(reply: Any, ctx: ReplyRules, *, structured: bool) -> str | None:
         if structured:
             return (
                 f"the reply was cut off at max_tokens ({ctx.max_tokens}) before the structured answer was complete, "
-                "so it cannot be parsed; raise max_tokens (--max-tokens)"
+                "so it cannot be parsed; raise `max_tokens`"
             )
-        return f"the answer was cut off at max_tokens ({ctx.max_tokens}); raise max_tokens (--max-tokens)"
+        return f"the answer was cut off at max_tokens ({ctx.max_tokens}); raise `max_tokens`"
     return None
 
 

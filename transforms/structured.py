@@ -54,15 +54,15 @@ def parse_inline_spec(spec: str) -> type[BaseModel]:
         match = _FIELD.match(part)
         if not match:
             raise ConfigError(
-                f"--output-schema: {part!r} is not 'name:type'; types are str, int, float, bool, "
+                f"`output_schema`: {part!r} is not 'name:type'; types are str, int, float, bool, "
                 "int[1..5], float[0..1], enum(a,b,c) and list[str] (e.g. 'summary:str, difficulty:int[1..5]')."
             )
         name, kind = match.group(1), match.group(2)
         if name in fields:
-            raise ConfigError(f"--output-schema names the field {name!r} twice.")
+            raise ConfigError(f"`output_schema` names the field {name!r} twice.")
         fields[name] = (_annotation(kind, name), ...)
     if not fields:
-        raise ConfigError("--output-schema is empty; give at least one 'name:type'.")
+        raise ConfigError("`output_schema` is empty; give at least one 'name:type'.")
     return create_model("Answer", __config__=ConfigDict(extra="forbid"), **fields)
 
 
@@ -77,12 +77,12 @@ def _annotation(kind: str, name: str) -> Any:
     if lowered.startswith("enum(") and lowered.endswith(")"):
         values = tuple(v.strip() for v in kind.strip()[5:-1].split(",") if v.strip())
         if not values:
-            raise ConfigError(f"--output-schema: enum() of field {name!r} has no values.")
+            raise ConfigError(f"`output_schema`: enum() of field {name!r} has no values.")
         return Literal[values]
     if lowered.startswith("list[") and lowered.endswith("]"):
         return list[_annotation(kind.strip()[5:-1], name)]  # type: ignore[misc]
     raise ConfigError(
-        f"--output-schema: unknown type {kind!r} for field {name!r}; use str, int, float, bool, "
+        f"`output_schema`: unknown type {kind!r} for field {name!r}; use str, int, float, bool, "
         "int[lo..hi], float[lo..hi], enum(a,b,c) or list[type]."
     )
 

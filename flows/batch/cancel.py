@@ -8,7 +8,6 @@ from llm_enrich.flows.batch.client import BatchClient
 from llm_enrich.flows.batch.manifest import Manifest, manifest_path
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.llm.endpoint import resolve_endpoint
-from llm_enrich.flows.tables.paths import is_remote
 from llm_enrich.schemas.errors import ConfigError
 
 __all__ = ["Cancelled", "cancel_batches"]
@@ -32,13 +31,12 @@ class Cancelled:
 
 def cancel_batches(job: EnrichJob) -> Cancelled:
     """Cancel every submitted batch in the job's manifest and mark it so that its rest is not resubmitted."""
-    path = manifest_path(job.destination, is_remote(job.destination))
-    manifest = Manifest.load(path)
+    path = manifest_path(job.destination)
+    manifest = Manifest.load(path, job.storage())
     if not manifest.pending:
-        where = f"no manifest at {path}" if path else "an output in a bucket keeps no manifest"
         raise ConfigError(
-            f"there are no batches to cancel for {job.destination} ({where}); give the same input, output and "
-            "job file as the batch run."
+            f"there are no batches to cancel for {job.destination} (no manifest at {path}); give the same input, "
+            "output and job file as the batch run."
         )
     endpoint = resolve_endpoint(job)
     secret = endpoint.secret

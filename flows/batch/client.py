@@ -80,8 +80,8 @@ class BatchClient:
             message = self._redact(f"HTTP {exc.status_code}: {exc.message}")
             if exc.status_code in (401, 403, 404):
                 raise EndpointRejected(
-                    f"the Batch API refused the request ({message}); check the API key, the base URL (--base-url) "
-                    "and that the endpoint offers the Files and Batches API (or use --mode online)."
+                    f"the Batch API refused the request ({message}); check the API key, the base URL (`base_url`) "
+                    "and that the endpoint offers the Files and Batches API (or use `mode` = online)."
                 ) from exc
             if exc.status_code in (400, 413, 422):
                 raise ConfigError(f"the Batch API rejected the request ({message}).") from exc

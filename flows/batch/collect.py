@@ -16,6 +16,7 @@ from typing import Any
 from openai.types import Batch
 
 from llm_enrich.flows.batch.client import BatchClient
+from llm_enrich.flows.batch.deadline import TERMINAL, fall_back, is_overdue, reprice_online, sleep_unless_stopped
 from llm_enrich.flows.batch.manifest import BatchEntry, Manifest, manifest_path
 from llm_enrich.flows.batch.requests import LaneBatch, lane_batch, line_of, split_keys, within_budget
 from llm_enrich.flows.job import EnrichJob
@@ -25,7 +26,6 @@ from llm_enrich.flows.plan.survey import Survey
 from llm_enrich.flows.report.artifacts import publish_batches
 from llm_enrich.flows.report.summary import RunSummary
 from llm_enrich.flows.run.runtime import Lane
-from llm_enrich.flows.tables.paths import is_remote
 from llm_enrich.schemas.errors import ConfigError, RunAborted
 from llm_enrich.transforms.batch_lines import line_outcome
 from llm_enrich.transforms.guards import StopSignal
@@ -33,7 +33,6 @@ from llm_enrich.transforms.outcome import Outcome
 
 __all__ = ["BatchRun", "answer_by_batch", "batch_pending_summary"]
 
-_TERMINAL = ("completed", "failed", "expired", "cancelled")
 _UNFINISHED_CODES = ("batch_expired", "batch_cancelled")
 _REFUSED = "token_limit_exceeded"
 _MAX_LONE_REFUSALS = 5  # refused with nothing else in flight: the file alone is over the limit
@@ -42,22 +41,34 @@ _NOT_SENT = (
     "not answered: its batch was cancelled (enrich batch cancel) before this prompt was answered; "
     "rerun the job to send it"
 )
+_RESEND = "collecting submits no new batch; rerun the job to send it"
+_NOT_SUBMITTED = "not sent: collecting submits no new batch and no batch held this prompt; rerun the job to send it"
 
 
 @dataclass
 class BatchRun:
-    """What batch mode did: batches submitted now, batches still running, prompts sent by batch."""
+    """What batch mode did: batches submitted now, batches still running, prompts sent by batch, gone online."""
 
     submitted: int = 0
     pending: int = 0
     prompts: int = 0
+    overdue: int = 0  # prompts left to the online pass because the batch deadline passed
 
     def describe(self) -> str:
-        """The line a --batch-no-wait run ends with."""
+        """The line a run that submitted and did not wait ends with."""
         return (
             f"submitted {self.submitted} batches for {self.prompts} prompts; {self.pending} still running; "
             "run the same command again to collect"
         )
+
+    def overdue_notes(self, deadline: float | None) -> list[str]:
+        """The summary's note when the batch deadline sent prompts online (none otherwise)."""
+        if not self.overdue:
+            return []
+        return [
+            f"the batch deadline ({deadline or 0:g} s) passed: {self.overdue} prompts were sent online, at online "
+            "prices, instead of waiting for their batches"
+        ]
 
 
 def answer_by_batch(
@@ -67,12 +78,12 @@ def answer_by_batch(
     """Send every prompt still to ask by batch and put the answers in the lanes' memos; see the module doc."""
     if endpoint.local:
         raise ConfigError(
-            "--mode batch needs an endpoint with the Batch API (--base-url or OPENAI_API_KEY), not the bundled "
-            "local model; use --mode online."
+            "`mode` = batch needs an endpoint with the Batch API (`base_url` or OPENAI_API_KEY), not the bundled "
+            "local model; use `mode` = online."
         )
     secret = endpoint.secret
     work = [lane_batch(i, run, lane) for i, (run, lane) in enumerate(zip(runs, lanes, strict=True))]
-    manifest = Manifest.load(manifest_path(job.destination, is_remote(job.destination)))
+    manifest = Manifest.load(manifest_path(job.destination), job.storage())
     result = BatchRun(prompts=sum(len(w.todo) for w in work))
     if not result.prompts:
         manifest.remove()
@@ -88,10 +99,13 @@ def answer_by_batch(
                 assert entry.batch_id is not None
                 batch = client.retrieve(entry.batch_id)
                 entry.status = batch.status
-                if batch.status in _TERMINAL:
+                if batch.status in TERMINAL:
                     # A refusal is no progress: the pause keeps growing until earlier batches finish.
                     progressed = _finish(entry, batch, client, work, manifest, job, secret, log) or progressed
                     manifest.save()
+            if is_overdue(manifest, job):
+                result.overdue = _go_online(manifest, client, work, runs, job, secret, stop, log)
+                break
             in_flight = any(e.state == "submitted" for e in manifest.pending)
             for entry in [e for e in manifest.pending if e.state in ("new", "uploaded")]:
                 if entry.refusals and in_flight and job.batch_wait:
@@ -104,15 +118,34 @@ def answer_by_batch(
                 break
             if manifest.pending:
                 pause = _FIRST_PAUSE if progressed else min(pause * 2, job.batch_poll_seconds)
-                _sleep(pause, stop)
+                sleep_unless_stopped(pause, stop)
     finally:
         client.close()
-    result.pending = len(manifest.pending)
+    result.pending = sum(1 for e in manifest.pending if not e.overdue)
     about = f"{result.pending} of {len(manifest.entries)} batches pending, {result.prompts} prompts sent by batch"
     publish_batches(manifest.table([run.job.output_column for run in runs]), about)
-    if not result.pending:
+    if not manifest.pending:
         manifest.remove()
     return result
+
+
+def _go_online(
+    manifest: Manifest, client: BatchClient, work: list[LaneBatch], runs: list[OutputRun], job: EnrichJob,
+    secret: str | None, stop: StopSignal, log: logging.Logger | logging.LoggerAdapter[Any],
+) -> int:  # fmt: skip
+    """The batch deadline passed: stop the batches, keep what they finished; the prompts left go online."""
+
+    def finish(entry: BatchEntry, batch: Batch) -> None:
+        _finish(entry, batch, client, work, manifest, job, secret, log)
+
+    cancelled = fall_back(manifest, client, finish, job, stop, log)
+    left = sum(1 for w in work for key in w.todo if key not in w.lane.memo.done)
+    log.warning(
+        "batch_deadline of %g s passed: cancelled %d batches; %d prompts go online, at online prices",
+        job.batch_deadline, cancelled, left,
+    )  # fmt: skip
+    reprice_online(runs)
+    return left
 
 
 def batch_pending_summary(
@@ -148,15 +181,15 @@ def _plan(manifest: Manifest, work: list[LaneBatch], job: EnrichJob) -> None:
         fresh = [k for k in w.todo if (w.number, k) not in covered]
         if job.batch_submit:
             manifest.entries += split_keys(w, within_budget(w, fresh), job)
-        else:  # only collecting (after `enrich batch cancel`): what no batch holds is not sent
+        else:  # only collecting (`enrich collect`, or after `enrich batch cancel`): what no batch holds is not sent
             for key in fresh:
-                _withdraw(w.lane, key)
+                _withdraw(w.lane, key, _NOT_SUBMITTED)
     if not job.batch_submit:
         for entry in [e for e in manifest.entries if e.state != "submitted"]:
             manifest.entries.remove(entry)  # uploaded, never submitted: nothing was paid for it
             for key in entry.custom_ids:
                 if key in work[entry.lane].todo:
-                    _withdraw(work[entry.lane].lane, key)
+                    _withdraw(work[entry.lane].lane, key, _NOT_SUBMITTED)
     manifest.save()
 
 
@@ -179,6 +212,8 @@ def _submit(entry: BatchEntry, client: BatchClient, work: list[LaneBatch], manif
         manifest.save()
         raise
     entry.batch_id, entry.status, entry.state = batch.id, batch.status, "submitted"
+    if manifest.first_submitted is None:
+        manifest.first_submitted = time.time()  # wall clock: a rerun hours later counts from here
     manifest.save()
 
 
@@ -199,7 +234,7 @@ def _finish(
             if lone and entry.refusals > _MAX_LONE_REFUSALS:
                 raise RunAborted(
                     f"the Batch API keeps refusing batch file {entry.file_id} over the enqueued-token limit "
-                    f"({errors[0].message}); lower --batch-max-requests or --batch-max-bytes and rerun."
+                    f"({errors[0].message}); lower `batch_max_requests` or `batch_max_bytes` and rerun."
                 )
             log.warning("batch %s waits for earlier batches: %s", entry.batch_id, errors[0].message)
             entry.state, entry.batch_id = "uploaded", None
@@ -226,11 +261,12 @@ def _finish(
         _record(w.lane, key, outcome)
     left = [k for k in entry.custom_ids if k in unfinished and k in w.todo and k not in w.lane.memo.done]
     entry.state = "done"
-    if not left:
+    if not left or entry.overdue:  # past the deadline what a batch left goes online, not into a batch
         return True
     if entry.cancelled or not job.batch_submit:
+        reason = _NOT_SENT if entry.cancelled else f"not answered: its batch ended {batch.status}; " + _RESEND
         for key in left:
-            _withdraw(w.lane, key)
+            _withdraw(w.lane, key, reason)
         return True
     if not entry.resubmitted:
         log.warning("batch %s ended %s with %d lines unanswered; sending them again", batch.id, batch.status, len(left))
@@ -252,15 +288,6 @@ def _record(lane: Lane, key: str, outcome: Outcome) -> None:
             lane.memo.on_answer(key, outcome)
 
 
-def _withdraw(lane: Lane, key: str) -> None:
+def _withdraw(lane: Lane, key: str, why: str) -> None:
     """A prompt no batch will answer now: the row's explicit error; no request was made for it."""
-    lane.memo.done[key] = Outcome(error=_NOT_SENT)
-
-
-def _sleep(seconds: float, stop: StopSignal) -> None:
-    """A pause that a stop (Ctrl-C, SIGTERM) cuts short within 0.1 s."""
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        stop.check()
-        time.sleep(min(0.1, left))
-    stop.check()
+    lane.memo.done[key] = Outcome(error=why)

@@ -1,13 +1,18 @@
-"""The batch manifest: every file and batch a run made, written atomically beside the output."""
+"""The batch manifest: every file and batch a run made, written atomically beside the output.
+
+Beside a local output it is a file replaced atomically; beside an output in a bucket it is an object
+(one PUT is atomic there), so a rerun on another machine resumes the same batches too.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from llm_enrich.flows.tables.paths import is_remote, open_store, sibling
 from llm_enrich.flows.tables.writing import write_json_atomic
 
 __all__ = ["BatchEntry", "Manifest", "manifest_path"]
@@ -27,6 +32,7 @@ class BatchEntry(BaseModel):
     resubmitted: bool = False  # lines left over by an expired or cancelled batch, sent once more
     refusals: int = 0  # times the enqueued-token limit refused it
     cancelled: bool = False  # `enrich batch cancel` asked the provider to stop it: its rest is not resubmitted
+    overdue: bool = False  # cancelled at the job's batch_deadline: its rest goes online, not into a batch
 
 
 class Manifest(BaseModel):
@@ -34,28 +40,44 @@ class Manifest(BaseModel):
 
     version: int = 1
     entries: list[BatchEntry] = Field(default_factory=list)
-    path: str | None = Field(None, exclude=True)
+    first_submitted: float | None = None  # epoch seconds of the first batch created: batch_deadline counts from it
+    path: str = Field("", exclude=True)
+    storage: dict[str, str] | None = Field(None, exclude=True)
 
     @classmethod
-    def load(cls, path: str | None) -> Manifest:
+    def load(cls, path: str, storage: dict[str, str] | None = None) -> Manifest:
         """The manifest at ``path`` (a fresh one when there is none or it is unreadable)."""
-        if path is not None and Path(path).is_file():
-            try:
-                found = cls.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
-                found.path = path
-                return found
-            except (OSError, ValueError, ValidationError):
-                pass
-        return cls(path=path)
+        try:
+            text = _read(path, storage)
+            found = cls.model_validate(json.loads(text)) if text is not None else cls()
+        except (OSError, ValueError, ValidationError):
+            found = cls()
+        found.path, found.storage = path, storage
+        return found
 
     def save(self) -> None:
-        """Write it atomically (in-memory only for an output in a bucket)."""
-        if self.path is not None:
-            write_json_atomic(self.model_dump(mode="json"), self.path)
+        """Write it atomically: a file replaced by rename, or one object PUT."""
+        document = self.model_dump(mode="json")
+        if is_remote(self.path):
+            import obstore
+
+            store, name = _store_of(self.path, self.storage)
+            obstore.put(store, name, json.dumps(document).encode())
+        else:
+            write_json_atomic(document, self.path)
 
     def remove(self) -> None:
         """Delete it: every batch is collected."""
-        if self.path is not None:
+        if is_remote(self.path):
+            import obstore
+            from obstore.exceptions import NotFoundError
+
+            store, name = _store_of(self.path, self.storage)
+            try:
+                obstore.delete(store, name)
+            except NotFoundError:
+                pass
+        else:
             Path(self.path).unlink(missing_ok=True)
 
     def table(self, outputs: list[str]) -> list[dict[str, object]]:
@@ -63,7 +85,7 @@ class Manifest(BaseModel):
         return [
             {"batch": e.batch_id or "(not submitted)", "output": outputs[e.lane] if e.lane < len(outputs) else "?",
              "lines": len(e.custom_ids), "state": e.state, "provider status": e.status or "",
-             "resubmitted": e.resubmitted, "cancelled": e.cancelled}
+             "resubmitted": e.resubmitted, "cancelled": e.cancelled or e.overdue}
             for e in self.entries
         ]  # fmt: skip
 
@@ -73,9 +95,27 @@ class Manifest(BaseModel):
         return [e for e in self.entries if e.state != "done"]
 
 
-def manifest_path(destination: str, remote: bool) -> str | None:
-    """``.<output name>.batches.json`` beside a local output; None for a bucket (not kept)."""
-    if remote:
+def manifest_path(destination: str) -> str:
+    """``.<output name>.batches.json`` beside the output (a file, or an object in its bucket)."""
+    trimmed = destination.rstrip("/")
+    return sibling(trimmed, f".{trimmed.rsplit('/', 1)[-1]}.batches.json")
+
+
+def _store_of(url: str, storage: dict[str, str] | None) -> tuple[Any, str]:
+    """The store of the object's bucket prefix, and the object's name in it."""
+    prefix, name = url.rsplit("/", 1)
+    return open_store(prefix, storage), name
+
+
+def _read(path: str, storage: dict[str, str] | None) -> str | None:
+    """The manifest's text, or None when there is none."""
+    if not is_remote(path):
+        return Path(path).read_text(encoding="utf-8") if Path(path).is_file() else None
+    import obstore
+    from obstore.exceptions import NotFoundError
+
+    store, name = _store_of(path, storage)
+    try:
+        return bytes(obstore.get(store, name).bytes()).decode("utf-8")
+    except NotFoundError:
         return None
-    dest = Path(destination.rstrip("/"))
-    return str(dest.parent / f".{dest.name}.batches.json")

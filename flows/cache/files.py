@@ -147,7 +147,7 @@ class ResponseCache:
                 os.close(fd)
                 raise OutputError(
                     f"cannot write the response cache in '{self.directory}': {exc}. "
-                    "Free some space, pass --cache-dir somewhere writable, or --no-cache."
+                    "Free some space, pass `cache_dir` somewhere writable, or `cache` = false."
                 ) from exc
             self.written += 1
 
@@ -200,7 +200,7 @@ class ResponseCache:
             except OSError as exc:
                 raise OutputError(
                     f"cannot write the response cache in '{self.directory}': {exc}. "
-                    "Pass --cache-dir somewhere writable, or --no-cache."
+                    "Pass `cache_dir` somewhere writable, or `cache` = false."
                 ) from exc
         return self._fd
 

@@ -86,7 +86,7 @@ class ObjectStoreCache:
         except Exception as exc:  # obstore's errors have no common base besides Exception
             raise OutputError(
                 f"cannot read the response cache at '{self.prefix}': {exc}. Check the credentials "
-                "(environment or --storage-option), pass another --cache-dir, or --no-cache."
+                "(environment or `storage_options`), pass another `cache_dir`, or `cache` = false."
             ) from exc
         found = [m for m in found if "/" not in m["path"] and fnmatchcase(m["path"], "seg-*.parquet")]
         found.sort(key=lambda m: (m["last_modified"], m["path"]))
@@ -175,8 +175,8 @@ class ObjectStoreCache:
             obstore.put(self._store(), name, data)
         except Exception as exc:
             raise OutputError(
-                f"cannot write the response cache at '{target}': {exc}. Pass --cache-dir somewhere "
-                "writable, or --no-cache."
+                f"cannot write the response cache at '{target}': {exc}. Pass `cache_dir` somewhere "
+                "writable, or `cache` = false."
             ) from exc
 
 

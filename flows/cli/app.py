@@ -123,6 +123,14 @@ def run(
     batch_poll_seconds: Annotated[
         Optional[float], typer.Option(help="Batch mode: longest pause between looks at a batch (30 s).")
     ] = None,
+    deadline: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Batch mode: after this long (90s, 30m, 6h, 1d) cancel the running batches and send the "
+            "unanswered prompts online.",
+            show_default=False,
+        ),
+    ] = None,
     service_tier: Annotated[
         Optional[str], typer.Option(help="OpenAI service tier: auto, default or flex (batch prices, slower).")
     ] = None,

@@ -6,6 +6,8 @@ from typing import Any
 
 from rich.console import Console
 
+from llm_enrich.flows.cli.wording import as_flags
+
 __all__ = ["print_estimate", "print_summary"]
 
 
@@ -31,7 +33,7 @@ def print_estimate(out_console: Console, e: dict[str, Any]) -> None:
 def print_summary(out_console: Console, s: dict[str, Any]) -> None:
     """The run's one summary paragraph, its notes, and a trial's projection."""
     if s.get("batches_pending"):  # --batch-no-wait: submitted, nothing written yet
-        out_console.print(f"[bold]Batch mode:[/] {s['notes'][0]}.", highlight=False, soft_wrap=True)
+        out_console.print(f"[bold]Batch mode:[/] {as_flags(s['notes'][0])}.", highlight=False, soft_wrap=True)
         return
     rejected = f", {s['rows_rejected']} rejected (see {s['rejected_output']})" if s["rows_rejected"] else ""
     cost = f", ${s['cost_usd']:.4f}" if s["cost_usd"] is not None else ""
@@ -47,7 +49,7 @@ def print_summary(out_console: Console, s: dict[str, Any]) -> None:
         soft_wrap=True,
     )
     for note in s.get("notes") or []:
-        out_console.print(f"[bold]Note:[/] {note}", highlight=False, soft_wrap=True)
+        out_console.print(f"[bold]Note:[/] {as_flags(note)}", highlight=False, soft_wrap=True)
     if (whole := s.get("full_run_estimate")) is not None:
         _print_full_run(out_console, s, whole)
 

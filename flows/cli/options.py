@@ -51,6 +51,7 @@ _FIELD_OF = {
     "batch_max_requests": "batch_max_requests",
     "batch_max_bytes": "batch_max_bytes",
     "batch_poll_seconds": "batch_poll_seconds",
+    "deadline": "batch_deadline",
     "service_tier": "service_tier",
     "prompt_cache_key": "prompt_cache_key",
     "sample": "sample",

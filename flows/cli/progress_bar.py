@@ -15,6 +15,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from llm_enrich.flows.cli.wording import as_flags
+
 __all__ = ["RichProgress"]
 
 
@@ -49,8 +51,8 @@ class RichProgress:
         self._progress.stop()
 
     def notice(self, text: str) -> None:
-        """Print a notice above the bar."""
-        self._progress.console.print(f"[yellow]{text}[/]", highlight=False)
+        """Print a notice above the bar (job fields named as their flags)."""
+        self._progress.console.print(f"[yellow]{as_flags(text)}[/]", highlight=False)
 
     def start(self, total_rows: int) -> None:
         """Set the total once the valid rows are known."""

@@ -11,6 +11,7 @@ from typing import Any, cast
 import typer
 from rich.console import Console
 
+from llm_enrich.flows.cli.wording import as_flags
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.schemas.errors import EnrichError
 
@@ -164,8 +165,8 @@ def _signal_seen() -> int:
 
 
 def fail(message: str, code: int, *, label: str = "[bold red]error:[/] ") -> None:
-    """Print one error paragraph and exit with `code`."""
-    err_console.print(f"{label}{message}", highlight=False, soft_wrap=True)
+    """Print one error paragraph (job fields named as their flags) and exit with `code`."""
+    err_console.print(f"{label}{as_flags(message)}", highlight=False, soft_wrap=True)
     leave(code)
     raise typer.Exit(code)
 

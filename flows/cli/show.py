@@ -21,6 +21,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from llm_enrich.flows.cli.wording import as_flags
 from llm_enrich.flows.tables.paths import is_remote, suffix_of
 from llm_enrich.flows.tables.provenance import read_provenance
 from llm_enrich.flows.tables.reading import scan_table
@@ -222,7 +223,7 @@ def _kinds_table(kinds: Counter[str]) -> Table:
     table.add_column("rows", justify="right", no_wrap=True)
     table.add_column("error", overflow="fold")
     for kind, count in sorted(kinds.items(), key=lambda item: (-item[1], item[0])):
-        table.add_row(f"{count:,}", Text(kind))
+        table.add_row(f"{count:,}", Text(as_flags(kind)))  # the errors name job fields; a terminal has flags
     return table
 
 

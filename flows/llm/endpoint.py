@@ -6,7 +6,8 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Self
 
 import httpx
 import openai
@@ -17,13 +18,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.tables.paths import strip_credentials
 from llm_enrich.schemas.errors import ConfigError, UserError
-from llm_enrich.transforms.calls import AttemptDeadline, Failure
+from llm_enrich.transforms.failures import CAPACITY_CODES, AttemptDeadline, Failure, classify_status
 from llm_enrich.transforms.replies import EmptyReply
 
 __all__ = [
     "DEFAULT_REMOTE_MODEL",
     "MAX_SERVER_WAIT",
     "Endpoint",
+    "ModelSettings",
     "build_chat_model",
     "classify_openai_error",
     "describe_endpoint",
@@ -68,33 +70,56 @@ def resolve_endpoint(job: EnrichJob) -> Endpoint:
     return Endpoint(base_url=base_url, api_key=key, local=base_url is None and key is None)
 
 
-def build_chat_model(
-    job: EnrichJob, endpoint: Endpoint, *, base_url: str | None, model_name: str, max_concurrency: int
-) -> tuple[ChatOpenAI, httpx.AsyncClient]:
+@dataclass(frozen=True)
+class ModelSettings:
+    """What building the chat model reads: the model, where it is, its key, and how replies are asked for."""
+
+    model: str
+    base_url: str | None
+    api_key: SecretStr | None = field(default=None, repr=False)
+    timeout: float = 60.0  # the whole reply (httpx and the SDK); transforms.calls bounds each attempt too
+    max_tokens: int = 512
+    temperature: float = 0.0
+    max_concurrency: int = 8
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+
+    @classmethod
+    def of(cls, job: EnrichJob, endpoint: Endpoint, *, base_url: str | None, model: str, max_concurrency: int) -> Self:
+        """The settings of one output of ``job`` (its model), sent to ``base_url``."""
+        return cls(
+            model=model, base_url=base_url, api_key=endpoint.api_key, timeout=job.reply_timeout,
+            max_tokens=job.max_tokens, temperature=job.temperature, max_concurrency=max_concurrency,
+            service_tier=job.service_tier, prompt_cache_key=job.prompt_cache_key,
+        )  # fmt: skip
+
+
+def build_chat_model(settings: ModelSettings) -> tuple[ChatOpenAI, httpx.AsyncClient]:
     """ChatOpenAI on the Chat Completions API with SDK retries off (transforms.calls owns them).
 
     The run owns its HTTP client (close it when the run ends): langchain-openai's shared
     default client would stay bound to the event loop of the first run in this process.
     """
+    s = settings
     client = httpx.AsyncClient(
-        timeout=httpx.Timeout(job.reply_timeout),
-        limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+        timeout=httpx.Timeout(s.timeout),
+        limits=httpx.Limits(max_connections=s.max_concurrency, max_keepalive_connections=s.max_concurrency),
     )
     # ChatOpenAI sends max_tokens as max_completion_tokens, which llama.cpp and older
     # OpenAI-compatible servers ignore; they get the classic field as well.
-    extra_body: dict[str, object] = {"max_tokens": job.max_tokens} if base_url else {}
-    if job.prompt_cache_key:
+    extra_body: dict[str, object] = {"max_tokens": s.max_tokens} if s.base_url else {}
+    if s.prompt_cache_key:
         # In the body, so it reaches the server whatever the installed SDK's create() accepts.
-        extra_body["prompt_cache_key"] = job.prompt_cache_key
+        extra_body["prompt_cache_key"] = s.prompt_cache_key
     model = ChatOpenAI(
-        model=model_name,
-        base_url=base_url,
+        model=s.model,
+        base_url=s.base_url,
         extra_body=extra_body or None,
-        service_tier=job.service_tier,
-        api_key=endpoint.api_key or SecretStr(_PLACEHOLDER_KEY),
-        temperature=job.temperature,
-        max_tokens=job.max_tokens,
-        timeout=job.reply_timeout,
+        service_tier=s.service_tier,
+        api_key=s.api_key or SecretStr(_PLACEHOLDER_KEY),
+        temperature=s.temperature,
+        max_tokens=s.max_tokens,
+        timeout=s.timeout,
         max_retries=0,
         use_responses_api=False,
         http_async_client=client,
@@ -110,11 +135,11 @@ def _secret_block_value(name: str) -> str:
         return str(Secret.load(name).get())  # type: ignore[union-attr]  # sync call: a value, not a coroutine
     except Exception as exc:  # the seam: any failure to load is one configuration error
         raise ConfigError(
-            f"the Prefect Secret block '{name}' (job field api_key_secret, --api-key-block) could not be loaded "
+            f"the Prefect Secret block '{name}' (`api_key_secret`) could not be loaded "
             f"from the Prefect API at {_prefect_api()} ({type(exc).__name__}). Create it in the UI "
             "(Blocks -> Secret) or with `Secret(value=...).save(name)` on the server the run reports to (set "
             "PREFECT_API_URL; a run without it uses a temporary server that holds no blocks), or name the key's "
-            "environment variable with api_key_env instead."
+            "environment variable with `api_key_env` instead."
         ) from exc
 
 
@@ -161,41 +186,17 @@ def classify_openai_error(exc: BaseException) -> Failure:
     if isinstance(exc, UserError):  # e.g. a missing Prefect rate limit: every row would fail
         return Failure("fatal", exc.message)
     if isinstance(exc, AttemptDeadline):
-        return Failure("retry", f"{exc} (raise --timeout for slow models)", timed_out=True)
+        return Failure("retry", f"{exc} (raise `timeout` for slow models)", timed_out=True)
     if isinstance(exc, openai.APITimeoutError):
-        return Failure("retry", "the request timed out (raise --timeout for slow models)", timed_out=True)
+        return Failure("retry", "the request timed out (raise `timeout` for slow models)", timed_out=True)
     if isinstance(exc, openai.APIConnectionError):
         return Failure("retry", f"connection failed: {_short(exc.__cause__ or exc)}", unreachable=True)
     if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        detail = _server_message(exc)
-        if status in (401, 403, 404):
-            return Failure("fatal", f"HTTP {status}: {detail}")
-        code = _error_code(exc)
-        if status == 429 and code == "insufficient_quota":
-            # A billing or quota problem: unlike a rate limit it never clears by waiting.
-            return Failure(
-                "fatal",
-                f"the provider says the quota or billing of this API key is exhausted (HTTP 429 "
-                f"insufficient_quota: {detail}). Waiting will not help: add credit or raise the limit in the "
-                "provider's billing settings, then rerun the same command. The answers received so far are kept "
-                "in the cache and will not be paid for again.",
-                explained=True,
-            )
-        if status == 429 and code in _CAPACITY_CODES:
-            # Capacity (e.g. the flex tier) is not our rate: back off this request, do not pause the run.
-            return Failure("retry", f"HTTP 429 {code}: {detail}", _retry_after(exc.response))  # type: ignore[arg-type]
-        if status == 429:
-            return Failure("retry", f"HTTP 429 rate limited: {detail}", _retry_after(exc.response), rate_limited=True)  # type: ignore[arg-type]
-        if status in (408, 409) or status >= 500:
-            return Failure("retry", f"HTTP {status}: {detail}", _retry_after(exc.response))  # type: ignore[arg-type]
-        return Failure("row", f"HTTP {status}: {detail}")
+        retry_after = _retry_after(exc.response)  # type: ignore[arg-type]
+        return classify_status(exc.status_code, _server_message(exc), code=_error_code(exc), retry_after=retry_after)
     if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, KeyError, TypeError)):
         return Failure("retry", f"malformed response body ({_short(exc)})")
     return Failure("retry", f"{type(exc).__name__}: {_short(exc)}")
-
-
-_CAPACITY_CODES = ("resource_unavailable", "capacity_exceeded", "overloaded")
 
 
 def _error_code(exc: openai.APIStatusError) -> str | None:
@@ -206,7 +207,7 @@ def _error_code(exc: openai.APIStatusError) -> str | None:
         return getattr(exc, "code", None)
     for name in ("code", "type"):
         value = inner.get(name)
-        if isinstance(value, str) and value in ("insufficient_quota", *_CAPACITY_CODES):
+        if isinstance(value, str) and value in ("insufficient_quota", *CAPACITY_CODES):
             return value
     return inner.get("code") if isinstance(inner.get("code"), str) else None
 

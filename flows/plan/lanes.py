@@ -37,12 +37,29 @@ class OutputRun:
     ctx: CallContext
     lane: LaneColumns
     tally: Tally = field(default_factory=Tally)
+    # Requests made before the price changed (batch lines before a batch deadline): their cost, tokens.
+    earlier_cost: float | None = 0.0
+    earlier_tokens: tuple[int, int, int] = (0, 0, 0)  # input, output, cached input
 
     @property
     def cost_usd(self) -> float | None:
-        """What this output's requests cost in this run."""
+        """What this output's requests cost in this run (cached input at the cached-input price)."""
+        if self.price is None or self.earlier_cost is None:
+            return None
+        now = self._tokens()
+        return self.earlier_cost + self.price.cost(
+            *(n - before for n, before in zip(now, self.earlier_tokens, strict=True))
+        )
+
+    def reprice(self, price: Price | None) -> None:
+        """Requests from now on cost ``price`` (and count so against the budget); those before keep theirs."""
+        self.earlier_cost = self.cost_usd
+        self.earlier_tokens = self._tokens()
+        self.price = self.ctx.price = price
+
+    def _tokens(self) -> tuple[int, int, int]:
         stats = self.ctx.stats
-        return self.price.cost(stats.input_tokens, stats.output_tokens) if self.price else None
+        return stats.input_tokens, stats.output_tokens, stats.cached_input_tokens
 
 
 def plan_outputs(

@@ -65,7 +65,7 @@ def resolve_structured(job: EnrichJob, endpoint: Endpoint) -> StructuredOutput |
         try:
             model = model_from_json_schema(json.loads(Path(ref).read_text(encoding="utf-8")))
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"--output-schema: cannot read the JSON Schema file '{ref}': {exc}") from exc
+            raise ConfigError(f"`output_schema`: cannot read the JSON Schema file '{ref}': {exc}") from exc
     elif _MODULE_REF.match(ref):
         model = _import_model(ref)
     else:
@@ -90,8 +90,8 @@ def check_structured_fields(spec: EnrichSpec, columns: list[str]) -> None:
     clash = [name for name in clash if name in taken]
     if clash:
         raise ConfigError(
-            f"--output-schema field {clash[0]!r} would overwrite a column of the same name; "
-            "pass --output-prefix (e.g. --output-prefix ai_) or rename the field."
+            f"`output_schema` field {clash[0]!r} would overwrite a column of the same name; "
+            "pass `output_prefix` (e.g. `output_prefix` = ai_) or rename the field."
         )
 
 
@@ -103,9 +103,9 @@ def _import_model(ref: str) -> type[BaseModel]:
     try:
         found = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"--output-schema {ref!r} could not be loaded ({exc}); is the module importable?") from exc
+        raise ConfigError(f"`output_schema` = {ref!r} could not be loaded ({exc}); is the module importable?") from exc
     if not (isinstance(found, type) and issubclass(found, BaseModel)):
-        raise ConfigError(f"--output-schema {ref!r} is not a pydantic model class.")
+        raise ConfigError(f"`output_schema` = {ref!r} is not a pydantic model class.")
     return found
 
 
@@ -114,14 +114,14 @@ def planned_columns(job: EnrichJob) -> dict[str, str]:
     planned: dict[str, str] = {}
     offline = Endpoint(base_url=None, api_key=None, local=False)  # field names do not depend on the endpoint
     for number, single in enumerate(job.output_jobs()):
-        option = "--output-column" if number == 0 else "the extra output's output_column"
+        option = "`output_column`" if number == 0 else "the extra output's output_column"
         planned.setdefault(single.output_column, option)
         for name in bookkeeping_names(single.output_column, primary=number == 0).values():
             planned.setdefault(name, "the bookkeeping column")
         structured = resolve_structured(single, offline)
         if structured is not None:
             for field_name in structured.model.model_fields:
-                planned.setdefault(f"{structured.prefix}{field_name}", "--output-schema field")
+                planned.setdefault(f"{structured.prefix}{field_name}", "`output_schema` field")
     return planned
 
 

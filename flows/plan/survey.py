@@ -74,8 +74,8 @@ def survey_input(
     source = job.input_path
     if job.in_place and detect_format(source, job.input_format) != "parquet":
         raise ConfigError(
-            f"--in-place rewrites the input, which must then be Parquet; '{source}' is not. "
-            "Pass --output PATH.parquet instead."
+            f"`in_place` = true rewrites the input, which must then be Parquet; '{source}' is not. "
+            "Pass `output_path` = PATH.parquet instead."
         )
     scan, columns = _scan_input(job)
     fmt = format_of(source, job.input_format)

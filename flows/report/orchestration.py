@@ -52,7 +52,10 @@ def bound_prefect_client() -> None:
     """Bounded Prefect client retries and request timeout, unless the operator chose their own."""
     os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", str(API_RETRIES))
     os.environ.setdefault("PREFECT_API_REQUEST_TIMEOUT", str(API_TIMEOUT_SECONDS))
+    # No network but the LLM endpoint and the Prefect API: Prefect's usage telemetry (server and SDK) is off
+    # unless the operator turns it on.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
 def best_effort(call: Callable[[], T], what: str) -> T | None:

@@ -16,7 +16,7 @@ from langchain_core.language_models import BaseChatModel
 
 from llm_enrich.flows.cache.files import AnswerStore
 from llm_enrich.flows.job import EnrichJob
-from llm_enrich.flows.llm.endpoint import Endpoint, build_chat_model
+from llm_enrich.flows.llm.endpoint import Endpoint, ModelSettings, build_chat_model
 from llm_enrich.transforms.calls import CallContext
 from llm_enrich.transforms.enrichment import AnswerMemo, EnrichSpec
 
@@ -66,9 +66,10 @@ def build_lane(
     cache: AnswerStore | None,
 ) -> tuple[Lane, httpx.AsyncClient]:  # fmt: skip
     """One output's model client and memo (answers go to the cache as they arrive); close the client."""
-    model, http = build_chat_model(
-        job, endpoint, base_url=base_url, model_name=spec.identity.model, max_concurrency=spec.max_concurrency
+    settings = ModelSettings.of(
+        job, endpoint, base_url=base_url, model=spec.identity.model, max_concurrency=spec.max_concurrency
     )
+    model, http = build_chat_model(settings)
     if ctx.scheduler is not None:
         # The scheduler reads every response's x-ratelimit-* headers and why a 429 came.
         http.event_hooks["response"].append(ctx.scheduler.on_response)

@@ -46,34 +46,34 @@ def check_destination(job: EnrichJob) -> None:
     if not job.in_place:
         if same_location(source, dest) or _contains(source, dest) or _contains(dest, source):
             raise DestinationError(
-                f"--output '{dest}' is the input '{source}' (or holds it, or is held by it): writing there would "
-                "destroy the input. Give another --output path, or use --in-place to rewrite a Parquet input "
-                "on purpose. Nothing was sent or written."
+                f"`output_path` = '{dest}' is the input '{source}' (or holds it, or is held by it): writing there "
+                "would destroy the input. Give another `output_path`, or use `in_place` = true to rewrite a Parquet "
+                "input on purpose. Nothing was sent or written."
             )
         suffix = posixpath.splitext(dest.rstrip("/"))[1].lower()
         if suffix in OTHER_FORMATS:
             raise DestinationError(
-                f"--output '{dest}' names a {OTHER_FORMATS[suffix]} file, but the output is always Parquet; "
+                f"`output_path` = '{dest}' names a {OTHER_FORMATS[suffix]} file, but the output is always Parquet; "
                 f"give a .parquet name instead (for example '{posixpath.splitext(dest)[0]}.parquet'). "
                 "Nothing was sent or written."
             )
     if same_location(source, rejected_path(dest)):
         raise DestinationError(
-            f"the rejected rows of --output '{dest}' would be written to '{rejected_path(dest)}', which is the "
-            "input. Give another --output name. Nothing was sent or written."
+            f"the rejected rows of `output_path` = '{dest}' would be written to '{rejected_path(dest)}', which is "
+            "the input. Give another `output_path`. Nothing was sent or written."
         )
     if not is_remote(dest):
         _check_output_file(job, dest)
     if job.staging_dir is not None and not is_remote(job.staging_dir):
-        _check_writable_directory(job.staging_dir, "the staging directory (--staging-dir)", source)
+        _check_writable_directory(job.staging_dir, "the staging directory (`staging_dir`)", source)
     if job.cache and job.cache_dir is not None and not is_remote(job.cache_dir):
-        _check_writable_directory(job.cache_dir, "the cache directory (--cache-dir)", source)
+        _check_writable_directory(job.cache_dir, "the cache directory (`cache_dir`)", source)
     elif job.cache and job.cache_dir is None and not is_remote(dest):
         cache = Path(dest).parent / ".enrich-cache"
         if cache.exists() and not cache.is_dir():
             raise DestinationError(
-                f"the cache directory '{cache}' beside the output is a file; move it away, or pass --cache-dir or "
-                "--no-cache. Nothing was sent or written."
+                f"the cache directory '{cache}' beside the output is a file; move it away, or pass `cache_dir` or "
+                "`cache` = false. Nothing was sent or written."
             )
 
 
@@ -108,11 +108,11 @@ def _normal_uri(uri: str) -> str:
 def _check_output_file(job: EnrichJob, dest: str) -> None:
     """The output path is a file we may replace (or a dataset directory), in a directory we can write."""
     path = Path(dest)
-    option = "--in-place input" if job.in_place else "--output"
+    option = "`in_place` input" if job.in_place else "`output_path` ="
     if job.output_partition_by:
         if path.exists() and not path.is_dir():
             raise DestinationError(
-                f"{option} '{dest}' is a file, but --output-partition-by writes a directory of Parquet files; "
+                f"{option} '{dest}' is a file, but `output_partition_by` writes a directory of Parquet files; "
                 "give a directory path. Nothing was sent or written."
             )
     elif path.is_dir():
@@ -122,8 +122,8 @@ def _check_output_file(job: EnrichJob, dest: str) -> None:
         )
     elif path.is_file() and not job.in_place and not _is_parquet(path):
         raise DestinationError(
-            f"--output '{dest}' already exists and is not a Parquet file, so it is not an earlier output of this "
-            "tool; replacing it would destroy it. Give another --output path or move that file away. "
+            f"`output_path` = '{dest}' already exists and is not a Parquet file, so it is not an earlier output of "
+            "this tool; replacing it would destroy it. Give another `output_path` or move that file away. "
             "Nothing was sent or written."
         )
     _check_writable_directory(str(path.parent), f"the directory of {option} '{dest}'", job.input_path)

@@ -236,7 +236,7 @@ def hold_lease(
         kind = DestinationError if isinstance(exc, PermissionDeniedError | UnauthenticatedError) else OutputError
         raise kind(
             f"cannot take the lease '{location}' that keeps two runs off '{destination}': {exc}. Check the "
-            "credentials and that the bucket is writable (environment or --storage-option)."
+            "credentials and that the bucket is writable (environment or `storage_options`)."
         ) from exc
     lease.start_renewing()
     try:
@@ -275,13 +275,13 @@ def _acquire(
         holder = seen.describe()
         if not wait:
             raise DestinationBusy(
-                f"another run ({holder}) is writing '{destination}' right now. Rerun without --no-wait to wait "
-                "for it (this run then pays only for what it did not already answer), or give another --output."
+                f"another run ({holder}) is writing '{destination}' right now. Rerun with `wait` = true to wait "
+                "for it (this run then pays only for what it did not already answer), or give another `output_path`."
             )
         if time.monotonic() >= deadline:
             raise DestinationBusy(
                 f"waited {timeout:g} s for another run ({holder}) writing '{destination}' to finish; it still "
-                "holds the output. Try again later or raise --wait-timeout."
+                "holds the output. Try again later or raise `wait_timeout`."
             )
         if not told:
             on_wait(f"waiting for another run ({holder}) that is writing '{destination}' (at most {timeout:g} s)")

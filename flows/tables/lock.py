@@ -62,13 +62,14 @@ def hold_lock(
             os.close(fd)
             if not wait:
                 raise DestinationBusy(
-                    f"another run ({holder}) is writing '{destination}' right now. Rerun without --no-wait to wait "
-                    "for it (this run then pays only for what it did not already answer), or give another --output."
+                    f"another run ({holder}) is writing '{destination}' right now. Rerun with `wait` = true to wait "
+                    "for it (this run then pays only for what it did not already answer), or give another "
+                    "`output_path`."
                 ) from None
             if time.monotonic() >= deadline:
                 raise DestinationBusy(
                     f"waited {timeout:g} s for another run ({holder}) writing '{destination}' to finish; it still "
-                    "holds the output. Try again later or raise --wait-timeout."
+                    "holds the output. Try again later or raise `wait_timeout`."
                 ) from None
             if not told:
                 on_wait(f"waiting for another run ({holder}) that is writing '{destination}' (at most {timeout:g} s)")

@@ -82,14 +82,14 @@ def check_column_clashes(
         for number, single in enumerate(job.output_jobs()):
             group = [single.output_column, *bookkeeping_names(single.output_column, primary=number == 0).values()]
             if all(c in columns for c in group):
-                own |= {*group, *(c for c, option in planned.items() if option == "--output-schema field")}
+                own |= {*group, *(c for c, option in planned.items() if option == "`output_schema` field")}
     foreign = [c for c in clash if c not in own]
     if foreign:
         name = foreign[0]
         raise ConfigError(
             f"{planned[name]} '{name}' is already a column of the input '{job.input_path}': the answers would "
             f"replace its values{' for good' if job.in_place else ''}. Choose another name (for example "
-            f"'{name}_llm'{', or --output-prefix ai_ for typed fields' if 'schema' in planned[name] else ''}). "
+            f"'{name}_llm'{', or `output_prefix` = ai_ for typed fields' if 'schema' in planned[name] else ''}). "
             "Nothing was sent or written."
         )
     return clash

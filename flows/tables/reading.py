@@ -14,7 +14,7 @@ from llm_enrich.flows.tables.parse_errors import locate_problem
 from llm_enrich.flows.tables.paths import is_remote, suffix_of
 from llm_enrich.schemas.errors import InputError
 
-__all__ = ["FORMATS", "detect_format", "format_of", "iter_partitions", "load_table", "read_error", "scan_table"]
+__all__ = ["FORMATS", "detect_format", "format_of", "iter_partitions", "read_error", "scan_table"]
 
 FORMATS = {
     ".csv": "csv",
@@ -35,7 +35,7 @@ def detect_format(path: str, requested: str = "auto") -> str:
         known = ", ".join(sorted(FORMATS))
         raise InputError(
             f"cannot tell the format of '{path}' from its extension '{suffix or '(none)'}'; "
-            f"known extensions are {known}. Pass --format csv|parquet|ndjson."
+            f"known extensions are {known}. Pass `input_format` = csv|parquet|ndjson."
         )
     return FORMATS[suffix]
 
@@ -89,16 +89,6 @@ def format_of(path: str, requested_format: str = "auto") -> str:
     return "dataset" if not is_remote(path) and Path(path).is_dir() else detect_format(path, requested_format)
 
 
-def load_table(path: str, requested_format: str = "auto") -> pl.DataFrame:
-    """Load the whole table at once (small inputs and tests); raise InputError naming the file."""
-    fmt = format_of(path, requested_format)
-    frames = list(iter_partitions(scan_table(path, requested_format), 1_000_000, source=path, fmt=fmt))
-    frame = pl.concat(frames)
-    if frame.width == 0:
-        raise InputError(f"input file '{path}' has no data rows; there is nothing to enrich.")
-    return frame
-
-
 def _scan(path: str, fmt: str, storage: dict[str, str] | None = None) -> pl.LazyFrame:
     try:
         if fmt == "csv":
@@ -127,5 +117,5 @@ def read_error(path: str, fmt: str, exc: BaseException) -> InputError:
         detail = problem.describe() if problem else f"{detail} (reading the file again did not find the bad line)"
     return InputError(
         f"could not read '{path}' as {fmt}: {detail}. Check that the file is valid {fmt} "
-        "(UTF-8 for text formats), or pass --format if the extension is misleading."
+        "(UTF-8 for text formats), or pass `input_format` if the extension is misleading."
     )

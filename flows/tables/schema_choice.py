@@ -21,8 +21,8 @@ _TOPICS_COLUMNS = tuple(TopicsInput.to_schema().columns)
 
 
 def field_hint(value: str) -> str:
-    """How to set input_schema, named as the job field (the Prefect form) with the CLI flag beside it."""
-    return f"input_schema = {value!r} (CLI: --schema {value})"
+    """How to set input_schema, named as the job field (the Prefect form; the CLI names its flag instead)."""
+    return f"`input_schema` = {value!r}"
 
 
 @dataclass(frozen=True)
@@ -86,14 +86,14 @@ def _user_schema(ref: str) -> pa.DataFrameSchema:
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
         raise ConfigError(
-            f"input_schema = {ref!r} (CLI: --schema) is not 'auto', 'topics', 'template' or 'module:Class' "
+            f"`input_schema` = {ref!r} is not 'auto', 'topics', 'template' or 'module:Class' "
             "(for example 'myproject.schemas:Orders')."
         )
     try:
         found = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(
-            f"input_schema = {ref!r} (CLI: --schema) could not be loaded ({exc}); make sure the module is "
+            f"`input_schema` = {ref!r} could not be loaded ({exc}); make sure the module is "
             "importable (installed, or on PYTHONPATH) and defines that class."
         ) from exc
     if isinstance(found, type) and issubclass(found, pa.DataFrameModel):
@@ -101,6 +101,5 @@ def _user_schema(ref: str) -> pa.DataFrameSchema:
     if isinstance(found, pa.DataFrameSchema):
         return found
     raise ConfigError(
-        f"input_schema = {ref!r} (CLI: --schema) is a {type(found).__name__}, not a pandera.polars "
-        "DataFrameModel or DataFrameSchema."
+        f"`input_schema` = {ref!r} is a {type(found).__name__}, not a pandera.polars DataFrameModel or DataFrameSchema."
     )

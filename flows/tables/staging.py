@@ -47,7 +47,7 @@ class Staging:
             if not is_remote(path):
                 Path(path).unlink(missing_ok=True)
             raise write_failure(
-                exc, "staging file", path, "point --staging-dir somewhere with space (shared storage for Dask workers)"
+                exc, "staging file", path, "point `staging_dir` somewhere with space (shared storage for Dask workers)"
             ) from exc
 
     def read(self, path: str) -> pl.DataFrame:
@@ -57,7 +57,7 @@ class Staging:
         except (OSError, pl.exceptions.PolarsError) as exc:
             raise OutputError(
                 f"cannot read the staging file '{path}': {exc}. When Dask workers run on other machines "
-                "the staging directory must be on storage they share (--staging-dir)."
+                "the staging directory must be on storage they share (`staging_dir`)."
             ) from exc
 
     def scan(self, paths: list[str]) -> pl.LazyFrame:

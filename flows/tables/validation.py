@@ -16,12 +16,10 @@ from llm_enrich.transforms.structured import StructuredOutput, field_dtypes
 __all__ = [
     "REJECT_REASON",
     "Checked",
-    "Split",
     "check_rows",
     "failure_report",
     "refusal",
     "resolve_schema",
-    "split_valid",
     "unique_columns",
     "validate_output",
 ]
@@ -41,15 +39,6 @@ _OTHER_SCHEMAS = (
 
 
 @dataclass(frozen=True)
-class Split:
-    """The rows that passed, the rows that failed (with reject_reason), and the report."""
-
-    valid: pl.DataFrame
-    rejected: pl.DataFrame
-    report: str
-
-
-@dataclass(frozen=True)
 class Checked:
     """One slice of the input, checked: valid rows, rejected rows (with reasons), failure cases."""
 
@@ -63,21 +52,10 @@ class Checked:
         return self.rejected.height
 
 
-def split_valid(frame: pl.DataFrame, schema: pa.DataFrameSchema, *, source: str, quarantine: bool) -> Split:
-    """Validate a whole table at once; fail with a report, or set failing rows aside."""
-    checked = check_rows(frame, schema, source=source)
-    if not checked.failing:
-        return Split(checked.valid, checked.rejected, "")
-    report = failure_report(checked.cases, frame.height, checked.failing, source, schema.name)
-    if not quarantine:
-        raise ValidationFailed(refusal(report), failing_rows=checked.failing)
-    return Split(checked.valid, checked.rejected, report)
-
-
 def refusal(report: str) -> str:
     """The message of a run refused for failing rows."""
     return (
-        f"{report}\nNo output was written. Fix these rows, or pass --on-invalid quarantine "
+        f"{report}\nNo output was written. Fix these rows, or pass `on_invalid` = quarantine "
         "to enrich the valid rows and set the failing ones aside."
     )
 

@@ -26,7 +26,6 @@ __all__ = [
     "publish_parquet",
     "rejected_path",
     "write_json_atomic",
-    "write_parquet_atomic",
     "write_parquet_dataset_atomic",
 ]
 
@@ -63,11 +62,6 @@ def rejected_path(destination: str) -> str:
     """Where quarantined rows go: <output stem>.rejected.parquet beside the output."""
     stem = posixpath.splitext(posixpath.basename(destination))[0]
     return sibling(destination, f"{stem}.rejected.parquet")
-
-
-def write_parquet_atomic(frame: pl.DataFrame, destination: str, metadata: dict[str, str] | None = None) -> None:
-    """Write zstd Parquet so that readers see the old file or the new one, never a torn one."""
-    publish_parquet(frame.lazy(), destination, metadata=metadata)
 
 
 def publish_parquet(
@@ -141,7 +135,7 @@ def _replace_atomically(destination: str, write: Any) -> None:
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, (OSError, pl.exceptions.PolarsError)):
-            raise write_failure(exc, "output", destination, "write the output elsewhere (--output)") from exc
+            raise write_failure(exc, "output", destination, "write the output elsewhere (`output_path`)") from exc
         raise
 
 
@@ -155,7 +149,7 @@ def publish_output(job: EnrichJob, enriched: pl.LazyFrame, spec: EnrichSpec, inp
     columns = enriched.collect_schema().names()
     if job.output_partition_by not in columns:
         raise ConfigError(
-            f"--output-partition-by {job.output_partition_by!r} is not a column of the output; "
+            f"`output_partition_by` = {job.output_partition_by!r} is not a column of the output; "
             f"it has: {', '.join(columns)}."
         )
     write_parquet_dataset_atomic(enriched, job.destination, job.output_partition_by, metadata)
