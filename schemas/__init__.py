@@ -1,6 +1,7 @@
 """Data contracts: the pandera schemas at each boundary, and the error hierarchy."""
 
 from llm_enrich.schemas.enriched import (
+    CACHED_TOKENS_COLUMN,
     ERROR_COLUMN,
     INPUT_TOKENS_COLUMN,
     KEY_COLUMN,
@@ -11,6 +12,7 @@ from llm_enrich.schemas.enriched import (
 from llm_enrich.schemas.topics import TopicsInput
 
 __all__ = [
+    "CACHED_TOKENS_COLUMN",
     "ERROR_COLUMN",
     "INPUT_TOKENS_COLUMN",
     "KEY_COLUMN",

@@ -96,6 +96,31 @@ def test_a_batch_run_answers_every_row_at_half_the_online_price(tmp_path: Path) 
     assert not (tmp_path / ".out.parquet.batches.json").exists(), "a finished run leaves no manifest"
 
 
+def test_batch_lines_count_their_cached_tokens_per_row_and_in_the_price(tmp_path: Path) -> None:
+    # A long static system message (given last, it wins): every prompt shares a 1,024-token prefix, so
+    # the first line writes the prompt cache and the others read it.
+    system = "You describe topics for an encyclopedia. " + "Follow the house style carefully. " * 150
+    source, out = table(tmp_path, rows=8, distinct=4), tmp_path / "out.parquet"
+    with serving() as server:
+        code, text, summary = enrich(server, source, out, "--system", system)
+        assert code == 0, text
+        assert server.stats.batch_lines_answered == 4 and server.stats.completions == 4
+        [batch] = server.batch_api.batches.values()
+        assert batch.usage()["input_tokens_details"]["cached_tokens"] == 3 * 1024  # as the Batch object reports
+    assert summary["cached_input_tokens"] == 3 * 1024
+    frame = pl.read_parquet(out)
+    cached = frame["enrich_cached_tokens"].to_list()
+    assert sorted(cached[:4]) == [0, 1024, 1024, 1024] and cached[4:] == [0] * 4, "repeats paid nothing"
+    assert frame["enrich_cached_tokens"].sum() == summary["cached_input_tokens"]
+    assert (frame["enrich_cached_tokens"] <= frame["enrich_input_tokens"]).all()
+    # Batch prices, with the cached input at the (halved) cached-input price.
+    listed = price_for("gpt-4o-mini", DEFAULT_PRICES)
+    assert listed is not None
+    paid = listed.discounted(0.5).cost(summary["input_tokens"], summary["output_tokens"], 3 * 1024)
+    assert summary["cost_usd"] == pytest.approx(paid, abs=1e-6)
+    assert summary["cost_usd"] < listed.cost(summary["input_tokens"], summary["output_tokens"]) / 2
+
+
 def test_files_are_split_at_batch_max_requests_and_failed_lines_become_row_errors(tmp_path: Path) -> None:
     faults = {3: "FAULT:invalid_prompt", 7: "FAULT:500", 11: "FAULT:content_filter"}
     source, out = table(tmp_path, rows=25, distinct=25, faults=faults), tmp_path / "out.parquet"

@@ -123,6 +123,12 @@ def _structured_field_clash(folder: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def _cached_tokens_column_clash(folder: Path) -> list[str]:
+    # A column of the user's that happens to bear the name of one the run adds.
+    pl.read_csv(folder / "table.csv").with_columns(enrich_cached_tokens=pl.lit(7)).write_csv(folder / "mine.csv")
+    return [str(folder / "mine.csv"), "--output", str(folder / "out.parquet")]
+
+
 def _summary_over_the_input(folder: Path) -> list[str]:
     return [
         str(folder / "table.csv"),
@@ -147,6 +153,10 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "output column is an input column": (_output_column_clash, "--output-column 'topic' is already a column"),
     "template uses the clashing column": (_template_uses_the_clashing_column, "is already a column"),
     "structured field is an input column": (_structured_field_clash, "'category' is already a column"),
+    "an input column bears an added column's name": (
+        _cached_tokens_column_clash,
+        "the bookkeeping column 'enrich_cached_tokens' is already a column",
+    ),
     "summary would overwrite the input": (_summary_over_the_input, "--summary-json"),
 }
 
@@ -179,3 +189,22 @@ def test_in_place_on_parquet_is_the_one_way_to_rewrite_the_input(fake_llm: FakeO
     assert code == 0, output
     assert fake_llm.stats.requests == 0
     assert pl.read_parquet(source).columns.count("explanation") == 1
+
+
+def test_in_place_over_an_output_written_before_the_cached_token_column(
+    fake_llm: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    source = tmp_path / "table.parquet"
+    pl.read_csv(DATA / "topics.csv").write_parquet(source)
+    code, output = enrich(fake_llm, str(source), "--in-place", "--no-cache")
+    assert code == 0, output
+    # As an older version wrote it and another tool rewrote it: no enrich_cached_tokens, no footer.
+    older = pl.read_parquet(source).drop("enrich_cached_tokens")
+    older.write_parquet(source)
+    fake_llm.reset()
+    code, output = enrich(fake_llm, str(source), "--in-place", "--no-cache")
+    assert code == 0, output
+    assert fake_llm.stats.requests == 0, "its own columns are recognised and every answer is reused"
+    again = pl.read_parquet(source)
+    assert again.columns.count("explanation") == 1 and again["enrich_cached_tokens"].to_list() == [0] * again.height
+    assert again.drop("enrich_cached_tokens").equals(older)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import multiprocessing
 import os
 import socket
@@ -12,6 +14,8 @@ import polars as pl
 import pytest
 
 from llm_enrich.flows.cache.files import CACHE_SCHEMA, ResponseCache
+from llm_enrich.flows.cache.objects import parse_parquet
+from llm_enrich.flows.cache.reading import parse_segment
 from llm_enrich.schemas.errors import OutputError
 from llm_enrich.transforms.outcome import Outcome
 
@@ -76,6 +80,35 @@ def test_the_newest_answer_for_a_key_wins(tmp_path: Path) -> None:
     loaded = ResponseCache(str(tmp_path)).load()
     assert loaded.height == 2
     assert as_dict(loaded)["k"] == ("new", 2, 2)
+
+
+def test_cached_input_tokens_are_kept_and_a_record_written_before_them_loads_as_0(tmp_path: Path) -> None:
+    cache = ResponseCache(str(tmp_path))
+    cache.append("new", Outcome(text="fresh", input_tokens=1300, output_tokens=9, cached_input_tokens=1024), model="m")
+    cache.close()
+    # A record as versions before the prompt-cache column wrote it: no cached_input_tokens field.
+    old = json.dumps({"seq": 1, "key": "old", "text": "kept", "input_tokens": 7, "output_tokens": 8, "model": "m"})
+    (tmp_path / "v1" / "seg-older-1-abc.jsonl").write_text(old + "\n")
+    loaded = ResponseCache(str(tmp_path)).load()
+    assert dict(loaded.schema) == CACHE_SCHEMA
+    tokens = dict(loaded.select("key", "cached_input_tokens").iter_rows())
+    assert tokens == {"new": 1024, "old": 0}
+    assert as_dict(loaded)["old"] == ("kept", 7, 8), "the old record still serves its answer"
+    # Read line by line (as `cache verify` does), the old record is just as good.
+    frame, damaged = parse_segment((old + "\n").encode(), exact=True)
+    assert damaged == () and frame["cached_input_tokens"].to_list() == [0]
+
+
+def test_an_object_store_segment_written_before_cached_input_tokens_loads_as_0() -> None:
+    buffer = io.BytesIO()
+    pl.DataFrame(
+        {"seq": [1], "key": ["old"], "text": ["kept"], "input_tokens": [7], "output_tokens": [8]}
+    ).write_parquet(buffer)
+    frame, health = parse_parquet(buffer.getvalue(), "s3://bucket/cache/v1/seg-old.parquet")
+    assert health.clean and health.ok == 1
+    assert frame.row(0, named=True) == {
+        "seq": 1, "key": "old", "text": "kept", "input_tokens": 7, "output_tokens": 8, "cached_input_tokens": 0,
+    }  # fmt: skip
 
 
 def test_a_refresh_by_a_later_run_wins(tmp_path: Path) -> None:

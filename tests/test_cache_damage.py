@@ -69,6 +69,9 @@ BAD_LINES = {
     "text-an-object": b'{"seq": 1, "key": "k9", "text": {"a": 1}, "input_tokens": 1, "output_tokens": 2}',
     "tokens-a-string": b'{"seq": 1, "key": "k9", "text": "t", "input_tokens": "1", "output_tokens": 2}',
     "tokens-a-bool": b'{"seq": 1, "key": "k9", "text": "t", "input_tokens": true, "output_tokens": 2}',
+    "cached-tokens-a-string": (
+        b'{"seq": 1, "key": "k9", "text": "t", "input_tokens": 1, "output_tokens": 2, "cached_input_tokens": "1"}'
+    ),
     "half-written": b'{"seq": 1, "key": "k9"}',
     "not-an-object": b"[1, 2, 3]",
     "lone-surrogate": b'{"seq": 1, "key": "k9", "text": "\\ud800", "input_tokens": 1, "output_tokens": 2}',
@@ -85,7 +88,7 @@ def test_one_bad_line_costs_only_that_record(bad: bytes, exact: bool) -> None:
     frame, damaged = parse_segment(b"\n".join(lines) + b"\n", exact=exact)
     assert damaged == (10,)
     assert set(frame["key"]) == {f"k{n}" for n in range(20)} - {"k9"}
-    assert frame.filter(pl.col("key") == "k3").row(0) == (1, "k3", "t", 1, 2)
+    assert frame.filter(pl.col("key") == "k3").row(0) == (1, "k3", "t", 1, 2, 0)  # no cached tokens written: 0
 
 
 def test_a_key_of_the_wrong_type_is_damage_to_verify_and_harmless_to_load() -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from llm_enrich.schemas.enriched import INPUT_TOKENS_COLUMN, KEY_COLUMN, OUTPUT_TOKENS_COLUMN
+from llm_enrich.schemas.enriched import CACHED_TOKENS_COLUMN, INPUT_TOKENS_COLUMN, KEY_COLUMN, OUTPUT_TOKENS_COLUMN
 from llm_enrich.transforms.enrichment import EnrichSpec, charge_first, prompt_keys
 from llm_enrich.transforms.keys import AnswerIdentity, answer_key, endpoint_family
 from llm_enrich.transforms.prompts import parse_template
@@ -152,11 +152,20 @@ def test_trailing_slashes_and_host_case_do_not_matter(
     assert canonical.startswith(f"{scheme}://{host}")
 
 
-@given(host=HOST, path=PATH, ports=st.lists(st.integers(1, 65535), min_size=2, max_size=2, unique=True))
+# Port 80 is http's own: http://a:80 is http://a (the next test), so it is not "another" port.
+_PORTS = st.integers(1, 65535).filter(lambda p: p != 80)
+
+
+@given(host=HOST, path=PATH, ports=st.lists(_PORTS, min_size=2, max_size=2, unique=True))
 def test_different_ports_are_different_endpoints(host: str, path: str, ports: list[int]) -> None:
     a, b = (endpoint_family(f"http://{host}:{p}{path}") for p in ports)
     assert a != b
     assert endpoint_family(f"http://{host}{path}") not in (a, b)
+
+
+@given(host=HOST, path=PATH)
+def test_the_default_port_is_the_same_endpoint(host: str, path: str) -> None:
+    assert endpoint_family(f"http://{host}:80{path}") == endpoint_family(f"http://{host}{path}")
 
 
 @given(host=HOST, path=PATH, other=HOST)
@@ -186,40 +195,45 @@ ROWS = st.lists(
 
 @given(ROWS)
 def test_charge_first_keeps_tokens_on_the_first_row_of_each_key(rows: list[tuple[str | None, int, int]]) -> None:
-    # As the transform builds it: every row of a key carries that key's tokens.
-    tokens_of: dict[str, tuple[int, int]] = {}
+    # As the transform builds it: every row of a key carries that key's tokens (cached ones: a part of the input).
+    tokens_of: dict[str, tuple[int, int, int]] = {}
     for key, inp, out in rows:
         if key is not None:
-            tokens_of.setdefault(key, (inp, out))
-    filled = [(k, *(tokens_of[k] if k is not None else (i, o))) for k, i, o in rows]
+            tokens_of.setdefault(key, (inp, out, inp // 3))
+    filled = [(k, *(tokens_of[k] if k is not None else (i, o, i // 3))) for k, i, o in rows]
     frame = pl.DataFrame(
         {
             "row": list(range(len(rows))),
-            KEY_COLUMN: [k for k, _, _ in filled],
-            INPUT_TOKENS_COLUMN: [i for _, i, _ in filled],
-            OUTPUT_TOKENS_COLUMN: [o for _, _, o in filled],
+            KEY_COLUMN: [k for k, _, _, _ in filled],
+            INPUT_TOKENS_COLUMN: [i for _, i, _, _ in filled],
+            OUTPUT_TOKENS_COLUMN: [o for _, _, o, _ in filled],
+            CACHED_TOKENS_COLUMN: [c for _, _, _, c in filled],
         },
-        schema={"row": pl.Int64, KEY_COLUMN: pl.String, INPUT_TOKENS_COLUMN: pl.Int64, OUTPUT_TOKENS_COLUMN: pl.Int64},
-    )
+        schema={
+            "row": pl.Int64, KEY_COLUMN: pl.String, INPUT_TOKENS_COLUMN: pl.Int64, OUTPUT_TOKENS_COLUMN: pl.Int64,
+            CACHED_TOKENS_COLUMN: pl.Int64,
+        },
+    )  # fmt: skip
     out = charge_first(frame)
     assert out.columns == frame.columns
     assert out["row"].to_list() == frame["row"].to_list()
     assert out[KEY_COLUMN].to_list() == frame[KEY_COLUMN].to_list()
     seen: set[str] = set()
-    for key, inp, outp in out.select(KEY_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN).iter_rows():
+    tokens = out.select(KEY_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN, CACHED_TOKENS_COLUMN)
+    for key, inp, outp, cached in tokens.iter_rows():
         if key is None:
-            assert (inp, outp) == (0, 0)  # no request was sent for a row without a key
+            assert (inp, outp, cached) == (0, 0, 0)  # no request was sent for a row without a key
         elif key in seen:
-            assert (inp, outp) == (0, 0)
+            assert (inp, outp, cached) == (0, 0, 0)
         else:
-            assert (inp, outp) == tokens_of[key]
+            assert (inp, outp, cached) == tokens_of[key]
             seen.add(key)
     sums = (
         out.filter(pl.col(KEY_COLUMN).is_not_null())
         .group_by(KEY_COLUMN)
-        .agg(pl.col(INPUT_TOKENS_COLUMN).sum(), pl.col(OUTPUT_TOKENS_COLUMN).sum())
+        .agg(pl.col(INPUT_TOKENS_COLUMN).sum(), pl.col(OUTPUT_TOKENS_COLUMN).sum(), pl.col(CACHED_TOKENS_COLUMN).sum())
     )
-    assert {k: (i, o) for k, i, o in sums.iter_rows()} == tokens_of
+    assert {k: (i, o, c) for k, i, o, c in sums.iter_rows()} == tokens_of
 
 
 # -- prompt_keys -------------------------------------------------------------------------------

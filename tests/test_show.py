@@ -118,7 +118,8 @@ def test_the_first_rows_fit_the_terminal_with_the_provenance(output: Path, env: 
     assert LONG.strip() in " ".join(cells.split())
     assert GOLDEN in text
     hidden = " ".join(text.split("Not shown:")[1].split())
-    assert "enrich_input_tokens, enrich_output_tokens, enrich_key," in hidden and "with --columns" in hidden
+    assert "enrich_input_tokens, enrich_output_tokens, enrich_cached_tokens, enrich_key," in hidden
+    assert "with --columns" in hidden
 
 
 def test_failed_rows_with_a_count_per_error_kind(output: Path, env: dict[str, str]) -> None:

@@ -168,6 +168,9 @@ def test_a_multi_output_job_asks_once_per_row_per_output_in_one_pass(
     )
     assert frame.schema["label_category"] == pl.Enum(["science", "art", "history"])
     assert frame["enrich_error"].null_count() == frame["enrich_error_labels"].null_count() == 12
+    # The extra output's bookkeeping, cached tokens too, is suffixed with its name (short prompts: nothing cached).
+    assert frame["enrich_cached_tokens_labels"].to_list() == frame["enrich_cached_tokens"].to_list() == [0] * 12
+    assert frame.columns.index("enrich_cached_tokens_labels") == frame.columns.index("enrich_key_labels") - 1
     assert summary["outputs"]["labels"]["requests"] == 12 and summary["requests"] == 24
     again = enrich_table(job)
     assert again["requests"] == 0 and fake_llm.stats.requests == 24

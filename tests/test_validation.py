@@ -11,6 +11,7 @@ import pytest
 
 from llm_enrich.flows.tables.validation import REJECT_REASON, resolve_schema, validate_output
 from llm_enrich.schemas.enriched import (
+    CACHED_TOKENS_COLUMN,
     ERROR_COLUMN,
     INPUT_TOKENS_COLUMN,
     KEY_COLUMN,
@@ -135,6 +136,7 @@ def test_output_validation_catches_a_row_with_neither_answer_nor_error() -> None
             TRUNCATED_COLUMN: [False, False],
             INPUT_TOKENS_COLUMN: [1, 0],
             OUTPUT_TOKENS_COLUMN: [1, 0],
+            CACHED_TOKENS_COLUMN: [1, 0],
             KEY_COLUMN: ["a" * 64, None],
         }
     )
@@ -142,3 +144,6 @@ def test_output_validation_catches_a_row_with_neither_answer_nor_error() -> None
         validate_output(frame, topics_schema(), "answer")
     fixed = frame.with_columns(pl.Series(ERROR_COLUMN, [None, "HTTP 400"]))
     validate_output(fixed, topics_schema(), "answer")
+    # Cached tokens are a part of the input tokens: a row never has more of them.
+    with pytest.raises(OutputError, match="cached_le_input"):
+        validate_output(fixed.with_columns(pl.Series(CACHED_TOKENS_COLUMN, [2, 0])), topics_schema(), "answer")

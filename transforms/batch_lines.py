@@ -13,7 +13,7 @@ from llm_enrich.transforms.calls import CallContext
 from llm_enrich.transforms.outcome import Outcome
 from llm_enrich.transforms.replies import judge_reply
 
-__all__ = ["CHAT_URL", "line_outcome", "request_line", "split_lines"]
+__all__ = ["CHAT_URL", "cached_of", "line_outcome", "request_line", "split_lines"]
 
 CHAT_URL = "/v1/chat/completions"
 
@@ -54,4 +54,16 @@ def line_outcome(
         where = f"HTTP {status}" if status else "batch line"
         text = f"{where}: {message or 'no message'}" + (f" ({code})" if code else "")
         return Outcome(error=text.replace(secret, "***") if secret else text, attempts=1)
-    return judge_reply(reply_of(body), ctx, structured=structured)
+    outcome = judge_reply(reply_of(body), ctx, structured=structured)
+    outcome.cached_input_tokens = cached_of(body, outcome.input_tokens)
+    return outcome
+
+
+def cached_of(body: dict[str, Any], input_tokens: int) -> int:
+    """The input tokens a completion body's usage says came from the prompt cache (0 where it says none)."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    details = (usage or {}).get("prompt_tokens_details") if isinstance(usage, dict) else None
+    cached = (details or {}).get("cached_tokens") if isinstance(details, dict) else None
+    if not isinstance(cached, int) or isinstance(cached, bool) or cached < 0:
+        return 0
+    return min(cached, input_tokens)  # a part of the input: never more

@@ -156,10 +156,12 @@ async def ask_model(
                         admission.settle(tokens[0] or None)
             finally:
                 _settle(ctx, reserved, tokens, cached)
+            cached = min(cached, tokens[0])  # a part of the input: never more (a row's column shows it)
             stats.add(tokens=tokens)
             stats.bump(cached_input_tokens=cached)
             outcome.input_tokens += tokens[0]
             outcome.output_tokens += tokens[1]
+            outcome.cached_input_tokens += cached
             if (verdict := incomplete(reply, ctx, structured=structured)) is not None:
                 # A filtered or cut-off reply comes back the same when asked again: not retried.
                 outcome.error = verdict

@@ -13,10 +13,12 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.runnables import Runnable, RunnableLambda
 
 from llm_enrich.schemas.enriched import (
+    CACHED_TOKENS_COLUMN,
     ERROR_COLUMN,
     INPUT_TOKENS_COLUMN,
     KEY_COLUMN,
     OUTPUT_TOKENS_COLUMN,
+    TOKEN_COLUMNS,
     TRUNCATED_COLUMN,
     added_columns,
 )
@@ -89,11 +91,9 @@ def key_columns(frame: pl.DataFrame, spec: EnrichSpec, *, prompt: str, key: str)
 
 
 def charge_first(frame: pl.DataFrame) -> pl.DataFrame:
-    """Tokens stay on the first row of each answer key; rows that reused the answer show 0."""
+    """Tokens (cached ones too) stay on the first row of each answer key; rows that reused the answer show 0."""
     first = pl.col(KEY_COLUMN).is_first_distinct() & pl.col(KEY_COLUMN).is_not_null()
-    return frame.with_columns(
-        pl.when(first).then(pl.col(c)).otherwise(0).alias(c) for c in (INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN)
-    )
+    return frame.with_columns(pl.when(first).then(pl.col(c)).otherwise(0).alias(c) for c in TOKEN_COLUMNS)
 
 
 async def enrich_frame_async(
@@ -177,10 +177,12 @@ async def enrich_frame_async(
             TRUNCATED_COLUMN: [o.truncated for o in outcomes.values()],
             INPUT_TOKENS_COLUMN: [o.input_tokens for o in outcomes.values()],
             OUTPUT_TOKENS_COLUMN: [o.output_tokens for o in outcomes.values()],
+            CACHED_TOKENS_COLUMN: [o.cached_input_tokens for o in outcomes.values()],
         },
         schema={
             KEY_COLUMN: pl.String, spec.output_column: pl.String, ERROR_COLUMN: pl.String,
             TRUNCATED_COLUMN: pl.Boolean, INPUT_TOKENS_COLUMN: pl.Int64, OUTPUT_TOKENS_COLUMN: pl.Int64,
+            CACHED_TOKENS_COLUMN: pl.Int64,
         },
     )  # fmt: skip
     joined = pl.DataFrame([keys]).join(answers, on=KEY_COLUMN, how="left", maintain_order="left")
@@ -188,8 +190,7 @@ async def enrich_frame_async(
         nulls = [None if k is not None else _null_cell_error(frame, spec, row) for row, k in enumerate(keys)]
         joined = joined.with_columns(
             pl.coalesce(pl.col(ERROR_COLUMN), pl.Series(nulls, dtype=pl.String)).alias(ERROR_COLUMN),
-            pl.col(INPUT_TOKENS_COLUMN).fill_null(0),
-            pl.col(OUTPUT_TOKENS_COLUMN).fill_null(0),
+            *(pl.col(c).fill_null(0) for c in TOKEN_COLUMNS),
         )
     joined = joined.with_columns(pl.col(TRUNCATED_COLUMN).fill_null(False))
     enriched = frame.drop([c for c in added_columns(spec.output_column) if c in frame.columns]).with_columns(

@@ -16,6 +16,7 @@ class Outcome:
     error: str | None = None
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_input_tokens: int = 0  # of input_tokens, those the provider read from its prompt cache
     attempts: int = 0
     truncated: bool = False  # cut at max_tokens (finish_reason "length") and kept as an answer
 

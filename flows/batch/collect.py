@@ -160,6 +160,7 @@ def batch_pending_summary(
         rows_failed=0, rows_cached=primary.tally.rows_cached, rows_deduplicated=0,
         unique_prompts_sent=sent.prompts, requests=sum(s.requests for s in stats), retries=0, rate_limited=0,
         input_tokens=sum(s.input_tokens for s in stats), output_tokens=sum(s.output_tokens for s in stats),
+        cached_input_tokens=sum(s.cached_input_tokens for s in stats),
         cost_usd=None if any(c is None for c in costs) else round(sum(c or 0.0 for c in costs), 6),
         wall_seconds=round(time.perf_counter() - started, 3), output=job.destination,
         model=primary.spec.identity.model, endpoint=describe_url(job.base_url),
@@ -282,6 +283,7 @@ def _record(lane: Lane, key: str, outcome: Outcome) -> None:
     """An answer into the lane's memo, its counters, and (when whole) the cache."""
     lane.memo.done[key] = outcome
     lane.ctx.stats.add(requests=1, tokens=(outcome.input_tokens, outcome.output_tokens))
+    lane.ctx.stats.bump(cached_input_tokens=outcome.cached_input_tokens)
     if outcome.error is None:
         lane.ctx.stats.bump(answered=1)
         if not outcome.truncated and lane.memo.on_answer is not None:

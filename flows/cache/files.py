@@ -1,9 +1,10 @@
 """The persistent response cache: append-only segment files, one per writing process.
 
 Layout: ``<cache dir>/v1/seg-<host>-<pid>-<random>.jsonl``; each line is one answer
-``{"seq", "key", "text", "input_tokens", "output_tokens", "model", "at"}`` (``seq`` is the write
-time in nanoseconds, which orders entries across segments) keyed by
-``transforms.keys.answer_key``. Why this shape:
+``{"seq", "key", "text", "input_tokens", "output_tokens", "cached_input_tokens", "model", "at"}``
+(``seq`` is the write time in nanoseconds, which orders entries across segments) keyed by
+``transforms.keys.answer_key``; ``cached_input_tokens`` (of the input tokens, those the provider
+read from its prompt cache) is optional: records written before it existed load with 0. Why this shape:
 
 * several processes and machines can write at once with no server and no locks: each writes
   only its own file, and a file name is never reused;
@@ -126,6 +127,7 @@ class ResponseCache:
                 "text": outcome.text,
                 "input_tokens": outcome.input_tokens,
                 "output_tokens": outcome.output_tokens,
+                "cached_input_tokens": outcome.cached_input_tokens,
                 "model": model,
                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },

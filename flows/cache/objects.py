@@ -30,7 +30,7 @@ from typing import Any
 import polars as pl
 
 from llm_enrich.flows.cache.reading import CACHE_SCHEMA as _SCHEMA
-from llm_enrich.flows.cache.reading import REQUIRED, SegmentHealth, report_damage
+from llm_enrich.flows.cache.reading import OPTIONAL, REQUIRED, SegmentHealth, report_damage, with_defaults
 from llm_enrich.flows.tables.paths import open_store
 from llm_enrich.schemas.errors import OutputError
 from llm_enrich.transforms.outcome import Outcome
@@ -136,6 +136,7 @@ class ObjectStoreCache:
             "text": outcome.text,
             "input_tokens": outcome.input_tokens,
             "output_tokens": outcome.output_tokens,
+            "cached_input_tokens": outcome.cached_input_tokens,
         }
         with self._lock:
             self._rows.append(row)
@@ -192,12 +193,13 @@ def parse_parquet(data: bytes, location: str) -> tuple[pl.DataFrame, SegmentHeal
     missing = [name for name in REQUIRED if name not in frame.columns]
     if missing:
         return empty, SegmentHealth(location, unreadable=f"not a cache segment: no column {', '.join(missing)}")
-    if "seq" not in frame.columns:
-        frame = frame.with_columns(seq=pl.lit(None, pl.Int64))
-    # A value of the wrong type becomes null and costs only its record.
-    frame = frame.select(pl.col(name).cast(dtype, strict=False) for name, dtype in _SCHEMA.items())
-    holes = frame.select(pl.any_horizontal(pl.col(REQUIRED).is_null())).to_series()
-    good = frame.filter(~holes)
+    # Segments written before seq (or an optional field) existed lack the column: null, then the default.
+    frame = frame.with_columns(pl.lit(None, pl.Int64).alias(n) for n in ("seq", *OPTIONAL) if n not in frame.columns)
+    # A value of the wrong type becomes null and costs only its record (an optional field's too).
+    typed = {name: pl.col(name).cast(dtype, strict=False) for name, dtype in _SCHEMA.items()}
+    mistyped = pl.any_horizontal(pl.col(n).is_not_null() & typed[n].is_null() for n in OPTIONAL)
+    holes = frame.select(pl.any_horizontal(typed[n].is_null() for n in REQUIRED) | mistyped).to_series()
+    good = with_defaults(frame.select(typed.values()).filter(~holes))
     return good, SegmentHealth(location, ok=good.height, damaged=frame.height - good.height)
 
 

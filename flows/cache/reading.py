@@ -25,6 +25,7 @@ from llm_enrich.schemas.errors import ConfigError
 
 __all__ = [
     "CACHE_SCHEMA",
+    "OPTIONAL",
     "CacheReport",
     "SegmentHealth",
     "cache_location",
@@ -33,6 +34,7 @@ __all__ = [
     "render_report",
     "report_damage",
     "verify_cache",
+    "with_defaults",
 ]
 
 CACHE_SCHEMA = {
@@ -41,9 +43,12 @@ CACHE_SCHEMA = {
     "text": pl.String,
     "input_tokens": pl.Int64,
     "output_tokens": pl.Int64,
+    "cached_input_tokens": pl.Int64,
 }
 # A record without any of these is half-written: it cannot serve an answer.
 REQUIRED = ("key", "text", "input_tokens", "output_tokens")
+# Fields added later: a record written before one existed lacks it and loads with the default.
+OPTIONAL = {"cached_input_tokens": 0}
 _INT64 = (-(2**63), 2**63)
 _CHUNK = 1 << 20  # bytes of a damaged segment that polars re-reads at once
 
@@ -91,7 +96,7 @@ def parse_segment(data: bytes, *, exact: bool = False) -> tuple[pl.DataFrame, tu
         return pl.DataFrame(schema=CACHE_SCHEMA), torn
     frame = None if exact else _parse_intact(body)
     if frame is not None:
-        return frame, torn
+        return with_defaults(frame), torn
     # Some record is bad. Re-read in chunks so that polars still parses the intact ones, and
     # go line by line (exact, but ten times slower) only through a chunk that holds damage.
     frames, bad, start, line = [], [], 0, 0
@@ -106,7 +111,12 @@ def parse_segment(data: bytes, *, exact: bool = False) -> tuple[pl.DataFrame, tu
         frames.append(frame)
         line += chunk.count(b"\n")
         start = stop
-    return pl.concat(frames), (*bad, *torn)
+    return with_defaults(pl.concat(frames)), (*bad, *torn)
+
+
+def with_defaults(frame: pl.DataFrame) -> pl.DataFrame:
+    """Records written before an optional field existed (null there) get its default."""
+    return frame.with_columns(pl.col(name).fill_null(default) for name, default in OPTIONAL.items())
 
 
 def parse_lines(body: bytes) -> tuple[list[tuple[Any, ...]], tuple[int, ...]]:
@@ -265,10 +275,10 @@ def _decode(raw: bytes) -> dict[str, Any] | None:
             value.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape
             return None
-    for name in ("seq", "input_tokens", "output_tokens"):
+    for name in ("seq", "input_tokens", "output_tokens", *OPTIONAL):
         value = record.get(name)
-        if value is None and name == "seq":
-            continue  # entries written before seq existed sort first
+        if value is None and (name == "seq" or name in OPTIONAL):
+            continue  # entries written before seq (or an optional field) existed: sorted first, the default
         if not isinstance(value, int) or isinstance(value, bool) or not _INT64[0] <= value < _INT64[1]:
             return None
     return record

@@ -9,6 +9,7 @@ import polars as pl
 
 from llm_enrich.flows.tables.paths import is_remote
 from llm_enrich.schemas.enriched import (
+    CACHED_TOKENS_COLUMN,
     ERROR_COLUMN,
     INPUT_TOKENS_COLUMN,
     KEY_COLUMN,
@@ -25,6 +26,7 @@ _KNOWN_SCHEMA = {
     "text": pl.String,
     INPUT_TOKENS_COLUMN: pl.Int64,
     OUTPUT_TOKENS_COLUMN: pl.Int64,
+    CACHED_TOKENS_COLUMN: pl.Int64,
     ERROR_COLUMN: pl.String,
     TRUNCATED_COLUMN: pl.Boolean,
 }
@@ -40,6 +42,7 @@ _LANE_FIELDS = (
     "truncated",
     "input_tokens",
     "output_tokens",
+    "cached_tokens",
     "ask",
     "charge",
     "owner",
@@ -57,6 +60,7 @@ class LaneColumns:
     truncated: str
     input_tokens: str
     output_tokens: str
+    cached_tokens: str
     ask: str
     charge: str
     owner: str
@@ -76,6 +80,7 @@ class LaneColumns:
             self.truncated,
             self.input_tokens,
             self.output_tokens,
+            self.cached_tokens,
             self.ask,
             self.charge,
             self.owner,
@@ -108,6 +113,7 @@ def load_previous(
     canonical = [KEY_COLUMN, ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN]
     columns = [output_column, *(names.get(c, c) for c in canonical)]
     flag = names.get(TRUNCATED_COLUMN, TRUNCATED_COLUMN)
+    cached = names.get(CACHED_TOKENS_COLUMN, CACHED_TOKENS_COLUMN)
     dataset = not is_remote(destination) and path.is_dir()
     if not is_remote(destination) and not path.is_file() and not dataset:
         return None
@@ -119,8 +125,10 @@ def load_previous(
         back = {names.get(c, c): c for c in canonical}
         # Outputs written before the flag existed count as whole answers.
         truncated = pl.col(flag).fill_null(False) if flag in scan.collect_schema() else pl.lit(False)
+        # ... and before the cached-token column existed, as answers that read nothing from the prompt cache.
+        tokens = pl.col(cached).fill_null(0) if cached in scan.collect_schema() else pl.lit(0)
         rows = (
-            scan.select(*columns, truncated.alias(TRUNCATED_COLUMN))
+            scan.select(*columns, truncated.alias(TRUNCATED_COLUMN), tokens.cast(pl.Int64).alias(CACHED_TOKENS_COLUMN))
             .rename({output_column: "text", **back})
             .filter(pl.col(KEY_COLUMN).is_not_null())
         )
@@ -140,7 +148,12 @@ def build_known(cached: pl.DataFrame | None, previous: pl.DataFrame | None, *, r
     if previous is not None:
         sources.append(
             previous.filter(pl.col("text").is_not_null()).select(
-                pl.col(KEY_COLUMN).alias("key"), "text", INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN, TRUNCATED_COLUMN
+                pl.col(KEY_COLUMN).alias("key"),
+                "text",
+                INPUT_TOKENS_COLUMN,
+                OUTPUT_TOKENS_COLUMN,
+                CACHED_TOKENS_COLUMN,
+                TRUNCATED_COLUMN,
             )
         )
     if cached is not None and cached.height:
@@ -150,6 +163,10 @@ def build_known(cached: pl.DataFrame | None, previous: pl.DataFrame | None, *, r
                 "text",
                 pl.col("input_tokens").alias(INPUT_TOKENS_COLUMN),
                 pl.col("output_tokens").alias(OUTPUT_TOKENS_COLUMN),
+                # Records written before the field existed hold none: 0.
+                (pl.col("cached_input_tokens").fill_null(0) if "cached_input_tokens" in cached.columns else pl.lit(0))
+                .cast(pl.Int64)
+                .alias(CACHED_TOKENS_COLUMN),
                 pl.lit(False).alias(TRUNCATED_COLUMN),  # cut-off answers are never cached
             )
         )
@@ -164,11 +181,16 @@ def build_known(cached: pl.DataFrame | None, previous: pl.DataFrame | None, *, r
             pl.lit(None, dtype=pl.String).alias("text"),
             pl.lit(0, dtype=pl.Int64).alias(INPUT_TOKENS_COLUMN),
             pl.lit(0, dtype=pl.Int64).alias(OUTPUT_TOKENS_COLUMN),
+            pl.lit(0, dtype=pl.Int64).alias(CACHED_TOKENS_COLUMN),
             ERROR_COLUMN,
             pl.lit(False).alias(TRUNCATED_COLUMN),
         )
         known = pl.concat([known, failed.join(known, on="key", how="anti").select(known.columns)])
-    return known.cast(_KNOWN_SCHEMA)  # type: ignore[arg-type]
+    # Cached tokens are a part of the input tokens: a stored count never shows more (the output checks it).
+    known = known.cast(_KNOWN_SCHEMA).with_columns(  # type: ignore[arg-type]
+        pl.min_horizontal(CACHED_TOKENS_COLUMN, INPUT_TOKENS_COLUMN).clip(lower_bound=0).alias(CACHED_TOKENS_COLUMN)
+    )
+    return known
 
 
 def plan_slice(
@@ -180,7 +202,8 @@ def plan_slice(
     # table is built over a slice's worth of rows rather than over every known answer.
     settled = known.filter(pl.col("key").is_in(keyed.get_column(lane.key).drop_nulls().implode())).rename(
         {"key": lane.key, "text": lane.text, ERROR_COLUMN: lane.error, INPUT_TOKENS_COLUMN: lane.input_tokens,
-         OUTPUT_TOKENS_COLUMN: lane.output_tokens, TRUNCATED_COLUMN: lane.truncated}
+         OUTPUT_TOKENS_COLUMN: lane.output_tokens, CACHED_TOKENS_COLUMN: lane.cached_tokens,
+         TRUNCATED_COLUMN: lane.truncated}
     )  # fmt: skip
     planned = keyed.join(settled, on=lane.key, how="left", maintain_order="left").with_columns(
         (pl.col(lane.text).is_null() & pl.col(lane.error).is_null()).alias(lane.ask)

@@ -9,10 +9,12 @@ from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.plan.known_answers import ROW_INDEX, LaneColumns
 from llm_enrich.flows.tables.validation import validate_output
 from llm_enrich.schemas.enriched import (
+    CACHED_TOKENS_COLUMN,
     ERROR_COLUMN,
     INPUT_TOKENS_COLUMN,
     KEY_COLUMN,
     OUTPUT_TOKENS_COLUMN,
+    TOKEN_COLUMNS,
     TRUNCATED_COLUMN,
     added_columns,
 )
@@ -61,6 +63,7 @@ def _answer_columns(
         pl.col(lane.truncated).fill_null(False).alias(TRUNCATED_COLUMN),
         pl.col(lane.input_tokens).alias(INPUT_TOKENS_COLUMN),
         pl.col(lane.output_tokens).alias(OUTPUT_TOKENS_COLUMN),
+        pl.col(lane.cached_tokens).alias(CACHED_TOKENS_COLUMN),
         pl.col(lane.key).alias(KEY_COLUMN),
         pl.col(lane.ask),
         pl.col(lane.charge),
@@ -71,12 +74,11 @@ def _answer_columns(
         planned = planned.join(fresh, on=ROW_INDEX, how="left", maintain_order="left").with_columns(
             pl.when(pl.col(lane.ask)).then(pl.col(f"{c}_new")).otherwise(pl.col(c)).alias(c) for c in added
         )
-    # Tokens stay on the first row of each key in the whole table; rows that reused it show 0.
+    # Tokens (cached ones too) stay on the first row of each key in the whole table; rows that reused it show 0.
     return planned.select(
         pl.col(output_column),
         pl.col(ERROR_COLUMN),
         pl.col(TRUNCATED_COLUMN).fill_null(False),
-        *(pl.when(pl.col(lane.charge)).then(pl.col(c)).otherwise(0).fill_null(0).alias(c)
-          for c in (INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN)),
+        *(pl.when(pl.col(lane.charge)).then(pl.col(c)).otherwise(0).fill_null(0).alias(c) for c in TOKEN_COLUMNS),
         pl.col(KEY_COLUMN),
     )  # fmt: skip

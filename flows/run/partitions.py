@@ -31,6 +31,7 @@ from llm_enrich.flows.run.runtime import Runtime
 from llm_enrich.flows.run.workers import counts_of, runtime_for
 from llm_enrich.flows.tables.staging import Staging
 from llm_enrich.schemas.enriched import (
+    CACHED_TOKENS_COLUMN,
     ERROR_COLUMN,
     INPUT_TOKENS_COLUMN,
     KEY_COLUMN,
@@ -125,7 +126,7 @@ def ask_partition(piece: Slice, work: PartitionWork) -> AskResult:
     answers = [
         frame.select(
             pl.lit(number).alias("lane"), KEY_COLUMN, pl.col(rt.lanes[number].spec.output_column).alias("text"),
-            ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN, TRUNCATED_COLUMN,
+            ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN, CACHED_TOKENS_COLUMN, TRUNCATED_COLUMN,
         ).filter(pl.col(KEY_COLUMN).is_not_null())
         for number, frame in enumerate(frames) if frame is not None
     ]  # fmt: skip
@@ -221,10 +222,11 @@ def _load_answers(rt: Runtime, runtime_key: str, staging: Staging, paths: list[s
         if runtime_key in _LOADED:
             return
         found = staging.scan(paths).collect()
-        for number, key, text, error, tokens_in, tokens_out, truncated in found.iter_rows():
+        for number, key, text, error, tokens_in, tokens_out, cached, truncated in found.iter_rows():
             outcome = Outcome(
-                text=text, error=error, input_tokens=tokens_in, output_tokens=tokens_out, truncated=truncated
-            )
+                text=text, error=error, input_tokens=tokens_in, output_tokens=tokens_out, cached_input_tokens=cached,
+                truncated=truncated,
+            )  # fmt: skip
             rt.lanes[number].memo.done.setdefault(key, outcome)
         _LOADED.add(runtime_key)
 

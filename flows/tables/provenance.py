@@ -19,7 +19,7 @@ import polars as pl
 
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.tables.paths import is_remote
-from llm_enrich.schemas.enriched import KEY_COLUMN, bookkeeping_names
+from llm_enrich.schemas.enriched import CACHED_TOKENS_COLUMN, KEY_COLUMN, bookkeeping_names
 from llm_enrich.schemas.errors import ConfigError
 from llm_enrich.transforms.enrichment import EnrichSpec
 from llm_enrich.transforms.keys import KEY_VERSION
@@ -77,11 +77,13 @@ def check_column_clashes(
         own = {str(c) for c in listed}
     else:
         # No footer list (an older output, or a table another tool rewrote, e.g. upstream appending
-        # rows): an answer column counts as ours only beside its whole set of bookkeeping columns.
+        # rows): an answer column counts as ours only beside its whole set of bookkeeping columns
+        # (outputs written before the cached-token column existed lack that one).
         own = set()
         for number, single in enumerate(job.output_jobs()):
-            group = [single.output_column, *bookkeeping_names(single.output_column, primary=number == 0).values()]
-            if all(c in columns for c in group):
+            names = bookkeeping_names(single.output_column, primary=number == 0)
+            group = [single.output_column, *names.values()]
+            if all(c in columns for c in group if c != names[CACHED_TOKENS_COLUMN]):
                 own |= {*group, *(c for c, option in planned.items() if option == "`output_schema` field")}
     foreign = [c for c in clash if c not in own]
     if foreign:

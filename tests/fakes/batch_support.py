@@ -159,8 +159,9 @@ class BatchJob:
         spent = [(r["response"]["body"].get("usage") or {}) for ok, r in self.done if ok]
         prompt = sum(u.get("prompt_tokens", 0) for u in spent)
         completion = sum(u.get("completion_tokens", 0) for u in spent)
+        cached = sum((u.get("prompt_tokens_details") or {}).get("cached_tokens", 0) for u in spent)
         return {
-            "input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": completion,
+            "input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": completion,
             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + completion,
         }  # fmt: skip
 
