@@ -16,7 +16,14 @@ from typing import Any
 from openai.types import Batch
 
 from llm_enrich.flows.batch.client import BatchClient
-from llm_enrich.flows.batch.deadline import TERMINAL, fall_back, is_overdue, reprice_online, sleep_unless_stopped
+from llm_enrich.flows.batch.deadline import (
+    FIRST_PAUSE,
+    TERMINAL,
+    fall_back,
+    is_overdue,
+    reprice_online,
+    sleep_unless_stopped,
+)
 from llm_enrich.flows.batch.manifest import BatchEntry, Manifest, manifest_path
 from llm_enrich.flows.batch.requests import LaneBatch, lane_batch, line_of, split_keys, within_budget
 from llm_enrich.flows.job import EnrichJob
@@ -36,7 +43,6 @@ __all__ = ["BatchRun", "answer_by_batch", "batch_pending_summary"]
 _UNFINISHED_CODES = ("batch_expired", "batch_cancelled")
 _REFUSED = "token_limit_exceeded"
 _MAX_LONE_REFUSALS = 5  # refused with nothing else in flight: the file alone is over the limit
-_FIRST_PAUSE = 0.05
 _NOT_SENT = (
     "not answered: its batch was cancelled (enrich batch cancel) before this prompt was answered; "
     "rerun the job to send it"
@@ -91,7 +97,7 @@ def answer_by_batch(
     _plan(manifest, work, job)
     client = BatchClient(base_url, secret, timeout=job.timeout, secret=secret)
     try:
-        pause = _FIRST_PAUSE
+        pause = FIRST_PAUSE
         while manifest.pending:
             stop.check()
             progressed = False
@@ -117,7 +123,7 @@ def answer_by_batch(
             if not job.batch_wait:
                 break
             if manifest.pending:
-                pause = _FIRST_PAUSE if progressed else min(pause * 2, job.batch_poll_seconds)
+                pause = FIRST_PAUSE if progressed else min(pause * 2, job.batch_poll_seconds)
                 sleep_unless_stopped(pause, stop)
     finally:
         client.close()

@@ -24,13 +24,21 @@ from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.plan.lanes import OutputRun, resolve_price
 from llm_enrich.transforms.guards import StopSignal
 
-__all__ = ["CANCEL_WAIT_SECONDS", "TERMINAL", "fall_back", "is_overdue", "reprice_online", "sleep_unless_stopped"]
+__all__ = [
+    "CANCEL_WAIT_SECONDS",
+    "FIRST_PAUSE",
+    "TERMINAL",
+    "fall_back",
+    "is_overdue",
+    "reprice_online",
+    "sleep_unless_stopped",
+]
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 # How long the fallback waits for cancelled batches to end before the online pass starts: OpenAI
 # takes up to 10 minutes to cancel; past this, paying twice for a line is less likely than waiting.
 CANCEL_WAIT_SECONDS = 120.0
-_FIRST_PAUSE = 0.05
+FIRST_PAUSE = 0.05  # the first pause between looks at a batch; it doubles up to batch_poll_seconds
 
 
 def is_overdue(manifest: Manifest, job: EnrichJob, now: float | None = None) -> bool:
@@ -54,8 +62,8 @@ def fall_back(
             entry.overdue = True
         manifest.save()  # each cancel recorded: a run killed here does not cancel twice or resubmit
     give_up = time.monotonic() + min(CANCEL_WAIT_SECONDS, max(job.batch_poll_seconds * 4, 1.0))
-    pause = _FIRST_PAUSE
-    while True:
+    pause = FIRST_PAUSE
+    while True:  # bounded: past give_up the loop breaks, and every pass sleeps
         for entry in list(manifest.pending):
             assert entry.batch_id is not None
             batch = client.retrieve(entry.batch_id)
