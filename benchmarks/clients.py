@@ -20,11 +20,10 @@ from pydantic import SecretStr
 
 from benchmarks.common import TEMPLATE, ServerProcess, render, unique_prompts
 from llm_enrich.flows.llm.endpoint import ModelSettings, build_chat_model, classify_openai_error
+from llm_enrich.flows.plan.lanes import CallSettings, build_context
 from llm_enrich.schemas.enriched import ERROR_COLUMN
-from llm_enrich.transforms.admission import Scheduler
-from llm_enrich.transforms.calls import CallContext, Failure, RetryPolicy
+from llm_enrich.transforms.calls import Failure
 from llm_enrich.transforms.enrichment import AnswerMemo, EnrichSpec, enrich_frame_async
-from llm_enrich.transforms.outcome import CallStats
 from llm_enrich.transforms.prompts import parse_template
 from tests.fakes.openai_server import count_tokens, expected_answer
 
@@ -131,13 +130,6 @@ def run_ours(load: Load, topics: list[str], limit: Limit, retry_base_delay: floa
     """enrich_frame_async with our CallContext and Scheduler, against a fresh server."""
     frame = pl.DataFrame({"topic": topics})
     spec = EnrichSpec(template=parse_template(TEMPLATE), output_column="answer", max_concurrency=load.concurrency)
-    scheduler = Scheduler(
-        max_concurrency=load.concurrency,
-        rpm=load.rpm if load.tell_limits else None,
-        tpm=load.tpm if load.tell_limits else None,
-        max_tokens=load.max_tokens,
-        base_pause=max(retry_base_delay, 0.05),
-    )
     failures: Counter[str] = Counter()
 
     def classify(exc: BaseException) -> Failure:
@@ -145,12 +137,14 @@ def run_ours(load: Load, topics: list[str], limit: Limit, retry_base_delay: floa
         failures[failure.message[:90]] += 1
         return failure
 
-    ctx = CallContext(
-        policy=RetryPolicy(max_retries=6, base_delay=retry_base_delay, classify=classify),
-        stats=CallStats(),
-        scheduler=scheduler,
-        max_tokens=load.max_tokens,
-    )
+    # The product's own builder: what --rpm/--tpm/--max-tokens/--retry-base-delay give a run.
+    settings = CallSettings(
+        retry_base_delay=retry_base_delay, rpm=load.rpm if load.tell_limits else None,
+        tpm=load.tpm if load.tell_limits else None, max_tokens=load.max_tokens, max_error_rate=1.0,
+    )  # fmt: skip
+    ctx = build_context(settings, None, max_concurrency=load.concurrency, classify=classify)
+    scheduler = ctx.scheduler
+    assert scheduler is not None
 
     async def go(base_url: str) -> tuple[pl.DataFrame, float]:
         # The client belongs to this event loop: created inside it, closed before it ends.

@@ -3,13 +3,11 @@
 # No `from __future__ import annotations` here: Prefect builds the parameter model from this
 # module's real annotations when a deployment loads the flow.
 import time
-from concurrent.futures import CancelledError
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx
 import polars as pl
 from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import State
@@ -22,7 +20,7 @@ from llm_enrich.flows.llm.endpoint import describe_endpoint, describe_url, resol
 from llm_enrich.flows.llm.local_model import LOCAL_MODEL_NOTICE, serve_local_model
 from llm_enrich.flows.plan.approval import approve_run
 from llm_enrich.flows.plan.estimate import estimate_job, project_full_run
-from llm_enrich.flows.plan.lanes import OutputRun, plan_outputs
+from llm_enrich.flows.plan.lanes import plan_outputs
 from llm_enrich.flows.plan.survey import choose_input_schema, read_columns, survey_input
 from llm_enrich.flows.plan.trial import TrialPick
 from llm_enrich.flows.report.artifacts import FAILURE_ROWS, Progress, publish_failure, publish_report
@@ -36,10 +34,11 @@ from llm_enrich.flows.run.runtime import (
     EventLoopThread,
     Runtime,
     build_lane,
+    close_client,
     forget_runtime,
     register_runtime,
 )
-from llm_enrich.flows.run.stopping import drain_on_stop, stop_on_signals
+from llm_enrich.flows.run.stopping import describe_interruption, drain_on_stop, stop_on_signals
 from llm_enrich.flows.tables.destination import check_destination
 from llm_enrich.flows.tables.lease import hold_lease
 from llm_enrich.flows.tables.lock import hold_lock, sweep_debris
@@ -203,7 +202,7 @@ def _enrich(
                         "%s: asking %s at %s", run.job.output_column, run.spec.identity.model, describe_url(base_url)
                     )
                 lane, http = build_lane(run.job, run.spec, run.ctx, endpoint, base_url=base_url, cache=cache)
-                stack.callback(partial(_close_client, loop, http))
+                stack.callback(partial(close_client, loop, http))
                 lanes.append(lane)
             if cache is not None:
                 stack.callback(cache.close)
@@ -229,7 +228,9 @@ def _enrich(
         elif not is_remote(job.destination):
             Path(rejected_path(job.destination)).unlink(missing_ok=True)
     except RunInterrupted as err:
-        raise RunInterrupted(_interrupted(err, runs, cache is not None), signal_number=err.signal_number) from err
+        raise RunInterrupted(
+            describe_interruption(err, runs, cached=cache is not None), signal_number=err.signal_number
+        ) from err
     finally:
         staging.remove()
 
@@ -288,23 +289,3 @@ def _notes(scheduler: Scheduler | None, output_tokens: int) -> list[str]:
     """Hints for the next run: a TPM pace bound by max_tokens reservations says so (Dask runs pace on workers)."""
     note = scheduler.reservation_note(output_tokens) if scheduler is not None else None
     return [note] if note else []
-
-
-def _interrupted(err: RunInterrupted, runs: list[OutputRun], cached: bool) -> str:
-    """One line: what was answered before the stop, where it is kept, and how to finish."""
-    answered = sum(run.ctx.stats.answered for run in runs)
-    asked = sum(run.tally.unique_todo for run in runs)
-    kept = "kept in the cache" if cached else "not kept (`cache` = false)"
-    return (
-        f"{err.message}: {answered:,} of {asked:,} prompts to ask were answered and are {kept}; the output was not "
-        "written (a previous one is untouched). Rerun the same command to finish"
-        + (" without paying for them again." if cached else ".")
-    )
-
-
-def _close_client(loop: EventLoopThread, http: httpx.AsyncClient) -> None:
-    """Close one lane's HTTP client on the run's loop (best effort: a stop's drain may cancel it)."""
-    # A stopping run's drain cancels every task on the loop, this close included if it lands then;
-    # the CancelledError must not replace the error that stopped the run.
-    with suppress(CancelledError):
-        loop.run(http.aclose())

@@ -90,8 +90,8 @@ def fall_back(
 def reprice_online(runs: list[OutputRun]) -> None:
     """From now on the runs' requests are online ones: their cost and budget use online prices."""
     for run in runs:
-        online = resolve_price(run.job.model_copy(update={"mode": "online"}), run.spec.identity.model, local=False)
-        run.reprice(online)
+        flex = run.job.service_tier == "flex"
+        run.reprice(resolve_price(run.job, run.spec.identity.model, local=False, discounted=flex))
 
 
 def sleep_unless_stopped(seconds: float, stop: StopSignal) -> None:

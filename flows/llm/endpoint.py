@@ -15,7 +15,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.job import EndpointFields
 from llm_enrich.flows.tables.paths import strip_credentials
 from llm_enrich.schemas.errors import ConfigError, UserError
 from llm_enrich.transforms.failures import CAPACITY_CODES, AttemptDeadline, Failure, classify_status
@@ -62,7 +62,7 @@ class Endpoint:
         return self.api_key.get_secret_value() if self.api_key is not None else None
 
 
-def resolve_endpoint(job: EnrichJob) -> Endpoint:
+def resolve_endpoint(job: EndpointFields) -> Endpoint:
     """Job base URL, else OPENAI_BASE_URL; key from a Secret block or the named variable; else local."""
     base_url = job.base_url or _EnvSettings().openai_base_url or None
     raw_key = _secret_block_value(job.api_key_secret) if job.api_key_secret else os.environ.get(job.api_key_env)
@@ -85,7 +85,9 @@ class ModelSettings:
     prompt_cache_key: str | None = None
 
     @classmethod
-    def of(cls, job: EnrichJob, endpoint: Endpoint, *, base_url: str | None, model: str, max_concurrency: int) -> Self:
+    def of(
+        cls, job: EndpointFields, endpoint: Endpoint, *, base_url: str | None, model: str, max_concurrency: int
+    ) -> Self:
         """The settings of one output of ``job`` (its model), sent to ``base_url``."""
         return cls(
             model=model, base_url=base_url, api_key=endpoint.api_key, timeout=job.reply_timeout,

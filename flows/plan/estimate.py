@@ -57,8 +57,7 @@ def estimate_job(job: EnrichJob, pick: TrialPick | None = None) -> Estimate:
         input_tokens, output_tokens = input_tokens + tokens_in, output_tokens + tokens_out
         cost = None if cost is None or run.price is None else cost + run.price.cost(tokens_in, tokens_out)
         for mode, so_far in by_mode.items():
-            priced = run.job.model_copy(update={"mode": mode, "service_tier": None})
-            price = resolve_price(priced, run.spec.identity.model, local=endpoint.local)
+            price = resolve_price(run.job, run.spec.identity.model, local=endpoint.local, discounted=mode == "batch")
             by_mode[mode] = None if so_far is None or price is None else so_far + price.cost(tokens_in, tokens_out)
     primary = runs[0]
     price = primary.price

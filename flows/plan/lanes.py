@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import polars as pl
 
 from llm_enrich.flows.cache.files import AnswerStore, default_cache_dir, open_cache
-from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.job import CostFields, EnrichJob
 from llm_enrich.flows.llm.endpoint import Endpoint, classify_openai_error, redacting
 from llm_enrich.flows.plan.known_answers import LaneColumns, Tally, build_known, load_previous
 from llm_enrich.flows.plan.specs import build_spec, check_structured_fields
@@ -20,9 +21,19 @@ from llm_enrich.transforms.admission import Scheduler
 from llm_enrich.transforms.calls import CallContext, RetryPolicy
 from llm_enrich.transforms.costs import BATCH_DISCOUNT, DEFAULT_PRICES, Budget, Price, price_for
 from llm_enrich.transforms.enrichment import EnrichSpec
+from llm_enrich.transforms.failures import Classifier
 from llm_enrich.transforms.guards import ErrorRate
 
-__all__ = ["OutputRun", "build_context", "plan_outputs", "resolve_price", "share_limits"]
+__all__ = [
+    "CallSettings",
+    "OutputRun",
+    "PlannedCall",
+    "build_context",
+    "plan_calls",
+    "plan_outputs",
+    "resolve_price",
+    "share_limits",
+]
 
 
 @dataclass
@@ -69,10 +80,9 @@ def plan_outputs(
     runs: list[OutputRun] = []
     cache = open_cache(job.cache_dir or default_cache_dir(job.destination), job.storage()) if job.cache else None
     cached = cache.load() if cache is not None and not job.refresh_cache else None
-    shared: CallContext | None = None
     taken = list(input_columns)
-    for number, single in enumerate(job.output_jobs()):
-        spec = build_spec(single, endpoint)
+    for number, call in enumerate(plan_calls(job, endpoint)):
+        single, spec = call.job, call.spec
         check_structured_fields(spec, taken)
         names = bookkeeping_names(single.output_column, primary=number == 0)
         taken += [single.output_column, *names.values()]
@@ -84,60 +94,106 @@ def plan_outputs(
             None if job.refresh_cache else load_previous(job.destination, single.output_column, names, job.storage())
         )
         known = build_known(cached, previous, retry_failed=job.retry_failed)
-        price = resolve_price(single, spec.identity.model, local=endpoint.local)
-        secret = endpoint.secret
-        ctx = build_context(single, price, max_concurrency=spec.max_concurrency, secret=secret)
-        if shared is None:
-            shared = ctx
-        else:
-            share_limits(ctx, shared)
-        runs.append(OutputRun(single, spec, known, names, price, ctx, LaneColumns.of(number)))
+        runs.append(OutputRun(single, spec, known, names, call.price, call.ctx, LaneColumns.of(number)))
     return runs, cache
 
 
-def resolve_price(job: EnrichJob, model_name: str, *, local: bool) -> Price | None:
-    """The job's price override, else the shipped table (halved for batch and flex); the bundled model is free.
+@dataclass(frozen=True)
+class PlannedCall:
+    """One output's single-output job, spec, price and call context: what a lane is built from."""
+
+    job: EnrichJob
+    spec: EnrichSpec
+    price: Price | None
+    ctx: CallContext
+
+
+def plan_calls(job: EnrichJob, endpoint: Endpoint, *, shared_by: int = 1) -> list[PlannedCall]:
+    """Every output's spec, price and context, sharing the first one's limits: the flow and Dask workers alike."""
+    calls: list[PlannedCall] = []
+    for single in job.output_jobs():
+        spec = build_spec(single, endpoint)
+        discounted = single.mode == "batch" or single.service_tier == "flex"
+        price = resolve_price(single, spec.identity.model, local=endpoint.local, discounted=discounted)
+        settings = CallSettings.of(single)
+        ctx = build_context(settings, price, max_concurrency=spec.max_concurrency, secret=endpoint.secret,
+                            shared_by=shared_by)  # fmt: skip
+        if calls:
+            share_limits(ctx, calls[0].ctx)
+        calls.append(PlannedCall(single, spec, price, ctx))
+    return calls
+
+
+def resolve_price(costs: CostFields, model_name: str, *, local: bool, discounted: bool) -> Price | None:
+    """The job's price override, else the shipped table (halved when ``discounted``: batch, flex); local is free.
 
     A price given in the job is what the user pays, so it is never discounted.
     """
     if local:
         return Price(0.0, 0.0)
     listed = price_for(model_name, DEFAULT_PRICES)
-    if listed is not None and (job.mode == "batch" or job.service_tier == "flex"):
+    if listed is not None and discounted:
         listed = listed.discounted(BATCH_DISCOUNT)
-    if job.input_price is None and job.output_price is None:
+    if costs.input_price is None and costs.output_price is None:
         return listed
     return Price(
-        job.input_price if job.input_price is not None else (listed.input_per_million if listed else 0.0),
-        job.output_price if job.output_price is not None else (listed.output_per_million if listed else 0.0),
+        costs.input_price if costs.input_price is not None else (listed.input_per_million if listed else 0.0),
+        costs.output_price if costs.output_price is not None else (listed.output_per_million if listed else 0.0),
     )
 
 
+@dataclass(frozen=True)
+class CallSettings:
+    """What one output's calls obey: retries and deadline, the provider's limits, budget, truncation, error rate."""
+
+    max_retries: int = 6
+    retry_base_delay: float = 1.0
+    reply_timeout: float = 60.0
+    rpm: int | None = None
+    tpm: int | None = None
+    max_tokens: int = 256
+    max_cost: float | None = None
+    on_truncated: Literal["keep", "error"] = "keep"
+    max_error_rate: float = 0.5
+    prefect_rate_limit: str | None = None
+
+    @classmethod
+    def of(cls, job: EnrichJob) -> CallSettings:
+        """The settings a job gives its calls (read once, here)."""
+        return cls(
+            max_retries=job.max_retries, retry_base_delay=job.retry_base_delay, reply_timeout=job.reply_timeout,
+            rpm=job.rpm, tpm=job.tpm, max_tokens=job.max_tokens, max_cost=job.max_cost,
+            on_truncated=job.on_truncated, max_error_rate=job.max_error_rate, prefect_rate_limit=job.prefect_rate_limit,
+        )  # fmt: skip
+
+
 def build_context(
-    job: EnrichJob, price: Price | None, *, max_concurrency: int, secret: str | None = None, shared_by: int = 1
-) -> CallContext:
-    """Retry policy, scheduler and budget for one run, from the job (``shared_by`` processes share the limits)."""
+    settings: CallSettings, price: Price | None, *, max_concurrency: int, secret: str | None = None,
+    shared_by: int = 1, classify: Classifier = classify_openai_error,
+) -> CallContext:  # fmt: skip
+    """Retry policy, scheduler and budget for one output (``shared_by`` processes share the limits)."""
+    s = settings
     return CallContext(
         policy=RetryPolicy(
-            max_retries=job.max_retries,
-            base_delay=job.retry_base_delay,
-            attempt_timeout=job.reply_timeout,
-            classify=redacting(classify_openai_error, secret),
+            max_retries=s.max_retries,
+            base_delay=s.retry_base_delay,
+            attempt_timeout=s.reply_timeout,
+            classify=redacting(classify, secret),
         ),
         scheduler=Scheduler(
             max_concurrency=max_concurrency,
-            rpm=job.rpm,
-            tpm=job.tpm,
-            max_tokens=job.max_tokens,
-            base_pause=max(job.retry_base_delay, 0.05),
-            before_send=_prefect_rate_limit(job.prefect_rate_limit) if job.prefect_rate_limit else None,
+            rpm=s.rpm,
+            tpm=s.tpm,
+            max_tokens=s.max_tokens,
+            base_pause=max(s.retry_base_delay, 0.05),
+            before_send=_prefect_rate_limit(s.prefect_rate_limit) if s.prefect_rate_limit else None,
             shared_by=shared_by,
         ),
-        budget=Budget(job.max_cost) if job.max_cost is not None else None,
-        on_truncated=job.on_truncated,
-        errors=ErrorRate(limit=job.max_error_rate),
+        budget=Budget(s.max_cost) if s.max_cost is not None else None,
+        on_truncated=s.on_truncated,
+        errors=ErrorRate(limit=s.max_error_rate),
         price=price,
-        max_tokens=job.max_tokens,
+        max_tokens=s.max_tokens,
     )
 
 

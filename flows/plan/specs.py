@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from dataclasses import replace
@@ -11,6 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.job.references import import_reference
 from llm_enrich.flows.llm.endpoint import DEFAULT_REMOTE_MODEL, Endpoint
 from llm_enrich.flows.llm.local_model import LOCAL_MODEL_NAME
 from llm_enrich.schemas.enriched import added_columns, bookkeeping_names
@@ -99,11 +99,7 @@ _MODULE_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Z]\w*$")
 
 
 def _import_model(ref: str) -> type[BaseModel]:
-    module_name, _, attr = ref.partition(":")
-    try:
-        found = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"`output_schema` = {ref!r} could not be loaded ({exc}); is the module importable?") from exc
+    found = import_reference(ref, "output_schema", "myproject.answers:Summary")
     if not (isinstance(found, type) and issubclass(found, BaseModel)):
         raise ConfigError(f"`output_schema` = {ref!r} is not a pydantic model class.")
     return found

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.job import TrialFields
 
 __all__ = ["TrialPick"]
 
@@ -28,7 +28,7 @@ class TrialPick:
     _smallest: pl.Series = field(default_factory=lambda: pl.Series([], dtype=pl.UInt64))
 
     @classmethod
-    def of(cls, job: EnrichJob) -> TrialPick | None:
+    def of(cls, job: TrialFields) -> TrialPick | None:
         """The job's pick, or None for a full run."""
         if job.limit is None and job.sample is None:
             return None

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,7 +30,7 @@ from llm_enrich.flows.report.artifacts import failed_rows
 from llm_enrich.flows.report.progress import current_sink
 from llm_enrich.flows.run.assembly import assemble_slice
 from llm_enrich.flows.run.runtime import Runtime
-from llm_enrich.flows.run.workers import counts_of, runtime_for
+from llm_enrich.flows.run.workers import counts_of, hold_runtime
 from llm_enrich.flows.tables.staging import Staging
 from llm_enrich.schemas.enriched import (
     CACHED_TOKENS_COLUMN,
@@ -46,7 +48,6 @@ from llm_enrich.transforms.outcome import Outcome, StatsCounts
 __all__ = ["AskResult", "PartitionResult", "PartitionWork", "ask_partition", "enrich_partition"]
 
 SAMPLE_ROWS = 20
-_LOADED: set[str] = set()  # runtimes (runs) whose memo holds the first phase's answers
 _LOADING = threading.Lock()
 
 
@@ -119,74 +120,75 @@ _TASK = {
 def ask_partition(piece: Slice, work: PartitionWork) -> AskResult:
     """First phase on Dask: ask the prompts this slice owns and stage the answers."""
     columns = list(work.columns)
-    rt, remote, staging = _open(work)
-    staged = staging.read(piece.path)
-    before = counts_of(rt) if remote else None
-    frames = _ask(rt, staged, columns, lambda lane: pl.col(lane.owner), progress=False)
-    answers = [
-        frame.select(
-            pl.lit(number).alias("lane"), KEY_COLUMN, pl.col(rt.lanes[number].spec.output_column).alias("text"),
-            ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN, CACHED_TOKENS_COLUMN, TRUNCATED_COLUMN,
-        ).filter(pl.col(KEY_COLUMN).is_not_null())
-        for number, frame in enumerate(frames) if frame is not None
-    ]  # fmt: skip
-    path = None
-    if answers:
-        path = staging.path("answers", piece.number)
-        staging.write(pl.concat(answers), path)
-    if rt.cache is not None:
-        rt.cache.flush()
-    return AskResult(path=path, stats=_delta(rt, before) if before is not None else None)
+    with _open(work) as (rt, remote, staging):
+        staged = staging.read(piece.path)
+        before = counts_of(rt) if remote else None
+        frames = _ask(rt, staged, columns, lambda lane: pl.col(lane.owner), progress=False)
+        answers = [
+            frame.select(
+                pl.lit(number).alias("lane"), KEY_COLUMN, pl.col(rt.lanes[number].spec.output_column).alias("text"),
+                ERROR_COLUMN, INPUT_TOKENS_COLUMN, OUTPUT_TOKENS_COLUMN, CACHED_TOKENS_COLUMN, TRUNCATED_COLUMN,
+            ).filter(pl.col(KEY_COLUMN).is_not_null())
+            for number, frame in enumerate(frames) if frame is not None
+        ]  # fmt: skip
+        path = None
+        if answers:
+            path = staging.path("answers", piece.number)
+            staging.write(pl.concat(answers), path)
+        if rt.cache is not None:
+            rt.cache.flush()
+        return AskResult(path=path, stats=_delta(rt, before) if before is not None else None)
 
 
 @task(name="enrich-partition", task_run_name="enrich {piece.label}", **_TASK)  # type: ignore[call-overload, untyped-decorator]
 def enrich_partition(piece: Slice, work: PartitionWork) -> PartitionResult:
     """Enrich one staged slice for every output and write its part file; return only the path and counts."""
     job, columns = work.job, list(work.columns)
-    rt, remote, staging = _open(work)
-    if work.answers:
-        _load_answers(rt, work.runtime_key, staging, list(work.answers))
-    staged = staging.read(piece.path)
-    before = counts_of(rt) if remote else None
-    frames = _ask(rt, staged, columns, lambda lane: pl.col(lane.ask), progress=not remote)
-    if work.answers:
-        # Owner rows were asked in the first phase; here they only read the memo.
-        for number, lane in enumerate(rt.lanes):
-            owned = int(staged.get_column(LaneColumns.of(number).owner).sum())
-            lane.ctx.stats.bump(rows_deduplicated=-owned)
-    singles = job.output_jobs()
-    specs = [
-        (single, lane.spec, bookkeeping_names(single.output_column, primary=n == 0))
-        for n, (single, lane) in enumerate(zip(singles, rt.lanes, strict=True))
-    ]
-    assert rt.schema is not None  # every runtime is built with the run's input schema
-    enriched, failed = assemble_slice(staged, frames, specs, columns, rt.schema, rt.secret)
-    path = staging.path("out", piece.number)
-    staging.write(enriched, path)
-    if rt.cache is not None:
-        rt.cache.flush()  # the slice's answers are durable before its task reports done
-    errors = [name for _, _, names in specs for key, name in names.items() if key == ERROR_COLUMN]
-    flags = [name for _, _, names in specs for key, name in names.items() if key == TRUNCATED_COLUMN]
-    return PartitionResult(
-        number=piece.number,
-        path=path,
-        rows=enriched.height,
-        failed=failed,
-        failed_any=int(enriched.select(pl.any_horizontal(pl.col(c).is_not_null() for c in errors).sum()).item()),
-        truncated_any=int(enriched.select(pl.any_horizontal(pl.col(c) for c in flags).sum()).item()),
-        sample=enriched.head(SAMPLE_ROWS).to_dicts(),
-        problems=failed_rows(enriched, job.output_column).to_dicts(),
-        stats=_delta(rt, before) if before is not None else None,
-    )
+    with _open(work) as (rt, remote, staging):
+        if work.answers:
+            _load_answers(rt, staging, list(work.answers))
+        staged = staging.read(piece.path)
+        before = counts_of(rt) if remote else None
+        frames = _ask(rt, staged, columns, lambda lane: pl.col(lane.ask), progress=not remote)
+        if work.answers:
+            # Owner rows were asked in the first phase; here they only read the memo.
+            for number, lane in enumerate(rt.lanes):
+                owned = int(staged.get_column(LaneColumns.of(number).owner).sum())
+                lane.ctx.stats.bump(rows_deduplicated=-owned)
+        singles = job.output_jobs()
+        specs = [
+            (single, lane.spec, bookkeeping_names(single.output_column, primary=n == 0))
+            for n, (single, lane) in enumerate(zip(singles, rt.lanes, strict=True))
+        ]
+        assert rt.schema is not None  # every runtime is built with the run's input schema
+        enriched, failed = assemble_slice(staged, frames, specs, columns, rt.schema, rt.secret)
+        path = staging.path("out", piece.number)
+        staging.write(enriched, path)
+        if rt.cache is not None:
+            rt.cache.flush()  # the slice's answers are durable before its task reports done
+        errors = [name for _, _, names in specs for key, name in names.items() if key == ERROR_COLUMN]
+        flags = [name for _, _, names in specs for key, name in names.items() if key == TRUNCATED_COLUMN]
+        return PartitionResult(
+            number=piece.number,
+            path=path,
+            rows=enriched.height,
+            failed=failed,
+            failed_any=int(enriched.select(pl.any_horizontal(pl.col(c).is_not_null() for c in errors).sum()).item()),
+            truncated_any=int(enriched.select(pl.any_horizontal(pl.col(c) for c in flags).sum()).item()),
+            sample=enriched.head(SAMPLE_ROWS).to_dicts(),
+            problems=failed_rows(enriched, job.output_column).to_dicts(),
+            stats=_delta(rt, before) if before is not None else None,
+        )
 
 
-def _open(work: PartitionWork) -> tuple[Runtime, bool, Staging]:
-    """This process's runtime for the run (built here on a Dask worker: then True) and its staging area."""
-    rt, remote = runtime_for(
+@contextmanager
+def _open(work: PartitionWork) -> Iterator[tuple[Runtime, bool, Staging]]:
+    """This process's runtime for the run (built here on a Dask worker: then True), held, and its staging area."""
+    with hold_runtime(
         work.runtime_key, work.job, local=work.local, served_url=work.served_url, workers=work.workers,
         columns=work.columns,
-    )  # fmt: skip
-    return rt, remote, Staging(work.staging_root, work.job.storage())
+    ) as (rt, remote):  # fmt: skip
+        yield rt, remote, Staging(work.staging_root, work.job.storage())
 
 
 def _ask(
@@ -216,10 +218,10 @@ def _ask(
         raise
 
 
-def _load_answers(rt: Runtime, runtime_key: str, staging: Staging, paths: list[str]) -> None:
+def _load_answers(rt: Runtime, staging: Staging, paths: list[str]) -> None:
     """Put the first phase's answers into this process's memo, once per run."""
     with _LOADING:
-        if runtime_key in _LOADED:
+        if rt.answers_loaded:
             return
         found = staging.scan(paths).collect()
         for number, key, text, error, tokens_in, tokens_out, cached, truncated in found.iter_rows():
@@ -228,7 +230,7 @@ def _load_answers(rt: Runtime, runtime_key: str, staging: Staging, paths: list[s
                 truncated=truncated,
             )  # fmt: skip
             rt.lanes[number].memo.done.setdefault(key, outcome)
-        _LOADED.add(runtime_key)
+        rt.answers_loaded = True
 
 
 def _delta(rt: Runtime, before: list[StatsCounts]) -> list[StatsCounts]:

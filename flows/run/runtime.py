@@ -6,6 +6,8 @@ import asyncio
 import threading
 import uuid
 from collections.abc import Coroutine
+from concurrent.futures import CancelledError
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -15,7 +17,7 @@ import pandera.polars as pa
 from langchain_core.language_models import BaseChatModel
 
 from llm_enrich.flows.cache.files import AnswerStore
-from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.job import EndpointFields
 from llm_enrich.flows.llm.endpoint import Endpoint, ModelSettings, build_chat_model
 from llm_enrich.transforms.calls import CallContext
 from llm_enrich.transforms.enrichment import AnswerMemo, EnrichSpec
@@ -25,6 +27,7 @@ __all__ = [
     "Lane",
     "Runtime",
     "build_lane",
+    "close_client",
     "forget_runtime",
     "lookup_runtime",
     "register_runtime",
@@ -62,7 +65,7 @@ class EventLoopThread:
 
 
 def build_lane(
-    job: EnrichJob, spec: EnrichSpec, ctx: CallContext, endpoint: Endpoint, *, base_url: str | None,
+    job: EndpointFields, spec: EnrichSpec, ctx: CallContext, endpoint: Endpoint, *, base_url: str | None,
     cache: AnswerStore | None,
 ) -> tuple[Lane, httpx.AsyncClient]:  # fmt: skip
     """One output's model client and memo (answers go to the cache as they arrive); close the client."""
@@ -99,6 +102,7 @@ class Runtime:
     cache: AnswerStore | None = None
     schema: pa.DataFrameSchema | None = None  # the input schema, which each slice's output extends
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    answers_loaded: bool = False  # on a Dask worker: the memo holds the first phase's answers
 
 
 _RUNTIMES: dict[str, Runtime] = {}
@@ -122,3 +126,11 @@ def forget_runtime(key: str) -> None:
     """Drop a finished run's runtime."""
     with _LOCK:
         _RUNTIMES.pop(key, None)
+
+
+def close_client(loop: EventLoopThread, http: httpx.AsyncClient) -> None:
+    """Close one lane's HTTP client on the run's loop (best effort: a stop's drain may cancel it)."""
+    # A stopping run's drain cancels every task on the loop, this close included if it lands then;
+    # the CancelledError must not replace the error that stopped the run.
+    with suppress(CancelledError):
+        loop.run(http.aclose())

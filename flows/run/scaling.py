@@ -16,7 +16,7 @@ from contextlib import contextmanager, suppress
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from llm_enrich.flows.job import EnrichJob
+from llm_enrich.flows.job import ScaleFields
 
 if TYPE_CHECKING:
     import psutil
@@ -63,7 +63,7 @@ def workers_report_here() -> Iterator[None]:
 
 
 @contextmanager
-def dask_runner(job: EnrichJob) -> Iterator[DaskTaskRunner]:
+def dask_runner(job: ScaleFields) -> Iterator[DaskTaskRunner]:
     """A started prefect-dask runner on the job's dask_address, or on a local cluster of dask_local workers."""
     from prefect_dask.task_runners import DaskTaskRunner
 
@@ -263,7 +263,7 @@ def _reap(pid: int, timeout: float) -> None:
         time.sleep(0.02)
 
 
-def count_workers(job: EnrichJob) -> int:
+def count_workers(job: ScaleFields) -> int:
     """How many worker processes share the run's rate limits."""
     if not job.dask_address:
         return max(1, job.dask_local)

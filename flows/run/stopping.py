@@ -19,14 +19,17 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from llm_enrich.flows.children import exit_now
+from llm_enrich.schemas.errors import RunInterrupted
 from llm_enrich.transforms.guards import StopSignal
 from llm_enrich.transforms.outcome import CallStats
 
 if TYPE_CHECKING:
+    from llm_enrich.flows.plan.lanes import OutputRun
     from llm_enrich.flows.run.runtime import EventLoopThread
 
 __all__ = [
     "GRACE_SECONDS",
+    "describe_interruption",
     "drain_on_stop",
     "exit_now",
     "interrupt_on_sigterm",
@@ -106,3 +109,15 @@ def _exit_now(number: int) -> None:
     """The second signal: stop our child processes and leave without any cleanup that could block."""
     os.write(2, b"\nstopped at once (second signal); a rerun of the same command finishes the job.\n")
     exit_now(128 + number)
+
+
+def describe_interruption(err: RunInterrupted, runs: list[OutputRun], *, cached: bool) -> str:
+    """One line: what was answered before the stop, where it is kept, and how to finish."""
+    answered = sum(run.ctx.stats.answered for run in runs)
+    asked = sum(run.tally.unique_todo for run in runs)
+    kept = "kept in the cache" if cached else "not kept (`cache` = false)"
+    return (
+        f"{err.message}: {answered:,} of {asked:,} prompts to ask were answered and are {kept}; the output was not "
+        "written (a previous one is untouched). Rerun the same command to finish"
+        + (" without paying for them again." if cached else ".")
+    )

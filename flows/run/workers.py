@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from llm_enrich.flows.cache.files import default_cache_dir, open_cache
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.llm.endpoint import Endpoint, resolve_endpoint
-from llm_enrich.flows.plan.lanes import build_context, resolve_price, share_limits
-from llm_enrich.flows.plan.specs import build_spec
-from llm_enrich.flows.run.runtime import EventLoopThread, Lane, Runtime, build_lane, lookup_runtime
+from llm_enrich.flows.plan.lanes import plan_calls
+from llm_enrich.flows.run.runtime import EventLoopThread, Runtime, build_lane, lookup_runtime
 from llm_enrich.flows.tables.schema_choice import resolve_schema
 from llm_enrich.transforms.outcome import StatsCounts
 from llm_enrich.transforms.prompts import parse_template
 
-__all__ = ["counts_of", "runtime_for"]
+__all__ = ["counts_of", "hold_runtime", "runtime_for"]
 
 _BUILT: OrderedDict[str, Runtime] = OrderedDict()
 _LOCK = threading.Lock()
+_HELD: Counter[str] = Counter()  # tasks using each runtime now
 _KEEP = 4  # runtimes of recent runs a long-lived worker keeps
 
 
@@ -36,9 +37,27 @@ def runtime_for(
             _BUILT[key] = _build(
                 _worker_share(job, workers), local=local, served_url=served_url, columns=columns, workers=workers
             )
-            while len(_BUILT) > _KEEP:
-                _BUILT.popitem(last=False)[1].loop.close()
+        _BUILT.move_to_end(key)
+        # Least recently used first, and never a runtime a task holds: closing its loop would cancel its requests.
+        for old in [k for k in _BUILT if k != key and not _HELD[k]][: max(0, len(_BUILT) - _KEEP)]:
+            _BUILT.pop(old).loop.close()
         return _BUILT[key], True
+
+
+@contextmanager
+def hold_runtime(
+    key: str, job: EnrichJob, *, local: bool, served_url: str | None, workers: int = 1, columns: Sequence[str] = ()
+) -> Iterator[tuple[Runtime, bool]]:
+    """``runtime_for`` for the length of a task: a runtime held by a task is never closed to make room."""
+    with _LOCK:
+        _HELD[key] += 1
+    try:
+        yield runtime_for(key, job, local=local, served_url=served_url, workers=workers, columns=columns)
+    finally:
+        with _LOCK:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
 
 
 def counts_of(runtime: Runtime) -> list[StatsCounts]:
@@ -47,10 +66,14 @@ def counts_of(runtime: Runtime) -> list[StatsCounts]:
 
 
 def _worker_share(job: EnrichJob, workers: int) -> EnrichJob:
-    """Each of N workers holds 1/N of the run's --rpm/--tpm, so together they stay under it."""
+    """Each of N workers holds 1/N of the run's `rpm`, `tpm` and `max_cost`, so together they stay under them."""
     if workers <= 1:
         return job
-    share = {name: max(1, value // workers) for name in ("rpm", "tpm") if (value := getattr(job, name))}
+    share: dict[str, float] = {
+        name: max(1, value // workers) for name in ("rpm", "tpm") if (value := getattr(job, name))
+    }
+    if job.max_cost is not None:
+        share["max_cost"] = job.max_cost / workers
     return job.model_copy(update=share)
 
 
@@ -58,19 +81,13 @@ def _build(job: EnrichJob, *, local: bool, served_url: str | None, columns: Sequ
     # The key is read from this worker's environment; the identity (answer keys) must match the flow's.
     found = resolve_endpoint(job)
     endpoint = Endpoint(base_url=found.base_url, api_key=found.api_key, local=local)
-    secret = endpoint.secret
     cache = open_cache(job.cache_dir or default_cache_dir(job.destination), job.storage()) if job.cache else None
     loop = EventLoopThread()
-    lanes: list[Lane] = []
-    for single in job.output_jobs():
-        spec = build_spec(single, endpoint)
-        price = resolve_price(single, spec.identity.model, local=local)
-        # The server's rate-limit headers describe the whole budget: each worker takes its share.
-        ctx = build_context(single, price, max_concurrency=spec.max_concurrency, secret=secret, shared_by=workers)
-        if lanes:
-            share_limits(ctx, lanes[0].ctx)
-        lane, _ = build_lane(single, spec, ctx, endpoint, base_url=served_url or endpoint.base_url, cache=cache)
-        lanes.append(lane)
+    # The server's rate-limit headers describe the whole budget: each worker takes its share.
+    lanes = [
+        build_lane(call.job, call.spec, call.ctx, endpoint, base_url=served_url or endpoint.base_url, cache=cache)[0]
+        for call in plan_calls(job, endpoint, shared_by=workers)
+    ]
     # The input's columns come from the flow, so 'auto' chooses as the flow did without reading the input here.
     schema = resolve_schema(job.input_schema, parse_template(job.prompt), columns)
-    return Runtime(lanes=lanes, loop=loop, secret=secret, cache=cache, schema=schema)
+    return Runtime(lanes=lanes, loop=loop, secret=endpoint.secret, cache=cache, schema=schema)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandera.polars as pa
 
+from llm_enrich.flows.job.references import import_reference
 from llm_enrich.schemas.errors import ConfigError
 from llm_enrich.schemas.topics import TopicsInput
 from llm_enrich.transforms.prompts import PromptTemplate
@@ -83,19 +83,12 @@ def _template_schema(template: PromptTemplate) -> pa.DataFrameSchema:
 
 def _user_schema(ref: str) -> pa.DataFrameSchema:
     """A schema of the user's own, from 'module:Class'."""
-    module_name, _, attr = ref.partition(":")
-    if not module_name or not attr:
+    if ":" not in ref:
         raise ConfigError(
             f"`input_schema` = {ref!r} is not 'auto', 'topics', 'template' or 'module:Class' "
             "(for example 'myproject.schemas:Orders')."
         )
-    try:
-        found = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(
-            f"`input_schema` = {ref!r} could not be loaded ({exc}); make sure the module is "
-            "importable (installed, or on PYTHONPATH) and defines that class."
-        ) from exc
+    found = import_reference(ref, "input_schema", "myproject.schemas:Orders")
     if isinstance(found, type) and issubclass(found, pa.DataFrameModel):
         return found.to_schema()
     if isinstance(found, pa.DataFrameSchema):
