@@ -16,7 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from llm_enrich.flows.batch.collect import answer_by_batch, batch_pending_summary
 from llm_enrich.flows.job import EnrichJob
-from llm_enrich.flows.llm.endpoint import describe_endpoint, describe_url, resolve_endpoint
+from llm_enrich.flows.llm.endpoint import describe_url, resolve_endpoint
 from llm_enrich.flows.llm.local_model import LOCAL_MODEL_NOTICE, serve_local_model
 from llm_enrich.flows.plan.approval import approve_run
 from llm_enrich.flows.plan.estimate import estimate_job, project_full_run
@@ -27,9 +27,10 @@ from llm_enrich.flows.report.artifacts import FAILURE_ROWS, Progress, publish_fa
 from llm_enrich.flows.report.events import RunOutcome, emit_run_event, outcome_of
 from llm_enrich.flows.report.orchestration import begin_records, best_effort
 from llm_enrich.flows.report.progress import current_sink
-from llm_enrich.flows.report.summary import RunSummary, most_common, one_line
+from llm_enrich.flows.report.summary import RunSummary, one_line
 from llm_enrich.flows.run.dispatch import dispatch_partitions
 from llm_enrich.flows.run.partitions import SAMPLE_ROWS, PartitionWork, enrich_partition
+from llm_enrich.flows.run.results import summarize_run
 from llm_enrich.flows.run.runtime import (
     EventLoopThread,
     Runtime,
@@ -234,50 +235,17 @@ def _enrich(
     finally:
         staging.remove()
 
-    failed = sum(r.failed_any for r in results)
-    truncated = sum(r.truncated_any for r in results)
-    if truncated:
+    notes = [*_notes(primary.ctx.scheduler, sum(run.ctx.stats.output_tokens for run in runs)), *learned]
+    summary = summarize_run(
+        survey, runs, results, destination=job.destination, base_url=base_url, local=endpoint.local,
+        started=started, notes=notes,
+    )  # fmt: skip
+    if summary.rows_truncated:
         log.warning(
             "%d rows have an answer cut off at max_tokens (%d; enrich_truncated is true): raise `max_tokens`, "
             "or set `on_truncated` = 'error' to count them as failed.",
-            truncated, job.max_tokens,
+            summary.rows_truncated, job.max_tokens,
         )  # fmt: skip
-    stats = [run.ctx.stats for run in runs]
-    costs = [run.cost_usd for run in runs]
-    summary = RunSummary(
-        rows_in=survey.rows_in,
-        rows_valid=survey.rows_valid,
-        rows_rejected=survey.rows_rejected,
-        rows_ok=survey.rows_valid - failed,
-        rows_failed=failed,
-        rows_truncated=truncated,
-        rows_cached=primary.tally.rows_cached,
-        rows_deduplicated=primary.ctx.stats.rows_deduplicated,
-        unique_prompts_sent=sum(run.tally.unique_todo for run in runs),
-        requests=sum(s.requests for s in stats),
-        retries=sum(s.retries for s in stats),
-        rate_limited=sum(s.rate_limited for s in stats),
-        timeouts=sum(s.timeouts for s in stats),
-        input_tokens=sum(s.input_tokens for s in stats),
-        cached_input_tokens=sum(s.cached_input_tokens for s in stats),
-        output_tokens=sum(s.output_tokens for s in stats),
-        cost_usd=None if any(c is None for c in costs) else round(sum(c or 0.0 for c in costs), 6),
-        wall_seconds=round(time.perf_counter() - started, 3),
-        output=job.destination,
-        rejected_output=rejected_path(job.destination) if survey.rows_rejected else None,
-        model=primary.spec.identity.model,
-        endpoint=describe_endpoint(base_url, local=endpoint.local),
-        outputs={
-            run.job.output_column: {
-                "rows_failed": sum(r.failed[i] for r in results),
-                "rows_cached": run.tally.rows_cached,
-                "requests": run.ctx.stats.requests,
-            }
-            for i, run in enumerate(runs)
-        },
-        notes=[*_notes(primary.ctx.scheduler, sum(s.output_tokens for s in stats)), *learned],
-        most_common_error=most_common([row.get("why") for r in results for row in r.problems]),
-    )
     log.info("wrote %s: %d rows ok, %d failed", job.destination, summary.rows_ok, summary.rows_failed)
     sample = pl.DataFrame([row for r in results for row in r.sample][:SAMPLE_ROWS], infer_schema_length=None)
     problems = pl.DataFrame([row for r in results for row in r.problems][:FAILURE_ROWS], infer_schema_length=None)

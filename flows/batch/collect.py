@@ -32,6 +32,7 @@ from llm_enrich.flows.plan.lanes import OutputRun
 from llm_enrich.flows.plan.survey import Survey
 from llm_enrich.flows.report.artifacts import publish_batches
 from llm_enrich.flows.report.summary import RunSummary
+from llm_enrich.flows.run.results import CallTotals
 from llm_enrich.flows.run.runtime import Lane
 from llm_enrich.schemas.errors import ConfigError, RunAborted
 from llm_enrich.transforms.batch_lines import line_outcome
@@ -158,16 +159,13 @@ def batch_pending_summary(
     sent: BatchRun, survey: Survey, runs: list[OutputRun], job: EnrichJob, started: float
 ) -> RunSummary:
     """The summary of a run that submitted batches and did not wait for them (no output written)."""
-    primary = runs[0]
-    stats = [run.ctx.stats for run in runs]
-    costs = [run.cost_usd for run in runs]
+    primary, totals = runs[0], CallTotals.of(runs)
     return RunSummary(
         rows_in=survey.rows_in, rows_valid=survey.rows_valid, rows_rejected=survey.rows_rejected, rows_ok=0,
         rows_failed=0, rows_cached=primary.tally.rows_cached, rows_deduplicated=0,
-        unique_prompts_sent=sent.prompts, requests=sum(s.requests for s in stats), retries=0, rate_limited=0,
-        input_tokens=sum(s.input_tokens for s in stats), output_tokens=sum(s.output_tokens for s in stats),
-        cached_input_tokens=sum(s.cached_input_tokens for s in stats),
-        cost_usd=None if any(c is None for c in costs) else round(sum(c or 0.0 for c in costs), 6),
+        unique_prompts_sent=sent.prompts, requests=totals.requests, retries=0, rate_limited=0,
+        input_tokens=totals.input_tokens, output_tokens=totals.output_tokens,
+        cached_input_tokens=totals.cached_input_tokens, cost_usd=totals.cost_usd,
         wall_seconds=round(time.perf_counter() - started, 3), output=job.destination,
         model=primary.spec.identity.model, endpoint=describe_url(job.base_url),
         batches_submitted=sent.submitted, batches_pending=sent.pending, notes=[sent.describe()],

@@ -42,6 +42,18 @@ _PARQUET_MAGIC = b"PAR1"
 
 def check_destination(job: EnrichJob) -> None:
     """Everything about where this run writes, checked before anything is read, sent or written."""
+    try:
+        _check_destination(job)
+    except OSError as exc:
+        # A path the checks cannot even look at (a folder without search permission, a broken mount).
+        reason = exc.strerror or str(exc)
+        raise DestinationError(
+            f"cannot look at `output_path` = '{job.destination}' or the folders around it ({reason}: "
+            f"'{exc.filename}'). Give a location this user can read and write. Nothing was sent or written."
+        ) from exc
+
+
+def _check_destination(job: EnrichJob) -> None:
     source, dest = job.input_path, job.destination
     if not job.in_place:
         if same_location(source, dest) or _contains(source, dest) or _contains(dest, source):

@@ -50,10 +50,12 @@ def hold_lock(
 ) -> Iterator[None]:
     """Hold the output's lock for the block; wait for another holder (bounded) or refuse."""
     path = lock_path(destination)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = _missing_folders(path.parent)
     deadline = time.monotonic() + timeout
     told = False
     while True:  # bounded: the deadline below raises, and every pass sleeps POLL_SECONDS
+        # Made on every pass: a holder whose run wrote nothing removes the empty folders it made.
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -94,6 +96,21 @@ def hold_lock(
         except OSError:
             pass
         os.close(fd)
+        # A run that wrote nothing (bad input, a stop) leaves no empty folders it made for the output.
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty: the output (or the cache) is in it, and so in every folder above
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders ``mkdir(parents=True)`` would create for ``folder``, deepest first."""
+    missing: list[Path] = []
+    while not folder.exists() and folder.parent != folder:  # bounded: one step per path component
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def sweep_debris(destination: str, staging_dir: str | None) -> list[str]:

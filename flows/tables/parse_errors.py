@@ -211,6 +211,8 @@ def _ndjson_problem(file: BufferedReader, detail: str) -> ParseProblem | None:
             return ParseProblem(
                 position.line, "a JSON object", f"invalid JSON at column {exc.colno} ({exc.msg}): {_shown(text)}"
             )
+        except RecursionError:
+            return ParseProblem(position.line, "a JSON object", f"a value nested too deeply to read: {_shown(text)}")
         if not isinstance(row, dict):
             return ParseProblem(position.line, "a JSON object", f"{_kind(row)}: {_shown(text)}")
         for key, item in row.items():

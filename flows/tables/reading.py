@@ -45,8 +45,14 @@ def scan_table(path: str, requested_format: str = "auto", storage: dict[str, str
     if is_remote(path):
         return _scan(path, detect_format(path, requested_format), storage)
     file = Path(path)
-    if not file.exists():
-        raise InputError(f"input file '{path}' does not exist (looked in {Path.cwd()}). Check the path.")
+    try:
+        file.stat()
+    except FileNotFoundError:
+        raise InputError(f"input file '{path}' does not exist (looked in {Path.cwd()}). Check the path.") from None
+    except OSError as exc:  # a folder on the way without search permission, a broken mount
+        raise InputError(
+            f"cannot open the input '{path}': {exc.strerror or exc}. Check its folder's permissions."
+        ) from exc
     if file.is_dir():
         if not any(file.rglob("*.parquet")):
             raise InputError(f"input directory '{path}' holds no .parquet files; pass a file or a Parquet dataset.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,8 @@ class Staging:
             frame.write_parquet(path, compression="lz4", statistics=False, storage_options=self.storage)
         except (OSError, pl.exceptions.PolarsError) as exc:
             if not is_remote(path):
-                Path(path).unlink(missing_ok=True)
+                with suppress(OSError):  # the write's own error says what went wrong; a half file must not stay
+                    Path(path).unlink(missing_ok=True)
             raise write_failure(
                 exc, "staging file", path, "point `staging_dir` somewhere with space (shared storage for Dask workers)"
             ) from exc
