@@ -18,7 +18,8 @@ import llm_enrich.flows.cache.files
 from llm_enrich.flows.cache import reading as cache_check
 from llm_enrich.flows.cache.files import ResponseCache
 from llm_enrich.flows.cache.objects import parse_parquet
-from llm_enrich.flows.cache.reading import parse_segment, verify_cache
+from llm_enrich.flows.cache.reading import parse_segment
+from llm_enrich.flows.cache.verification import verify_cache
 from llm_enrich.schemas.errors import ConfigError, OutputError
 from llm_enrich.transforms.outcome import Outcome
 from tests.conftest import REPO

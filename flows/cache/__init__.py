@@ -2,7 +2,7 @@
 
 ``files`` appends to local segment files, ``objects`` writes immutable Parquet segments to object
 storage, and ``reading`` is the one place a segment is read back, record by record, so damage
-costs only what is damaged (``enrich cache verify``). ``files`` and ``objects`` both import
-``reading``; ``reading`` imports neither at module level.
+costs only what is damaged; ``verification`` checks and repairs a whole cache (``enrich cache
+verify``). Imports go ``reading`` <- ``files``, ``objects`` <- ``verification``, with no cycle.
 May import: ``schemas``, ``transforms``, ``flows.tables.paths``.
 """

@@ -3,10 +3,7 @@
 ``CACHE_SCHEMA`` and the one segment reader both caches use live here. A torn, undecodable,
 mistyped or half-written record, or a zero-length or corrupt file, loses only itself, is logged
 once as a WARNING naming the file (stdlib ``logging``: it shows inside a Prefect run and out),
-and never fails a run. ``enrich cache verify --repair`` keeps every good record: a file is
-rewritten through a temporary file and ``os.replace``; an object is written anew before the
-damaged one is deleted. Repair while no run writes to the cache (a writer would keep appending
-to the replaced file).
+and never fails a run. Checking and repairing a whole cache is ``flows.cache.verification``.
 """
 
 from __future__ import annotations
@@ -20,20 +17,14 @@ from typing import Any
 
 import polars as pl
 
-from llm_enrich.flows.tables.paths import is_remote
-from llm_enrich.schemas.errors import ConfigError
-
 __all__ = [
     "CACHE_SCHEMA",
     "OPTIONAL",
-    "CacheReport",
     "SegmentHealth",
-    "cache_location",
+    "line_numbers",
     "parse_segment",
     "read_segment",
-    "render_report",
     "report_damage",
-    "verify_cache",
     "with_defaults",
 ]
 
@@ -152,112 +143,11 @@ def report_damage(health: SegmentHealth, *, version: str = "") -> None:
     if health.unreadable is not None:
         log.warning("cache segment '%s' could not be read (%s): %s.", health.location, health.unreadable, remedy)
         return
-    where = f" (line {_numbers(health.damaged_lines, 5)})" if health.damaged_lines else ""
+    where = f" (line {line_numbers(health.damaged_lines, 5)})" if health.damaged_lines else ""
     log.warning(
         "cache segment '%s' has %d damaged record(s)%s, skipped; %d good record(s) kept; %s.",
         health.location, health.damaged, where, health.ok, remedy,
     )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class CacheReport:
-    """What checking one cache found, segment by segment, and which segments a repair rewrote."""
-
-    location: str
-    segments: tuple[SegmentHealth, ...]
-    repaired: frozenset[str] = frozenset()
-
-    @property
-    def records_ok(self) -> int:
-        """Records that load."""
-        return sum(s.ok for s in self.segments)
-
-    @property
-    def records_damaged(self) -> int:
-        """Records lost inside readable segments."""
-        return sum(s.damaged for s in self.segments)
-
-    @property
-    def files_unreadable(self) -> int:
-        """Segments lost as a whole (zero-length, not Parquet, cannot be fetched)."""
-        return sum(s.unreadable is not None for s in self.segments)
-
-    @property
-    def clean(self) -> bool:
-        """True when nothing was damaged."""
-        return all(s.clean for s in self.segments)
-
-
-def cache_location(*, output: str | None, cache_dir: str | None) -> str:
-    """The cache to check: --cache-dir, or the default one beside OUTPUT."""
-    if (output is None) == (cache_dir is None):
-        raise ConfigError(
-            "name the cache to check: either --cache-dir DIR, or the run's OUTPUT (its cache is the "
-            ".enrich-cache beside it)."
-        )
-    from llm_enrich.flows.cache.files import default_cache_dir  # flows.cache imports this module
-
-    return cache_dir if cache_dir is not None else default_cache_dir(output or "")
-
-
-def verify_cache(location: str, storage: dict[str, str] | None = None, *, repair: bool = False) -> CacheReport:
-    """Read every segment of the cache record by record; with ``repair``, rewrite the damaged ones."""
-    if is_remote(location):
-        return _verify_objects(location, storage, repair=repair)
-    from llm_enrich.flows.cache.files import ResponseCache  # flows.cache imports this module
-
-    cache = ResponseCache(location)
-    if not cache.directory.is_dir():
-        raise ConfigError(
-            f"there is no response cache at '{location}' (no v1/ directory in it). "
-            "Pass the --cache-dir the runs used, or the run's OUTPUT."
-        )
-    found: list[SegmentHealth] = []
-    repaired: set[str] = set()
-    for path in cache.segments():
-        _, health = read_segment(path, exact=True)
-        found.append(health)
-        if repair and not health.clean:
-            cache.replace_segment(path)
-            repaired.add(health.location)
-    return CacheReport(location, tuple(found), frozenset(repaired))
-
-
-def render_report(report: CacheReport) -> list[str]:
-    """The report as lines for people: one per segment, then the totals."""
-    lines = []
-    for health in report.segments:
-        line = f"  {health.location.rsplit('/', 1)[-1]}: {health.ok} ok, {health.damaged} damaged"
-        if health.unreadable is not None:
-            line = f"  {health.location.rsplit('/', 1)[-1]}: unreadable ({health.unreadable})"
-        elif health.damaged_lines:
-            line += f" (line {_numbers(health.damaged_lines, 10)})"
-        if health.location in report.repaired:
-            line += ": removed" if health.ok == 0 else ": repaired"
-        lines.append(line)
-    verdict = "clean" if report.clean else ("repaired" if report.repaired else "damaged")
-    lines.append(
-        f"cache {report.location}: {verdict}; segments {len(report.segments)}, records ok {report.records_ok}, "
-        f"records damaged {report.records_damaged}, files unreadable {report.files_unreadable}."
-    )
-    if not report.clean and not report.repaired:
-        lines.append("Run again with --repair (while no run writes to this cache) to keep only the good records.")
-    return lines
-
-
-def _verify_objects(location: str, storage: dict[str, str] | None, *, repair: bool) -> CacheReport:
-    from llm_enrich.flows.cache.objects import ObjectStoreCache
-
-    cache = ObjectStoreCache(location, storage)
-    found: list[SegmentHealth] = []
-    repaired: set[str] = set()
-    for name, _ in cache.segments():
-        frame, health = cache.read_segment(name)
-        found.append(health)
-        if repair and not health.clean:
-            cache.replace_segment(name, frame)
-            repaired.add(health.location)
-    return CacheReport(location, tuple(found), frozenset(repaired))
 
 
 def _decode(raw: bytes) -> dict[str, Any] | None:
@@ -303,5 +193,6 @@ def _parse_intact(body: bytes) -> pl.DataFrame | None:
     return frame
 
 
-def _numbers(numbers: tuple[int, ...], most: int) -> str:
+def line_numbers(numbers: tuple[int, ...], most: int) -> str:
+    """'3, 7, 9, ...': at most ``most`` of the numbers."""
     return ", ".join(map(str, numbers[:most])) + (", ..." if len(numbers) > most else "")

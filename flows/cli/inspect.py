@@ -71,7 +71,7 @@ def cache_verify(
     ] = None,
 ) -> None:
     """Read every cache record; exit 0 when all are intact, 1 when damage was found (and, with --repair, removed)."""
-    from llm_enrich.flows.cache.reading import cache_location, render_report, verify_cache
+    from llm_enrich.flows.cache.verification import cache_location, render_report, verify_cache
 
     try:
         storage = parse_pairs(storage_option) if storage_option else None
