@@ -62,7 +62,7 @@ def enrich_frame(frame: pl.DataFrame, job: EnrichJob | None = None, **fields: An
         if not state.is_completed():
             error = UserError if state.name == INVALID_STATE else RuntimeFailure
             raise error(state.message or f"the run ended {state.name}")
-        return pl.read_parquet(out)
+        return pl.read_parquet(out, glob=False)
 
 
 @task(name="llm-enrich", cache_policy=NO_CACHE, persist_result=False)

@@ -121,6 +121,8 @@ def test_rows_that_fail_at_the_model_still_exit_0(fake_llm: FakeOpenAIServer, tm
         (["--format", "xml"], "input_format"),
         (["--output-column", "enrich_error"], "reserved"),
         (["--storage-option", "aws_region"], "--storage-option number 1 must look like KEY=VALUE"),
+        (["--output-schema", "score:int[5..1]"], "the range of field 'score' (int[5..1]) is empty"),
+        (["--api-key-env", "LLM_ENRICH_NO_SUCH_KEY"], "LLM_ENRICH_NO_SUCH_KEY, which is not set"),
     ],
 )
 def test_configuration_mistakes_exit_2_with_a_message(
@@ -160,3 +162,37 @@ def test_an_endpoint_that_never_answers_stops_the_run_early(tmp_path: Path) -> N
     assert code == 2, output
     assert re.search(r"error: could not reach the LLM endpoint: \d+ attempts in a row failed", output)
     assert "Traceback" not in output and not out.exists()
+
+
+def test_a_key_in_the_base_url_is_refused_and_never_printed(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
+    secret = "sk-in-the-url-123"
+    host = fake_llm.base_url.removeprefix("http://")
+    for url in (f"http://user:{secret}@{host}", f"{fake_llm.base_url}?api-key={secret}"):
+        code, output = invoke("run", str(DATA / "topics.csv"), "-o", str(tmp_path / "o.parquet"), "--base-url", url)
+        assert code == 2, output
+        assert "holds credentials" in output and "--api-key-env" in output
+        assert secret not in output
+    assert fake_llm.stats.requests == 0
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_paths_with_glob_and_markup_characters_work_and_are_printed_whole(
+    fake_llm: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    """'[x]' in a path is neither a polars glob nor rich markup: the run works and messages keep it."""
+    folder = tmp_path / "[x] data*"
+    folder.mkdir()
+    source = folder / "in[1].csv"
+    source.write_bytes((DATA / "topics.csv").read_bytes())
+    out = tmp_path / "out[1]" / "o[x].parquet"
+    code, output = invoke("run", str(source), "-o", str(out), "--base-url", fake_llm.base_url)
+    assert code == 0, output
+    assert f"into {out}: 30 ok, 0 failed" in output
+    assert pl.read_parquet(out, glob=False).height == 30
+    # A rerun finds its previous answers and cache beside an output whose path has brackets.
+    code, output = invoke("run", str(source), "-o", str(out), "--base-url", fake_llm.base_url)
+    assert code == 0 and fake_llm.stats.requests == 30, output
+    for missing in (tmp_path / "[x]" / "nope.csv", tmp_path / "[" / "x]" / "nope.csv"):
+        code, output = invoke("run", str(missing), "-o", str(tmp_path / "o2.parquet"))
+        assert code == 2, output
+        assert f"'{missing}' does not exist" in output and "Traceback" not in output

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from llm_enrich.flows.tables.writing import rejected_path, write_parquet_dataset_atomic
+from llm_enrich.flows.tables.writing import rejected_path, write_json_atomic, write_parquet_dataset_atomic
 from llm_enrich.schemas.errors import OutputError
 from tests.support import write_parquet_atomic
 
@@ -68,3 +71,29 @@ def test_a_partitioned_dataset_is_swapped_whole(tmp_path: Path, monkeypatch: pyt
         write_parquet_dataset_atomic(pl.DataFrame({"k": ["z"], "x": [9]}), str(dest), "k")
     assert sorted(p.name for p in dest.iterdir()) == ["k=c"]
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no staging or backup directories left
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_outputs_get_the_umasks_permissions_and_a_rewrite_keeps_the_files_own(tmp_path: Path) -> None:
+    """Not mkstemp's 0600: people sharing a data folder keep reading what a run wrote."""
+    dest, summary = tmp_path / "out.parquet", tmp_path / "run.json"
+    write_parquet_atomic(pl.DataFrame({"x": [1]}), str(dest))
+    write_json_atomic({"rows": 1}, str(summary))
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o644
+    assert stat.S_IMODE(summary.stat().st_mode) == 0o644
+    dest.chmod(0o640)  # as an in-place rewrite finds its input
+    write_parquet_atomic(pl.DataFrame({"x": [2]}), str(dest))
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o640
+    assert pl.read_parquet(dest)["x"].to_list() == [2]
+    dataset = tmp_path / "dataset"
+    write_parquet_dataset_atomic(pl.DataFrame({"k": ["a"], "x": [1]}), str(dataset), "k")
+    assert stat.S_IMODE(dataset.stat().st_mode) == 0o755

@@ -73,6 +73,11 @@ def _annotation(kind: str, name: str) -> Any:
     if match := _RANGE.match(lowered):
         base = int if match.group(1) in ("int", "integer") else float
         low, high = (base(v) if v else None for v in (match.group(2), match.group(3)))
+        if low is not None and high is not None and low > high:
+            # No answer could pass: every row would be paid for (twice, with the correction) and fail.
+            raise ConfigError(
+                f"`output_schema`: the range of field {name!r} ({kind.strip()}) is empty; write [low..high]."
+            )
         return Annotated[base, Field(ge=low, le=high)]
     if lowered.startswith("enum(") and lowered.endswith(")"):
         values = tuple(v.strip() for v in kind.strip()[5:-1].split(",") if v.strip())

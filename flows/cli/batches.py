@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from llm_enrich.flows.cli.app import app, run
 from llm_enrich.flows.cli.messages import print_summary
@@ -29,7 +30,9 @@ def cancel(**options: Any) -> None:
     except EnrichError as err:
         fail(err.message, err.exit_code)
     out_console.print(
-        f"[bold]Batch mode:[/] {done.describe()}; collecting what they finished.", highlight=False, soft_wrap=True
+        f"[bold]Batch mode:[/] {escape(done.describe())}; collecting what they finished.",
+        highlight=False,
+        soft_wrap=True,
     )
     # Only collect: nothing new is submitted, and the cancelled batches' rest becomes each row's error.
     _collect(job.model_copy(update={"mode": "batch", "batch_wait": True, "batch_submit": False}), options)

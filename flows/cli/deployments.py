@@ -66,6 +66,7 @@ def deploy(
     out_console.print(
         f"Deployment enrich-table/{name} ({deployment_id}) is on work pool '{pool}'. Start a worker with "
         f"`prefect worker start --pool {pool}`; trigger a run with `prefect deployment run enrich-table/{name}`.",
+        markup=False,
         highlight=False,
         soft_wrap=True,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from llm_enrich.flows.cli.wording import as_flags
 
@@ -24,7 +25,7 @@ def print_estimate(out_console: Console, e: dict[str, Any]) -> None:
         f"{e['rows_rejected']} rejected; {e['rows_cached']} already answered, {e['rows_kept_failed']} kept as failed; "
         f"{e['rows_to_ask']} rows to ask as {e['unique_prompts']} distinct prompts; "
         f"about {e['estimated_input_tokens']:,} input tokens and at most {e['max_output_tokens']:,} output tokens; "
-        f"cost {cost} with {e['model']}.",
+        f"cost {cost} with {escape(e['model'])}.",
         highlight=False,
         soft_wrap=True,
     )
@@ -33,23 +34,23 @@ def print_estimate(out_console: Console, e: dict[str, Any]) -> None:
 def print_summary(out_console: Console, s: dict[str, Any]) -> None:
     """The run's one summary paragraph, its notes, and a trial's projection."""
     if s.get("batches_pending"):  # --batch-no-wait: submitted, nothing written yet
-        out_console.print(f"[bold]Batch mode:[/] {as_flags(s['notes'][0])}.", highlight=False, soft_wrap=True)
+        out_console.print(f"[bold]Batch mode:[/] {escape(as_flags(s['notes'][0]))}.", highlight=False, soft_wrap=True)
         return
-    rejected = f", {s['rows_rejected']} rejected (see {s['rejected_output']})" if s["rows_rejected"] else ""
+    rejected = f", {s['rows_rejected']} rejected (see {escape(s['rejected_output'])})" if s["rows_rejected"] else ""
     cost = f", ${s['cost_usd']:.4f}" if s["cost_usd"] is not None else ""
     out_console.print(
-        f"[bold green]Enriched[/] {s['rows_valid']} of {s['rows_in']} rows into [bold]{s['output']}[/]: "
+        f"[bold green]Enriched[/] {s['rows_valid']} of {s['rows_in']} rows into [bold]{escape(s['output'])}[/]: "
         f"{s['rows_ok']} ok, {s['rows_failed']} failed{rejected}"
         f"{f', {truncated} cut off at --max-tokens' if (truncated := s.get('rows_truncated')) else ''}.\n"
         f"{s['rows_cached']} from the cache, {s['rows_deduplicated']} deduplicated; {s['requests']} requests "
         f"({s['retries']} retries, {s['rate_limited']} rate-limited, {s.get('timeouts', 0)} timed out), "
-        f"tokens {s['input_tokens']:,} in / "
-        f"{s['output_tokens']:,} out{cost}, {s['wall_seconds']:.1f} s, model {s['model']} at {s['endpoint']}.",
+        f"tokens {s['input_tokens']:,} in / {s['output_tokens']:,} out{cost}, {s['wall_seconds']:.1f} s, "
+        f"model {escape(s['model'])} at {escape(s['endpoint'])}.",
         highlight=False,
         soft_wrap=True,
     )
     for note in s.get("notes") or []:
-        out_console.print(f"[bold]Note:[/] {as_flags(note)}", highlight=False, soft_wrap=True)
+        out_console.print(f"[bold]Note:[/] {escape(as_flags(note))}", highlight=False, soft_wrap=True)
     if (whole := s.get("full_run_estimate")) is not None:
         _print_full_run(out_console, s, whole)
 
@@ -64,7 +65,7 @@ def _print_full_run(out_console: Console, s: dict[str, Any], whole: dict[str, An
         else "from estimated tokens (the trial sent nothing)"
     )
     out_console.print(
-        f"[bold]Trial[/] on {s['trial']}: the output itself was not written. The whole table: "
+        f"[bold]Trial[/] on {escape(s['trial'])}: the output itself was not written. The whole table: "
         f"{whole['rows']:,} valid rows, {whole['distinct_prompts_to_send']:,} distinct prompts still to send, "
         f"about {whole['projected_input_tokens']:,} tokens in / {whole['projected_output_tokens']:,} out"
         + (f", about ${cost:.4f} {basis}" if cost is not None else f" {basis}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -52,7 +53,7 @@ class RichProgress:
 
     def notice(self, text: str) -> None:
         """Print a notice above the bar (job fields named as their flags)."""
-        self._progress.console.print(f"[yellow]{as_flags(text)}[/]", highlight=False)
+        self._progress.console.print(f"[yellow]{escape(as_flags(text))}[/]", highlight=False)
 
     def start(self, total_rows: int) -> None:
         """Set the total once the valid rows are known."""

@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from llm_enrich.flows.cli.wording import as_flags
 from llm_enrich.flows.job import EnrichJob
@@ -65,7 +66,7 @@ def approve_on_terminal(job: EnrichJob, *, yes: bool) -> EnrichJob:
             "or raise --approve-above. Nothing was sent or written.",
             2,
         )
-    out_console.print(f"[bold]Approval needed:[/] {text}", highlight=False, soft_wrap=True)
+    out_console.print(f"[bold]Approval needed:[/] {escape(text)}", highlight=False, soft_wrap=True)
     if not typer.confirm("Send these requests?", default=False):
         fail("not approved; nothing was sent or written.", 1)
     return approved
@@ -151,7 +152,7 @@ _RECORDS_LOST: list[str] = []
 def _warn_records(why: str) -> None:
     _RECORDS_LOST.append(why)
     err_console.print(
-        f"[bold yellow]warning:[/] the output was written, but the Prefect API stopped answering ({why}); "
+        f"[bold yellow]warning:[/] the output was written, but the Prefect API stopped answering ({escape(why)}); "
         "this run's records there (state, artifacts, logs) are incomplete.",
         highlight=False,
         soft_wrap=True,
@@ -166,7 +167,7 @@ def _signal_seen() -> int:
 
 def fail(message: str, code: int, *, label: str = "[bold red]error:[/] ") -> None:
     """Print one error paragraph (job fields named as their flags) and exit with `code`."""
-    err_console.print(f"{label}{as_flags(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"{label}{escape(as_flags(message))}", highlight=False, soft_wrap=True)
     leave(code)
     raise typer.Exit(code)
 

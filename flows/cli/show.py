@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llm_enrich.flows.cli.wording import as_flags
-from llm_enrich.flows.tables.paths import is_remote, suffix_of
+from llm_enrich.flows.tables.paths import is_remote, literal_path, suffix_of
 from llm_enrich.flows.tables.provenance import read_provenance
 from llm_enrich.flows.tables.reading import scan_table
 from llm_enrich.schemas.enriched import ERROR_COLUMN, KEY_COLUMN
@@ -125,7 +125,9 @@ def open_output(path: str, storage: dict[str, str] | None = None) -> EnrichedOut
     local_dir = not is_remote(path) and Path(path).is_dir()
     if is_remote(path) and not suffix_of(path):
         # An object-store prefix without an extension: a Hive-partitioned dataset.
-        scan = pl.scan_parquet(f"{path.rstrip('/')}/**/*.parquet", hive_partitioning=True, storage_options=storage)
+        scan = pl.scan_parquet(
+            f"{literal_path(path).rstrip('/')}/**/*.parquet", hive_partitioning=True, storage_options=storage
+        )
     elif local_dir or suffix_of(path) in (".parquet", ".pq"):
         scan = scan_table(path, "parquet", storage)
     else:

@@ -7,6 +7,7 @@ in its signature. The Prefect form groups the same fields (``flows/form.py``).
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
@@ -21,6 +22,8 @@ __all__ = [
 ]
 
 DEFAULT_PROMPT = "Explain this topic in two sentences: {topic}"
+
+_SECRET_PARAMETERS = {"key", "api_key", "apikey", "token", "access_token", "secret", "password", "sig", "signature"}
 
 FLEX_TIMEOUT = 900.0
 """Seconds a flex-tier reply may take when the job sets no timeout (flex replies are slower)."""
@@ -158,6 +161,22 @@ class EndpointFields(BaseModel):
     timeout: float = Field(60.0, gt=0, le=3_600, description="Seconds to wait for one reply.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature.")
     max_tokens: int = Field(256, ge=1, le=131_072, description="Maximum tokens per answer.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        # A URL is logged, shown in the UI and stored as a Prefect parameter: a key in it would leak.
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        named = {name.lower().replace("-", "_") for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+        if "@" in parts.netloc or named & _SECRET_PARAMETERS:
+            raise ValueError(
+                "holds credentials (user:password@ or a key in the query string), which would be logged and stored "
+                "with the run; put the key in the environment variable `api_key_env` names, or in a Prefect Secret "
+                "block (`api_key_secret`)"
+            )
+        return value
 
     @property
     def reply_timeout(self) -> float:

@@ -66,6 +66,12 @@ def resolve_endpoint(job: EndpointFields) -> Endpoint:
     """Job base URL, else OPENAI_BASE_URL; key from a Secret block or the named variable; else local."""
     base_url = job.base_url or _EnvSettings().openai_base_url or None
     raw_key = _secret_block_value(job.api_key_secret) if job.api_key_secret else os.environ.get(job.api_key_env)
+    if not raw_key and not job.api_key_secret and "api_key_env" in job.model_fields_set:
+        # A variable named on purpose and unset is a mistake; only the default may be absent (a keyless server).
+        raise ConfigError(
+            f"`api_key_env` names the environment variable {job.api_key_env}, which is not set (or empty) here; "
+            "export it, or name the variable that holds the key. Nothing was sent."
+        )
     key = SecretStr(raw_key) if raw_key else None
     return Endpoint(base_url=base_url, api_key=key, local=base_url is None and key is None)
 

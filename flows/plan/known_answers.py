@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-from llm_enrich.flows.tables.paths import is_remote
+from llm_enrich.flows.tables.paths import is_remote, literal_path
 from llm_enrich.schemas.enriched import (
     CACHED_TOKENS_COLUMN,
     ERROR_COLUMN,
@@ -118,7 +118,8 @@ def load_previous(
     if not is_remote(destination) and not path.is_file() and not dataset:
         return None
     try:
-        source = f"{destination.rstrip('/')}/**/*.parquet" if dataset else destination
+        literal = literal_path(destination)
+        source = f"{literal.rstrip('/')}/**/*.parquet" if dataset else literal
         scan = pl.scan_parquet(source, hive_partitioning=dataset, storage_options=storage)
         if not all(c in scan.collect_schema() for c in columns):
             return None

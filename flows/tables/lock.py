@@ -11,6 +11,7 @@ expires ``LEASE_SECONDS`` after its last renewal. Once the lock is held, debris 
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -116,7 +117,7 @@ def _missing_folders(folder: Path) -> list[Path]:
 def sweep_debris(destination: str, staging_dir: str | None) -> list[str]:
     """Remove what runs that died left for this output (call with the lock held); the names removed."""
     dest = Path(destination.rstrip("/"))
-    name = dest.name
+    name = glob.escape(dest.name)  # the patterns below match this output's own debris, whatever its name holds
     removed: list[str] = []
     parent = dest.parent
     patterns = [f".{name}.staging-*", f".{name}.*.tmp"]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["REMOTE_SCHEMES", "is_remote", "open_store", "sibling", "strip_credentials", "suffix_of"]
+__all__ = ["REMOTE_SCHEMES", "is_remote", "literal_path", "open_store", "sibling", "strip_credentials", "suffix_of"]
 
 REMOTE_SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://")
 # polars-style storage options that obstore takes as HTTP client settings rather than store config.
@@ -20,6 +20,13 @@ def strip_credentials(url: str) -> str:
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def literal_path(path: str) -> str:
+    """A local path as a polars scan matches it: its glob characters ('[', '*', '?') match only themselves."""
+    if is_remote(path):
+        return path
+    return "".join(f"[{c}]" if c in "[*?" else c for c in path)
 
 
 def is_remote(location: str) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 
 from llm_enrich.flows.tables.parse_errors import locate_problem
-from llm_enrich.flows.tables.paths import is_remote, suffix_of
+from llm_enrich.flows.tables.paths import is_remote, literal_path, suffix_of
 from llm_enrich.schemas.errors import InputError
 
 __all__ = ["FORMATS", "detect_format", "format_of", "iter_partitions", "read_error", "scan_table"]
@@ -57,7 +57,7 @@ def scan_table(path: str, requested_format: str = "auto", storage: dict[str, str
         if not any(file.rglob("*.parquet")):
             raise InputError(f"input directory '{path}' holds no .parquet files; pass a file or a Parquet dataset.")
         # A Hive-partitioned Parquet directory (key=value/ folders); the keys become columns.
-        return _scan(f"{path.rstrip('/')}/**/*.parquet", "dataset")
+        return _scan(path, "dataset")
     if not file.is_file():
         raise InputError(f"input '{path}' is not a file; pass a .csv, .parquet or .ndjson file.")
     fmt = detect_format(path, requested_format)
@@ -96,14 +96,18 @@ def format_of(path: str, requested_format: str = "auto") -> str:
 
 
 def _scan(path: str, fmt: str, storage: dict[str, str] | None = None) -> pl.LazyFrame:
+    # polars expands glob characters in a scanned path: a file named 'in[1].csv' must match only itself.
+    source = literal_path(path)
     try:
         if fmt == "csv":
-            return pl.scan_csv(path, infer_schema_length=_INFER_ROWS, storage_options=storage)
+            return pl.scan_csv(source, infer_schema_length=_INFER_ROWS, storage_options=storage)
         if fmt == "parquet":
-            return pl.scan_parquet(path, storage_options=storage)
+            return pl.scan_parquet(source, storage_options=storage)
         if fmt == "dataset":
-            return pl.scan_parquet(path, hive_partitioning=True, storage_options=storage)
-        return pl.scan_ndjson(path, infer_schema_length=_INFER_ROWS, storage_options=storage)
+            return pl.scan_parquet(
+                f"{source.rstrip('/')}/**/*.parquet", hive_partitioning=True, storage_options=storage
+            )
+        return pl.scan_ndjson(source, infer_schema_length=_INFER_ROWS, storage_options=storage)
     except (pl.exceptions.PolarsError, OSError, ValueError, RuntimeError) as exc:
         raise read_error(path, fmt, exc) from exc
 

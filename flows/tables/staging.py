@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from llm_enrich.flows.tables.lock import staging_tag
-from llm_enrich.flows.tables.paths import is_remote, open_store, sibling
+from llm_enrich.flows.tables.paths import is_remote, literal_path, open_store, sibling
 from llm_enrich.flows.tables.writing import write_failure
 from llm_enrich.schemas.errors import OutputError
 
@@ -55,7 +55,7 @@ class Staging:
     def read(self, path: str) -> pl.DataFrame:
         """Read one part file back."""
         try:
-            return pl.read_parquet(path, storage_options=self.storage)
+            return pl.read_parquet(literal_path(path), storage_options=self.storage)
         except (OSError, pl.exceptions.PolarsError) as exc:
             raise OutputError(
                 f"cannot read the staging file '{path}': {exc}. When Dask workers run on other machines "
@@ -64,7 +64,7 @@ class Staging:
 
     def scan(self, paths: list[str]) -> pl.LazyFrame:
         """The given part files as one lazy table, in the order given."""
-        return pl.scan_parquet(paths, storage_options=self.storage)
+        return pl.scan_parquet([literal_path(p) for p in paths], storage_options=self.storage)
 
     def remove(self) -> None:
         """Delete the staging area and everything in it."""

@@ -7,7 +7,9 @@ import json
 import os
 import posixpath
 import shutil
-import tempfile
+import stat
+import uuid
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +88,8 @@ def write_parquet_dataset_atomic(
     dest = Path(destination)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+        staging = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}.tmp"
+        staging.mkdir(mode=0o777)  # the umask decides, as for any folder the user makes (mkdtemp would give 0700)
     except OSError as exc:
         raise OutputError(f"cannot write '{destination}': {exc}. Check the directory and its permissions.") from exc
     old = dest.with_name(f".{dest.name}.old-{staging.name.rsplit('.', 2)[-2]}")
@@ -123,14 +126,17 @@ def _replace_atomically(destination: str, write: Any) -> None:
     dest = Path(destination)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-        os.close(fd)
+        tmp = str(dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}.tmp")
+        # 0o666 less the umask, as for any file the user writes (mkstemp would give 0600).
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as exc:
         raise OutputError(f"cannot write '{destination}': {exc}. Check the directory and its permissions.") from exc
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        with suppress(FileNotFoundError):  # a file rewritten in place keeps its permissions
+            os.chmod(tmp, stat.S_IMODE(dest.stat().st_mode))
         os.replace(tmp, dest)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
