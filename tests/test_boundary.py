@@ -191,6 +191,21 @@ def test_in_place_on_parquet_is_the_one_way_to_rewrite_the_input(fake_llm: FakeO
     assert pl.read_parquet(source).columns.count("explanation") == 1
 
 
+def test_an_in_place_rerun_with_another_answer_column_is_refused(fake_llm: FakeOpenAIServer, tmp_path: Path) -> None:
+    """The earlier answers would lose their enrich_error and key columns to the new column's."""
+    source = tmp_path / "table.parquet"
+    pl.read_csv(DATA / "topics.csv").write_parquet(source)
+    code, output = enrich(fake_llm, str(source), "--in-place", "--no-cache")
+    assert code == 0, output
+    before, fake_llm_requests = source.read_bytes(), fake_llm.stats.requests
+    code, output = enrich(fake_llm, str(source), "--in-place", "--no-cache", "--output-column", "other")
+    assert code == 2, output
+    assert "answers of an earlier run in 'explanation'" in output and "--output-column 'explanation'" in output
+    assert "Traceback" not in output
+    assert fake_llm.stats.requests == fake_llm_requests
+    assert source.read_bytes() == before
+
+
 def test_in_place_over_an_output_written_before_the_cached_token_column(
     fake_llm: FakeOpenAIServer, tmp_path: Path
 ) -> None:

@@ -196,3 +196,24 @@ def test_a_reply_that_trickles_is_cut_at_the_timeout_and_counted(fake_llm: FakeO
     assert result["enrich_error"].to_list()[0] is None and result["enrich_error"].to_list()[2] is None
     assert "no complete reply within `timeout` 2 s" in result["enrich_error"][1]
     assert json.loads(summary.read_text())["timeouts"] == 2
+
+
+@pytest.mark.parametrize("after", [0.5, 1.5])
+def test_ctrl_c_while_the_command_starts_exits_130_without_a_traceback(tmp_path: Path, after: float) -> None:
+    """The first second goes to imports: a Ctrl-C there is the same quiet exit as later, nothing written."""
+    out = tmp_path / "o.parquet"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "llm_enrich.flows.cli", "run", str(REPO / "data" / "topics.csv"), "-o", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(after)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=10)
+    assert child.returncode == 130, err
+    assert "Traceback" not in err and "interrupted before the run started" in err
+    assert list(tmp_path.iterdir()) == []

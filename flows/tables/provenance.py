@@ -75,6 +75,16 @@ def check_column_clashes(
     listed = provenance.get("columns") if provenance is not None and KEY_COLUMN in columns else None
     if isinstance(listed, list):
         own = {str(c) for c in listed}
+        # The earlier run's primary answer column, if this run would not write it again, would be left
+        # without its error and key columns (this run's primary writes the unsuffixed ones).
+        earlier = provenance.get("output_column") if provenance is not None else None
+        if isinstance(earlier, str) and earlier in columns and earlier not in planned and earlier in own:
+            raise ConfigError(
+                f"the input '{job.input_path}' holds the answers of an earlier run in '{earlier}', and this "
+                "run's error and key columns (enrich_error, enrich_key, ...) would replace theirs. Rerun with "
+                f"`output_column` = '{earlier}' to go on with those answers (add new columns as extra outputs in a "
+                "job file), or write to another `output_path`. Nothing was sent or written."
+            )
     else:
         # No footer list (an older output, or a table another tool rewrote, e.g. upstream appending
         # rows): an answer column counts as ours only beside its whole set of bookkeeping columns
