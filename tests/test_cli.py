@@ -123,6 +123,7 @@ def test_rows_that_fail_at_the_model_still_exit_0(fake_llm: FakeOpenAIServer, tm
         (["--storage-option", "aws_region"], "--storage-option number 1 must look like KEY=VALUE"),
         (["--output-schema", "score:int[5..1]"], "the range of field 'score' (int[5..1]) is empty"),
         (["--api-key-env", "LLM_ENRICH_NO_SUCH_KEY"], "LLM_ENRICH_NO_SUCH_KEY, which is not set"),
+        (["--max-cost", "nan"], "max_cost: Input should be a finite number"),
     ],
 )
 def test_configuration_mistakes_exit_2_with_a_message(

@@ -44,7 +44,9 @@ class EnrichJob(
 ):
     """Everything that defines a run. No secrets: the API key is read from the environment or a Secret block."""
 
-    model_config = ConfigDict(extra="forbid", title="Enrichment job", json_schema_extra=present_form)
+    model_config = ConfigDict(
+        extra="forbid", title="Enrichment job", json_schema_extra=present_form, allow_inf_nan=False
+    )
 
     extra_outputs: list[ExtraOutput] = Field(
         default_factory=list,
