@@ -5,27 +5,13 @@ exit codes, and what a terminal shows. May import every other part of ``flows``;
 imports it (the CLI is a thin layer over the flow).
 """
 
-import os
-import signal
-import threading
-from types import FrameType
+from llm_enrich.flows.cli.startup import hold_signals_while_starting
 
-
-def _interrupted_while_importing(number: int, frame: FrameType | None) -> None:
-    """Ctrl-C in the second the command spends importing: the same quiet exit as later, no traceback."""
-    os.write(2, b"\ninterrupted before the run started; nothing was sent or written.\n")
-    os._exit(128 + number)  # nothing has started yet that would need stopping
-
-
-_MAIN = threading.current_thread() is threading.main_thread()
-_previous = signal.signal(signal.SIGINT, _interrupted_while_importing) if _MAIN else None
+hold_signals_while_starting()  # before the heavy imports below; `app`'s callback releases them
 
 from llm_enrich.flows.cli import batches as _batches  # noqa: E402, F401 - registers `batch cancel`
 from llm_enrich.flows.cli import deployments as _deployments  # noqa: E402, F401 - registers `serve` and `deploy`
 from llm_enrich.flows.cli import inspect as _inspect  # noqa: E402, F401 - registers `show` and `cache verify`
 from llm_enrich.flows.cli.app import app  # noqa: E402
-
-if _MAIN:
-    signal.signal(signal.SIGINT, _previous if _previous is not None else signal.default_int_handler)
 
 __all__ = ["app"]

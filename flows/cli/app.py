@@ -10,6 +10,7 @@ import typer
 from llm_enrich.flows.cli.messages import print_estimate, print_summary
 from llm_enrich.flows.cli.options import job_from_options
 from llm_enrich.flows.cli.running import approve_on_terminal, estimate_summary, fail, leave, out_console, run_flow
+from llm_enrich.flows.cli.startup import release_signals
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.schemas.errors import ConfigError, EnrichError
 
@@ -24,9 +25,15 @@ app = typer.Typer(
 )
 
 
+# Until these start their run (run_flow), a signal still means "nothing was sent": the quiet exit holds.
+_HOLD_UNTIL_THE_RUN = frozenset({"run", "estimate", "collect"})
+
+
 @app.callback()
-def main() -> None:
+def main(ctx: typer.Context) -> None:
     """Enrich tables with an LLM."""
+    if ctx.invoked_subcommand not in _HOLD_UNTIL_THE_RUN:
+        release_signals()  # every other command handles signals (or Python's default) from here on
 
 
 @app.command()

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from llm_enrich.flows.cli.startup import release_signals
 from llm_enrich.flows.cli.wording import as_flags
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.schemas.errors import EnrichError
@@ -77,6 +78,7 @@ def run_flow(job: EnrichJob, *, verbose: bool) -> dict[str, Any]:
     from llm_enrich.flows.report.orchestration import bound_prefect_client, temporary_prefect_server
     from llm_enrich.flows.run.stopping import interrupt_on_sigterm
 
+    release_signals()  # from here a signal interrupts: children may start, and they must be stopped
     interrupt_on_sigterm()
     bound_prefect_client()
     if out_console.is_terminal and not verbose:
