@@ -10,9 +10,15 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from hypothesis import settings
 
 from tests.fakes.openai_server import Behaviour, FakeOpenAIServer
 from tests.prefect_server import api, read_deployment, running_prefect_server, stop_process_group, wait_for
+
+# Property tests check what holds, not how fast: hypothesis' per-example deadline would make them
+# timed tests that fail when other work shares the two cores.
+settings.register_profile("suite", deadline=None)
+settings.load_profile("suite")
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"

@@ -8,6 +8,7 @@ from llm_enrich.flows.job.files import load_job_file, make_job
 from llm_enrich.flows.job.model import EnrichJob, ExtraOutput
 from llm_enrich.flows.job.operation import BatchFields, RerunFields, ScaleFields, TrialFields, parse_duration
 from llm_enrich.flows.job.sections import (
+    DEFAULT_KEY_ENV,
     DEFAULT_PROMPT,
     FLEX_TIMEOUT,
     AnswerFields,
@@ -18,6 +19,7 @@ from llm_enrich.flows.job.sections import (
 )
 
 __all__ = [
+    "DEFAULT_KEY_ENV",
     "DEFAULT_PROMPT",
     "FLEX_TIMEOUT",
     "AnswerFields",

@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl, urlsplit
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
 __all__ = [
+    "DEFAULT_KEY_ENV",
     "DEFAULT_PROMPT",
     "FLEX_TIMEOUT",
     "AnswerFields",
@@ -22,6 +23,9 @@ __all__ = [
 ]
 
 DEFAULT_PROMPT = "Explain this topic in two sentences: {topic}"
+
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+"""The variable the API key is read from unless `api_key_env` names another (which must then be set)."""
 
 _SECRET_PARAMETERS = {"key", "api_key", "apikey", "token", "access_token", "secret", "password", "sig", "signature"}
 
@@ -141,7 +145,7 @@ class EndpointFields(BaseModel):
         description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:11434/v1 (else OPENAI_BASE_URL).",
     )
     api_key_env: str = Field(
-        "OPENAI_API_KEY",
+        DEFAULT_KEY_ENV,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="Name of the environment variable holding the API key (never the key itself).",
     )

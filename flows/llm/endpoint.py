@@ -15,7 +15,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from llm_enrich.flows.job import EndpointFields
+from llm_enrich.flows.job import DEFAULT_KEY_ENV, EndpointFields
 from llm_enrich.flows.tables.paths import strip_credentials
 from llm_enrich.schemas.errors import ConfigError, UserError
 from llm_enrich.transforms.failures import CAPACITY_CODES, AttemptDeadline, Failure, classify_status
@@ -66,8 +66,9 @@ def resolve_endpoint(job: EndpointFields) -> Endpoint:
     """Job base URL, else OPENAI_BASE_URL; key from a Secret block or the named variable; else local."""
     base_url = job.base_url or _EnvSettings().openai_base_url or None
     raw_key = _secret_block_value(job.api_key_secret) if job.api_key_secret else os.environ.get(job.api_key_env)
-    if not raw_key and not job.api_key_secret and "api_key_env" in job.model_fields_set:
-        # A variable named on purpose and unset is a mistake; only the default may be absent (a keyless server).
+    if not raw_key and not job.api_key_secret and job.api_key_env != DEFAULT_KEY_ENV:
+        # Another variable named and unset is a mistake; only the default may be absent (a keyless server).
+        # (Not model_fields_set: a job rebuilt from a dump, as deployments and enrich_frame do, sets every field.)
         raise ConfigError(
             f"`api_key_env` names the environment variable {job.api_key_env}, which is not set (or empty) here; "
             "export it, or name the variable that holds the key. Nothing was sent."
