@@ -21,7 +21,7 @@ from openai.types import Batch
 from llm_enrich.flows.batch.client import BatchClient
 from llm_enrich.flows.batch.manifest import BatchEntry, Manifest
 from llm_enrich.flows.job import EnrichJob
-from llm_enrich.flows.plan.lanes import OutputRun, resolve_price
+from llm_enrich.flows.plan.lanes import OutputRun, is_discounted, resolve_price
 from llm_enrich.transforms.guards import StopSignal
 
 __all__ = [
@@ -90,8 +90,8 @@ def fall_back(
 def reprice_online(runs: list[OutputRun]) -> None:
     """From now on the runs' requests are online ones: their cost and budget use online prices."""
     for run in runs:
-        flex = run.job.service_tier == "flex"
-        run.reprice(resolve_price(run.job, run.spec.identity.model, local=False, discounted=flex))
+        online = is_discounted("online", run.job.service_tier)  # still half price on the flex tier
+        run.reprice(resolve_price(run.job, run.spec.identity.model, local=False, discounted=online))
 
 
 def sleep_unless_stopped(seconds: float, stop: StopSignal) -> None:

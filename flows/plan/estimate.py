@@ -6,7 +6,7 @@ from pydantic import BaseModel
 
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.flows.llm.endpoint import resolve_endpoint
-from llm_enrich.flows.plan.lanes import plan_outputs, resolve_price
+from llm_enrich.flows.plan.lanes import is_discounted, plan_outputs, resolve_price
 from llm_enrich.flows.plan.survey import read_columns, survey_input
 from llm_enrich.flows.plan.trial import TrialPick
 from llm_enrich.flows.report.summary import FullRunEstimate, RunSummary
@@ -57,7 +57,9 @@ def estimate_job(job: EnrichJob, pick: TrialPick | None = None) -> Estimate:
         input_tokens, output_tokens = input_tokens + tokens_in, output_tokens + tokens_out
         cost = None if cost is None or run.price is None else cost + run.price.cost(tokens_in, tokens_out)
         for mode, so_far in by_mode.items():
-            price = resolve_price(run.job, run.spec.identity.model, local=endpoint.local, discounted=mode == "batch")
+            price = resolve_price(
+                run.job, run.spec.identity.model, local=endpoint.local, discounted=is_discounted(mode, None)
+            )
             by_mode[mode] = None if so_far is None or price is None else so_far + price.cost(tokens_in, tokens_out)
     primary = runs[0]
     price = primary.price

@@ -29,6 +29,7 @@ __all__ = [
     "OutputRun",
     "PlannedCall",
     "build_context",
+    "is_discounted",
     "plan_calls",
     "plan_outputs",
     "resolve_price",
@@ -113,7 +114,7 @@ def plan_calls(job: EnrichJob, endpoint: Endpoint, *, shared_by: int = 1) -> lis
     calls: list[PlannedCall] = []
     for single in job.output_jobs():
         spec = build_spec(single, endpoint)
-        discounted = single.mode == "batch" or single.service_tier == "flex"
+        discounted = is_discounted(single.mode, single.service_tier)
         price = resolve_price(single, spec.identity.model, local=endpoint.local, discounted=discounted)
         settings = CallSettings.of(single)
         ctx = build_context(settings, price, max_concurrency=spec.max_concurrency, secret=endpoint.secret,
@@ -122,6 +123,11 @@ def plan_calls(job: EnrichJob, endpoint: Endpoint, *, shared_by: int = 1) -> lis
             share_limits(ctx, calls[0].ctx)
         calls.append(PlannedCall(single, spec, price, ctx))
     return calls
+
+
+def is_discounted(mode: str, service_tier: str | None) -> bool:
+    """The one rule for the shipped prices: the Batch API and the flex tier pay half."""
+    return mode == "batch" or service_tier == "flex"
 
 
 def resolve_price(costs: CostFields, model_name: str, *, local: bool, discounted: bool) -> Price | None:
