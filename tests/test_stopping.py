@@ -217,3 +217,92 @@ def test_a_signal_while_the_command_starts_exits_quietly(tmp_path: Path, number:
     assert child.returncode == 128 + number, err
     assert "Traceback" not in err and "interrupted before the run started" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# A real SIGINT, sent by the process to itself from inside a pydantic serializer, so the KeyboardInterrupt
+# surfaces where a badly timed Ctrl-C once did: wrapped in a serialization error. `where` picks the spot:
+# Prefect's logging set-up at import (the wrapped error is raised) or the flow's parameters (Prefect
+# catches the wrapped error and stores a placeholder, so the interrupt is swallowed).
+_TRAP = """
+import os, runpy, signal, sys, time
+import fastapi.encoders, prefect.flows, prefect.settings.base
+from pydantic import BaseModel, model_serializer
+
+class Trap(BaseModel):
+    @model_serializer(mode="wrap")
+    def _spring(self, handler):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(2)  # the handler runs here, inside pydantic's call
+        return handler(self)
+
+sprung, armed = [], []
+
+def spring():
+    released = getattr(signal.getsignal(signal.SIGINT), "__qualname__", "").startswith("interrupt_on_signals")
+    if released and not sprung:
+        sprung.append(True)
+        Trap().model_dump()
+
+if sys.argv[1] == "import":
+    to_env = prefect.settings.base.PrefectBaseSettings.to_environment_variables
+    def to_environment_variables(self, *args, **kwargs):
+        spring()
+        return to_env(self, *args, **kwargs)
+    prefect.settings.base.PrefectBaseSettings.to_environment_variables = to_environment_variables
+else:
+    encode, serialize = fastapi.encoders.jsonable_encoder, prefect.flows.Flow.serialize_parameters
+    def jsonable_encoder(*args, **kwargs):
+        if armed:
+            spring()
+        return encode(*args, **kwargs)
+    def serialize_parameters(self, parameters):
+        armed.append(True)
+        try:
+            return serialize(self, parameters)
+        finally:
+            armed.clear()
+    fastapi.encoders.jsonable_encoder, prefect.flows.Flow.serialize_parameters = jsonable_encoder, serialize_parameters
+sys.argv = ["enrich", *sys.argv[2:]]
+runpy.run_module("llm_enrich.flows.cli", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("where", ["import", "parameters"])
+def test_an_interrupt_a_library_wraps_or_swallows_still_stops_the_command_cleanly(
+    fake_llm: FakeOpenAIServer, tmp_path: Path, where: str
+) -> None:
+    source, out = topics(tmp_path, rows=20), tmp_path / "out.parquet"
+    command = [
+        sys.executable, "-c", _TRAP, where, "run", str(source), "--output", str(out), "--base-url", fake_llm.base_url,
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    if where == "import":
+        assert "interrupted before the run started; nothing was sent or written." in done.stderr
+    else:  # the run noticed the swallowed interrupt and stopped before its first request
+        assert "interrupted by SIGINT before the run sent anything; nothing was written." in done.stderr
+    assert fake_llm.stats.requests == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".enrich-cache") == ["in.csv"]
+
+
+_TWO_RUNS = """
+import os, signal, time
+from llm_enrich.flows.run.stopping import stop_on_signals
+from llm_enrich.transforms.guards import StopSignal
+
+for run in range(2):  # a notebook: two runs in one kernel, each stopped by one Ctrl-C
+    stop = StopSignal()
+    with stop_on_signals(stop):
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 5
+        while not stop.is_set and time.monotonic() < deadline:
+            time.sleep(0.01)
+    print(run, stop.reason, flush=True)
+"""
+
+
+def test_each_run_in_one_process_gets_its_own_graceful_first_signal() -> None:
+    done = subprocess.run([sys.executable, "-c", _TWO_RUNS], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["0 interrupted by SIGINT", "1 interrupted by SIGINT"]

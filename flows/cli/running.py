@@ -76,10 +76,10 @@ def approve_on_terminal(job: EnrichJob, *, yes: bool) -> EnrichJob:
 def run_flow(job: EnrichJob, *, verbose: bool) -> dict[str, Any]:
     """Run the flow in this process (reporting to PREFECT_API_URL or a temporary server of our own)."""
     from llm_enrich.flows.report.orchestration import bound_prefect_client, temporary_prefect_server
-    from llm_enrich.flows.run.stopping import interrupt_on_sigterm
+    from llm_enrich.flows.run.stopping import interrupt_on_signals, received_signal
 
     release_signals()  # from here a signal interrupts: children may start, and they must be stopped
-    interrupt_on_sigterm()
+    interrupt_on_signals()
     bound_prefect_client()
     if out_console.is_terminal and not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -89,9 +89,16 @@ def run_flow(job: EnrichJob, *, verbose: bool) -> dict[str, Any]:
                 stack.enter_context(temporary_prefect_server(while_starting=_import_flow))
             return _run_in_prefect(job)
         except KeyboardInterrupt:
-            fail("interrupted before the run started; nothing was sent or written.", 128 + _signal_seen())
+            fail(_interrupted_outside_the_run(), 128 + _signal_seen())
         except EnrichError as err:
             fail(err.message, err.exit_code)
+        except typer.Exit:
+            raise
+        except Exception:
+            if received_signal() is None:
+                raise
+            # The interrupt landed inside a library that wrapped it (pydantic, while Prefect is imported).
+            fail(_interrupted_outside_the_run(), 128 + _signal_seen())
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -121,7 +128,9 @@ def _run_in_prefect(job: EnrichJob) -> dict[str, Any]:
                 state = enrich_table(job, return_state=True)
     except (KeyboardInterrupt, EnrichError):
         raise
-    except Exception as exc:  # noqa: BLE001 - the orchestration API failed us, not the data work
+    except Exception as exc:  # the orchestration API failed us, not the data work
+        if received_signal() is not None:
+            raise  # a wrapped interrupt, not the API: run_flow says what was kept
         done = finished_summary()
         if done is None:
             _RECORDS_LOST.append(f"{type(exc).__name__}: {exc}")
@@ -159,6 +168,14 @@ def _warn_records(why: str) -> None:
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _interrupted_outside_the_run() -> str:
+    """What an interrupt before or after the run (outside its own stop handling) kept."""
+    pipeline = sys.modules.get("llm_enrich.flows.pipeline")
+    if pipeline is not None and pipeline.finished_summary() is not None:
+        return "interrupted after the run had finished; its output was written."
+    return "interrupted before the run started; nothing was sent or written."
 
 
 def _signal_seen() -> int:

@@ -138,11 +138,11 @@ def _second_signal_ends(spawned: _Spawned) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread
         return
-    from llm_enrich.flows.run.stopping import received_signal
+    from llm_enrich.flows.run.stopping import run_signalled
 
     def chained(previous: Callable[[int, FrameType | None], Any]) -> Callable[[int, FrameType | None], Any]:
         def handle(number: int, frame: FrameType | None) -> Any:
-            if received_signal() is not None:  # the second one: the run's handler exits at once
+            if run_signalled():  # the second one: the run's handler exits at once
                 spawned.kill_now()
             return previous(number, frame)
 

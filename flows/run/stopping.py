@@ -32,8 +32,9 @@ __all__ = [
     "describe_interruption",
     "drain_on_stop",
     "exit_now",
-    "interrupt_on_sigterm",
+    "interrupt_on_signals",
     "received_signal",
+    "run_signalled",
     "stop_on_signals",
 ]
 
@@ -41,22 +42,31 @@ GRACE_SECONDS = 5.0
 """How long replies already in flight may still land after a stop (bounded; then they are cancelled)."""
 
 _received: list[int] = []
+_unheeded: list[int] = []  # start-up signals whose KeyboardInterrupt may have been swallowed on the way
+_signalled: list[list[int]] = []  # the signals of each run in progress in this process
 
 
 def received_signal() -> int | None:
-    """The first stop signal this process received during a run, if any."""
+    """The first stop signal this process received (during a run, or while the command started), if any."""
     return _received[0] if _received else None
 
 
-def interrupt_on_sigterm() -> None:
-    """Outside a run (start-up), SIGTERM ends the process like Ctrl-C, so cleanup still runs."""
+def interrupt_on_signals() -> None:
+    """Outside a run (the command's start-up), SIGINT and SIGTERM end the process, so cleanup still runs.
+
+    Each is noted first: an interrupt raised inside a library that swallows or wraps it (pydantic turns it
+    into a serialization error, Prefect stores an unserializable parameter as a placeholder) is still seen,
+    by the command's error handling and by the run, which then stops before its first request.
+    """
 
     def handle(number: int, frame: FrameType | None) -> None:
         _received.append(number)
+        _unheeded.append(number)
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handle)
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, handle)
 
 
 @contextmanager
@@ -65,19 +75,31 @@ def stop_on_signals(stop: StopSignal) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread
         return
+    seen: list[int] = []  # this run's own: a notebook's earlier Ctrl-C must not make the next one fatal
 
     def handle(number: int, frame: FrameType | None) -> None:
-        if number in _received or stop.signal_number is not None:
+        if seen:
             _exit_now(number)
+        seen.append(number)
         _received.append(number)
         stop.set(f"interrupted by {signal.Signals(number).name}", signal_number=number)
 
     previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
+    _signalled.append(seen)
+    if _unheeded:  # a start-up signal some library swallowed: the run stops before it sends anything
+        handle(_unheeded.pop(), None)
+        _unheeded.clear()
     try:
         yield
     finally:
+        _signalled.remove(seen)
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def run_signalled() -> bool:
+    """Whether the run in progress was already asked to stop by a signal (the next one exits at once)."""
+    return any(_signalled)
 
 
 def drain_on_stop(
@@ -116,6 +138,8 @@ def describe_interruption(err: RunInterrupted, runs: list[OutputRun], *, cached:
     answered = sum(run.ctx.stats.answered for run in runs)
     asked = sum(run.tally.unique_todo for run in runs)
     kept = "kept in the cache" if cached else "not kept (`cache` = false)"
+    if not asked and not answered:  # stopped before the survey counted anything to ask
+        return f"{err.message} before the run sent anything; nothing was written. Rerun the same command."
     return (
         f"{err.message}: {answered:,} of {asked:,} prompts to ask were answered and are {kept}; the output was not "
         "written (a previous one is untouched). Rerun the same command to finish"
