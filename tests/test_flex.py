@@ -58,6 +58,8 @@ def test_flex_waits_longer_for_a_reply_unless_told_otherwise() -> None:
     assert EnrichJob(service_tier="flex").reply_timeout == FLEX_TIMEOUT == 900
     assert EnrichJob(service_tier="flex", timeout=20).reply_timeout == 20
     assert EnrichJob().reply_timeout == 60
+    # A job rebuilt from its dump (a deployment's parameters, enrich_frame) keeps the flex default.
+    assert EnrichJob.model_validate(EnrichJob(service_tier="flex").model_dump()).reply_timeout == 900
 
 
 # Static instructions first, the row's value last: every prompt shares a 1,024-token prefix.

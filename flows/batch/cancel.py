@@ -40,7 +40,7 @@ def cancel_batches(job: EnrichJob) -> Cancelled:
         )
     endpoint = resolve_endpoint(job)
     secret = endpoint.secret
-    client = BatchClient(endpoint.base_url, secret, timeout=job.timeout, secret=secret)
+    client = BatchClient(endpoint.base_url, secret, timeout=job.reply_timeout, secret=secret)
     cancelled = ended = 0
     try:
         for entry in manifest.pending:

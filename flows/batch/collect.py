@@ -96,7 +96,7 @@ def answer_by_batch(
         manifest.remove()
         return result
     _plan(manifest, work, job)
-    client = BatchClient(base_url, secret, timeout=job.timeout, secret=secret)
+    client = BatchClient(base_url, secret, timeout=job.reply_timeout, secret=secret)
     try:
         pause = FIRST_PAUSE
         while manifest.pending:

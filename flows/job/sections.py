@@ -29,6 +29,9 @@ DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 
 _SECRET_PARAMETERS = {"key", "api_key", "apikey", "token", "access_token", "secret", "password", "sig", "signature"}
 
+DEFAULT_TIMEOUT = 60.0
+"""Seconds one reply may take when the job sets no timeout."""
+
 FLEX_TIMEOUT = 900.0
 """Seconds a flex-tier reply may take when the job sets no timeout (flex replies are slower)."""
 
@@ -162,7 +165,9 @@ class EndpointFields(BaseModel):
     prompt_cache_key: str | None = Field(
         None, description="Sent as prompt_cache_key so requests sharing a long prefix hit the provider's cache."
     )
-    timeout: float = Field(60.0, gt=0, le=3_600, description="Seconds to wait for one reply.")
+    timeout: float | None = Field(
+        None, gt=0, le=3_600, description="Seconds to wait for one reply; unset: 60, or 900 on the flex tier."
+    )
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature.")
     max_tokens: int = Field(256, ge=1, le=131_072, description="Maximum tokens per answer.")
 
@@ -185,9 +190,10 @@ class EndpointFields(BaseModel):
     @property
     def reply_timeout(self) -> float:
         """The whole-attempt deadline: timeout, or 15 minutes on the flex tier when none was given (OpenAI's advice)."""
-        if self.service_tier == "flex" and "timeout" not in self.model_fields_set:
-            return FLEX_TIMEOUT
-        return self.timeout
+        # An unset value, not model_fields_set: a job rebuilt from a dump (a deployment) sets every field.
+        if self.timeout is not None:
+            return self.timeout
+        return FLEX_TIMEOUT if self.service_tier == "flex" else DEFAULT_TIMEOUT
 
 
 class LimitFields(BaseModel):
