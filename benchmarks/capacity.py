@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
+import httpx2
 import openai
 from langchain_openai import ChatOpenAI
 
@@ -48,7 +48,7 @@ def plain_abatch(base_url: str, prompts: list[str], concurrency: int) -> tuple[i
     """LangChain's own batching: ChatOpenAI.abatch(max_concurrency=...)."""
 
     async def go() -> int:
-        async with httpx.AsyncClient(timeout=30) as client:
+        async with httpx2.AsyncClient(timeout=30) as client:  # the SDK's own HTTP library
             model = ChatOpenAI(
                 model="fake", base_url=base_url, api_key="sk-test", max_retries=0, use_responses_api=False,
                 http_async_client=client,

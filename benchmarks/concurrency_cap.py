@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import httpx
+import httpx2
 import openai
 from langchain_openai import ChatOpenAI
 
@@ -57,7 +57,7 @@ def plain_abatch(prompts: list[str]) -> tuple[float, int]:
     with ServerProcess(latency=LATENCY, max_in_flight=CAP) as server:
 
         async def go() -> None:
-            async with httpx.AsyncClient(timeout=30) as client:
+            async with httpx2.AsyncClient(timeout=30) as client:  # the SDK's own HTTP library
                 model = ChatOpenAI(
                     model="fake", base_url=server.base_url, api_key="sk-test", max_retries=0,
                     use_responses_api=False, http_async_client=client, max_tokens=16,

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import httpx
+import httpx2
 import openai
 import pytest
 
 from llm_enrich.flows.llm.endpoint import classify_openai_error
 from llm_enrich.transforms.failures import classify_generic
 
-_REQUEST = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
+_REQUEST = httpx2.Request("POST", "http://127.0.0.1/v1/chat/completions")
 
 
 class _StatusError(Exception):
@@ -22,7 +22,7 @@ class _StatusError(Exception):
 
 def _openai_error(status: int, code: str | None) -> openai.APIStatusError:
     body = {"error": {"message": f"status {status}", "type": "x", "code": code}}
-    response = httpx.Response(status, json=body, request=_REQUEST)
+    response = httpx2.Response(status, json=body, request=_REQUEST)
     return openai.APIStatusError(f"status {status}", response=response, body=body)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pandera.polars as pa
 import polars as pl
 import pytest
@@ -139,7 +139,7 @@ def flow_runtime(plan: Planned) -> Iterator[Runtime]:
         yield runtime
 
 
-def close_on(loop: EventLoopThread, http: httpx.AsyncClient) -> None:
+def close_on(loop: EventLoopThread, http: httpx2.AsyncClient) -> None:
     """Close a lane's HTTP client on the loop it was used from."""
     loop.run(http.aclose())
 

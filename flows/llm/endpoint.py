@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Self
 
-import httpx
+import httpx2
 import openai
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
@@ -103,16 +103,16 @@ class ModelSettings:
         )  # fmt: skip
 
 
-def build_chat_model(settings: ModelSettings) -> tuple[ChatOpenAI, httpx.AsyncClient]:
+def build_chat_model(settings: ModelSettings) -> tuple[ChatOpenAI, httpx2.AsyncClient]:
     """ChatOpenAI on the Chat Completions API with SDK retries off (transforms.calls owns them).
 
     The run owns its HTTP client (close it when the run ends): langchain-openai's shared
     default client would stay bound to the event loop of the first run in this process.
     """
     s = settings
-    client = httpx.AsyncClient(
-        timeout=httpx.Timeout(s.timeout),
-        limits=httpx.Limits(max_connections=s.max_concurrency, max_keepalive_connections=s.max_concurrency),
+    client = httpx2.AsyncClient(
+        timeout=httpx2.Timeout(s.timeout),
+        limits=httpx2.Limits(max_connections=s.max_concurrency, max_keepalive_connections=s.max_concurrency),
     )
     # ChatOpenAI sends max_tokens as max_completion_tokens, which llama.cpp and older
     # OpenAI-compatible servers ignore; they get the classic field as well.
@@ -201,7 +201,7 @@ def classify_openai_error(exc: BaseException) -> Failure:
     if isinstance(exc, openai.APIConnectionError):
         return Failure("retry", f"connection failed: {_short(exc.__cause__ or exc)}", unreachable=True)
     if isinstance(exc, openai.APIStatusError):
-        retry_after = _retry_after(exc.response)  # type: ignore[arg-type]
+        retry_after = _retry_after(exc.response)
         return classify_status(exc.status_code, _server_message(exc), code=_error_code(exc), retry_after=retry_after)
     if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, KeyError, TypeError)):
         return Failure("retry", f"malformed response body ({_short(exc)})")
@@ -233,7 +233,7 @@ def _server_message(exc: openai.APIStatusError) -> str:
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?$")
 
 
-def _retry_after(response: httpx.Response | None) -> float | None:
+def _retry_after(response: httpx2.Response | None) -> float | None:
     """Seconds the server asked us to wait: retry-after-ms, retry-after, x-ratelimit-reset-*."""
     if response is None:
         return None

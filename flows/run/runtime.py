@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-import httpx
+import httpx2
 import pandera.polars as pa
 from langchain_core.language_models import BaseChatModel
 
@@ -67,7 +67,7 @@ class EventLoopThread:
 def build_lane(
     job: EndpointFields, spec: EnrichSpec, ctx: CallContext, endpoint: Endpoint, *, base_url: str | None,
     cache: AnswerStore | None,
-) -> tuple[Lane, httpx.AsyncClient]:  # fmt: skip
+) -> tuple[Lane, httpx2.AsyncClient]:  # fmt: skip
     """One output's model client and memo (answers go to the cache as they arrive); close the client."""
     settings = ModelSettings.of(
         job, endpoint, base_url=base_url, model=spec.identity.model, max_concurrency=spec.max_concurrency
@@ -128,7 +128,7 @@ def forget_runtime(key: str) -> None:
         _RUNTIMES.pop(key, None)
 
 
-def close_client(loop: EventLoopThread, http: httpx.AsyncClient) -> None:
+def close_client(loop: EventLoopThread, http: httpx2.AsyncClient) -> None:
     """Close one lane's HTTP client on the run's loop (best effort: a stop's drain may cancel it)."""
     # A stopping run's drain cancels every task on the loop, this close included if it lands then;
     # the CancelledError must not replace the error that stopped the run.
