@@ -289,6 +289,9 @@ def test_an_expensive_cli_run_asks_first_and_sends_nothing_unless_approved(
 
 def _paused_run(prefect_server: str, job: dict[str, Any]) -> Any:
     """Start a deployment run that needs approval; the run once it is paused for it."""
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+    from prefect.input import keyset_from_paused_state
+
     from tests.prefect_server import DEPLOYMENT, api
 
     with api(prefect_server) as client:
@@ -298,7 +301,14 @@ def _paused_run(prefect_server: str, job: dict[str, Any]) -> Any:
         def paused() -> Any:
             found = client.read_flow_run(run.id)
             assert not found.state.is_final(), found.state
-            return found if found.state.is_paused() else None
+            if not found.state.is_paused():
+                return None
+            # Prefect sets Paused first and saves the form's schema after it; a resume in between is refused.
+            try:
+                client.read_flow_run_input(run.id, key=keyset_from_paused_state(found.state)["schema"])
+            except (ObjectNotFound, PrefectHTTPStatusError):  # 404 until it is saved
+                return None
+            return found
 
         return wait_for(paused, timeout=120, interval=0.5, what="the run to pause for approval")
 
@@ -325,7 +335,8 @@ def test_a_deployment_run_above_the_threshold_pauses_until_a_person_approves(
     base = {"input_path": str(DATA / "topics.csv"), "approve_above_usd": 0.0, "cache": False}
     run = _paused_run(prefect_server, {**base, "output_path": str(rejected_out)})
     with api(prefect_server) as client:
-        client.resume_flow_run(run.id, run_input={"approve": False, "reason": "too dear for a test"})
+        resumed = client.resume_flow_run(run.id, run_input={"approve": False, "reason": "too dear for a test"})
+        assert resumed.status.value == "ACCEPT", resumed
     ended = _final(prefect_server, run.id)
     assert ended.state.is_cancelled(), ended.state
     assert "too dear for a test" in ended.state.message and "nothing was sent" in ended.state.message
@@ -335,7 +346,8 @@ def test_a_deployment_run_above_the_threshold_pauses_until_a_person_approves(
     run = _paused_run(prefect_server, {**base, "output_path": str(approved_out)})
     assert served_llm.stats.requests == 0
     with api(prefect_server) as client:
-        client.resume_flow_run(run.id, run_input={"approve": True, "reason": ""})
+        resumed = client.resume_flow_run(run.id, run_input={"approve": True, "reason": ""})
+        assert resumed.status.value == "ACCEPT", resumed
     ended = _final(prefect_server, run.id)
     assert ended.state.is_completed(), ended.state
     assert served_llm.stats.requests == 30 and pl.read_parquet(approved_out).height == 30
