@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from llm_enrich.flows.cli.startup import release_signals
+from llm_enrich.flows.cli.startup import NOTHING_STARTED, release_signals
 from llm_enrich.flows.cli.wording import as_flags
 from llm_enrich.flows.job import EnrichJob
 from llm_enrich.schemas.errors import EnrichError
@@ -175,7 +175,7 @@ def _interrupted_outside_the_run() -> str:
     pipeline = sys.modules.get("llm_enrich.flows.pipeline")
     if pipeline is not None and pipeline.finished_summary() is not None:
         return "interrupted after the run had finished; its output was written."
-    return "interrupted before the run started; nothing was sent or written."
+    return NOTHING_STARTED
 
 
 def _signal_seen() -> int:

@@ -10,7 +10,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-__all__ = ["hold_signals_while_starting", "release_signals"]
+__all__ = ["NOTHING_STARTED", "hold_signals_while_starting", "release_signals"]
+
+NOTHING_STARTED = "interrupted before the run started; nothing was sent or written."
+"""What an interrupt before the run says, from the first import on (and its exit code is 128 + the signal)."""
+_NOTHING_STARTED_LINE = f"\n{NOTHING_STARTED}\n".encode()  # encoded now: the handler only writes it
 
 _EARLY = (signal.SIGINT, signal.SIGTERM)
 _previous: dict[int, Any] = {}  # what signal.signal returned: a handler, SIG_DFL/SIG_IGN or None
@@ -18,7 +22,7 @@ _previous: dict[int, Any] = {}  # what signal.signal returned: a handler, SIG_DF
 
 def _interrupted_while_starting(number: int, frame: FrameType | None) -> None:
     """The same one line a later interrupt before the run prints, and its exit code; no traceback."""
-    os.write(2, b"\ninterrupted before the run started; nothing was sent or written.\n")
+    os.write(2, _NOTHING_STARTED_LINE)
     os._exit(128 + number)  # nothing has started yet that would need stopping
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar, cast
 
@@ -21,6 +22,7 @@ from llm_enrich.schemas.errors import ConfigError, RunInterrupted
 __all__ = ["Approval", "approve_run", "describe_estimate", "needs_approval", "wait_for_approval"]
 
 _POLL_SECONDS = 2
+_GRACE_SECONDS = 60  # past approve_timeout, for Prefect's own last look at the run before it gives up
 T = TypeVar("T")
 
 
@@ -63,6 +65,7 @@ def wait_for_approval(job: EnrichJob, estimate: Estimate, check_stop: Callable[[
         answer = _paused(
             lambda: pause_flow_run(wait_for_input=form, timeout=job.approve_timeout, poll_interval=_POLL_SECONDS),
             check_stop,
+            give_up=job.approve_timeout + _GRACE_SECONDS,
         )
     except FlowPauseTimeout as exc:
         raise RunInterrupted(
@@ -81,10 +84,11 @@ def approve_run(job: EnrichJob, warn: Callable[[str], None], check_stop: Callabl
         wait_for_approval(job, estimate, check_stop)
 
 
-def _paused(pause: Callable[[], T], check_stop: Callable[[], None]) -> T:
+def _paused(pause: Callable[[], T], check_stop: Callable[[], None], *, give_up: float) -> T:
     """Wait for Prefect's pause on a daemon thread, so a stop (a cancel's SIGTERM, Ctrl-C) ends the wait at once.
 
-    Prefect's pause polls for hours without looking at our stop; its thread dies with the process.
+    Prefect's pause polls for hours without looking at our stop; its thread dies with the process. Its
+    own timeout needs the Prefect API to answer, so the wait also ends ``give_up`` s from now regardless.
     """
     done: queue.Queue[tuple[bool, object]] = queue.Queue(maxsize=1)
     context = contextvars.copy_context()  # the pause needs the flow run's context
@@ -96,8 +100,11 @@ def _paused(pause: Callable[[], T], check_stop: Callable[[], None]) -> T:
             done.put((False, exc))
 
     threading.Thread(target=wait, name="approval-pause", daemon=True).start()
-    while True:  # bounded: the pause returns or raises FlowPauseTimeout after approve_timeout; a stop raises
+    deadline = time.monotonic() + give_up
+    while True:  # bounded: the deadline raises, as does a stop; the pause itself ends after approve_timeout
         check_stop()
+        if time.monotonic() > deadline:
+            raise FlowPauseTimeout("the pause did not end (the Prefect API may be unreachable)")
         try:
             ok, value = done.get(timeout=0.1)
         except queue.Empty:

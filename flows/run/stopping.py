@@ -87,7 +87,7 @@ def stop_on_signals(stop: StopSignal) -> Iterator[None]:
     previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
     _signalled.append(seen)
     if _unheeded:  # a start-up signal some library swallowed: the run stops before it sends anything
-        handle(_unheeded.pop(), None)
+        handle(_unheeded[0], None)
         _unheeded.clear()
     try:
         yield
